@@ -1,0 +1,126 @@
+"""One checkpoint format for the whole project (DESIGN.md section 4).
+
+A checkpoint is a dict that loads with `torch.load(path, weights_only=True)`:
+  format='snnseg-1', config (full resolved flat config), state_dict, and for training runs
+  optimizer, scheduler, epoch, best_miou, rng; conversion adds thresholds[type][str(T)].
+Writes are atomic (temp file in the same folder, then os.replace), so a crash or Ctrl-C never
+leaves a half-written checkpoint behind. Loading never unpickles code: weights_only=True only.
+"""
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "snnseg-1"
+REQUIRED_KEYS = ("format", "config", "state_dict")
+PAPER_REPO_KEYS = {"max_miou"}  # the paper's own checkpoints carry these instead of 'format'
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint; the message names the file and the problem."""
+
+
+def save_checkpoint(path, checkpoint: dict):
+    """Write `checkpoint` to `path` atomically (readers see the old file or the new one, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+
+
+def _read_file(path: Path, map_location):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path}: refused to load: the file holds Python objects or code{what} that a weights-only "
+                f"checkpoint never contains; nothing in it was executed. Only use checkpoints you trust.") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (unpickling failed: {text.splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as err:
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load failed: {reason})") from None
+
+
+def validate_checkpoint(checkpoint, path) -> dict:
+    """Check the structure of a loaded checkpoint; the error names what is missing or wrong."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a snnseg checkpoint: expected a dict with keys "
+                              f"{', '.join(REQUIRED_KEYS)}, found a {type(checkpoint).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        hint = ""
+        if PAPER_REPO_KEYS & checkpoint.keys():
+            hint = " (it looks like a checkpoint of the paper's repository: import it with `python converter.py import-paper`)"
+        raise CheckpointError(f"{path}: not a snnseg checkpoint: missing key(s) {', '.join(map(repr, missing))}{hint}")
+    if checkpoint["format"] != FORMAT:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {checkpoint['format']!r} (expected {FORMAT!r})")
+    if not isinstance(checkpoint["config"], dict):
+        raise CheckpointError(f"{path}: 'config' must be a dict, found a {type(checkpoint['config']).__name__}")
+    for key in ("model_type", "arch"):
+        if key not in checkpoint["config"]:
+            raise CheckpointError(f"{path}: the checkpoint's config has no {key!r}")
+    state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state_dict' must be a dict of tensors")
+    return checkpoint
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load and validate a checkpoint with torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    return validate_checkpoint(_read_file(path, map_location), path)
+
+
+def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
+    """load_state_dict(strict) with a readable error when the weights belong to another architecture."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or mismatched:
+        details = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)):
+            if keys:
+                details.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise CheckpointError(
+            f"{source}: its weights do not fit the model {config.get('model_type')} {config.get('arch')} "
+            f"(num_classes={config.get('num_classes')}, in_channels={config.get('in_channels')}): "
+            f"the checkpoint was made for another architecture; {'; '.join(details)}")
+    model.load_state_dict(state_dict)
+
+
+def build_model_from_checkpoint(checkpoint: dict, source, overrides: dict | None = None) -> torch.nn.Module:
+    """Rebuild the model from the checkpoint's config (plus overrides) and load its weights."""
+    from models import build_model  # imported here so that utils does not need models at import time
+    config = {**checkpoint["config"], **(overrides or {})}
+    model = build_model(config)
+    load_state(model, checkpoint["state_dict"], source, config)
+    return model.eval()
+
+
+def load_model(path, overrides: dict | None = None, map_location="cpu") -> torch.nn.Module:
+    """The model stored in checkpoint `path`, weights loaded, in eval mode."""
+    checkpoint = load_checkpoint(path, map_location)
+    return build_model_from_checkpoint(checkpoint, path, overrides)
