@@ -1,0 +1,71 @@
+"""Run logging: console lines (through tqdm so bars stay intact), metrics.jsonl, TensorBoard when
+installed, Weights & Biases only when asked (--wandb; imported lazily). Only rank 0 logs."""
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _jsonable(value):
+    """NaN/inf are not valid JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def to_json(obj, **kwargs) -> str:
+    return json.dumps(_jsonable(obj), **kwargs)
+
+
+class RunLogger:
+    def __init__(self, run_dir, config: dict, enabled: bool = True, use_wandb: bool = False):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self.tensorboard = None
+        self.wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        except ImportError:
+            pass  # TensorBoard is optional
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("--wandb was given but the wandb package is not installed (pip install wandb)") from None
+            self.wandb = wandb
+            wandb.init(project="snn-segmentation", name=config.get("name"), config=config, dir=str(self.run_dir))
+
+    def info(self, message: str):
+        if self.enabled:
+            tqdm.write(message)
+
+    def log_epoch(self, record: dict):
+        """Append one epoch's record to metrics.jsonl and mirror its numbers to TensorBoard/wandb."""
+        if not self.enabled:
+            return
+        with open(self.jsonl_path, "a") as f:
+            f.write(to_json(record) + "\n")
+        step = record.get("epoch", 0)
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
