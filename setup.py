@@ -1,0 +1,147 @@
+"""Builds everything train.py and test.py need from one resolved config.
+
+This is NOT a packaging script: the project is installed with `pip install -r requirements.txt`
+(or `conda env create -f environment.yml`) and run from the repository root. Running
+`python setup.py` says so and exits with a non-zero code.
+
+Import it as a module (`import setup`): config parsing (`add_config_arguments`, `resolve_config`),
+then `build_datasets`, `build_loaders`, `build_model`, `build_loss`, `build_optimizer`,
+`build_scheduler`, `resolve_device`, `build_logger`, `seed_everything`.
+"""
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from utils.config import (add_config_arguments as _add_keys, all_defaults, cli_values, load_yaml_config,
+                          merge_config, save_config_yaml, validate_and_derive)
+from utils.logging import RunLogger
+
+REPO_ROOT = Path(__file__).resolve().parent
+QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
+IGNORE_INDEX = 255
+LR_DECAY_POINTS = (0.5, 0.8)  # the paper's schedule: x0.1 at 50% and at 80% of the epochs
+POLY_POWER = 0.9
+
+__all__ = ["add_config_arguments", "resolve_config", "save_config_yaml", "build_datasets", "build_loaders",
+           "build_model", "build_loss", "build_optimizer", "build_scheduler", "lr_factor", "resolve_device",
+           "build_logger", "seed_everything", "QUICKSTART_CONFIG"]
+
+
+# ----------------------------------------------------------------------------- configuration
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--config, --debug and one flag per config key (paper names, dashed spellings too)."""
+    parser.add_argument("--config", type=str, default=None,
+                        help="YAML file whose values become the defaults (flags override them)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    _add_keys(parser, all_defaults())
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, base: dict | None = None) -> dict:
+    """defaults < base (e.g. a resumed checkpoint's config) < --config YAML < flags -> one flat dict."""
+    defaults = all_defaults()
+    from_file = load_yaml_config(args.config, defaults) if getattr(args, "config", None) else {}
+    return validate_and_derive(merge_config(defaults, base or {}, from_file, cli_values(args, defaults)))
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- data
+def build_datasets(cfg: dict):
+    """(train set, val set); for DDD17 the 'val' split is its test folder."""
+    import data
+    return data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
+
+
+def _seed_numpy_in_worker(worker_id):
+    # torch seeds python's random and torch in each worker; numpy needs it done by hand.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int = 1):
+    """(train loader, val loader, train generator). With several processes the training set is split by
+    a DistributedSampler (call set_epoch each epoch) and the validation set is dealt round-robin without
+    padding, so all-reduced metrics cover every validation image exactly once."""
+    common = dict(batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], worker_init_fn=_seed_numpy_in_worker,
+                  pin_memory=torch.cuda.is_available())
+    generator = torch.Generator().manual_seed(cfg["seed"])  # its state is checkpointed for exact resume
+    if world_size > 1:
+        sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["seed"])
+        train_loader = DataLoader(train_set, sampler=sampler, generator=generator, **common)
+        val_set = Subset(val_set, range(rank, len(val_set), world_size))
+    else:
+        train_loader = DataLoader(train_set, shuffle=True, generator=generator, **common)
+    val_loader = DataLoader(val_set, shuffle=False, **common)
+    return train_loader, val_loader, generator
+
+
+# ----------------------------------------------------------------------------- model and training
+def build_model(cfg: dict, device: torch.device | str = "cpu") -> nn.Module:
+    import models
+    return models.build_model(cfg).to(device)
+
+
+def build_loss() -> nn.Module:
+    return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+
+
+def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], amsgrad=True, weight_decay=cfg["weight_decay"])
+    raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choices: sgd, adam")
+
+
+def lr_factor(epoch: int, cfg: dict) -> float:
+    """LR multiplier for 0-based `epoch`. 'step': x0.1 at int(0.5*E) and int(0.8*E) (never at epoch 0);
+    'poly': (1 - epoch/E)^0.9. It depends only on the config, so a resumed run with a new --epochs
+    follows the schedule of an uninterrupted run of that length."""
+    epochs = cfg["epochs"]
+    if cfg["scheduler"] == "poly":
+        return max(0.0, 1.0 - epoch / epochs) ** POLY_POWER
+    milestones = [int(point * epochs) for point in LR_DECAY_POINTS]
+    return 0.1 ** sum(1 for m in milestones if 0 < m <= epoch)
+
+
+def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer):
+    """Epoch-wise LambdaLR over lr_factor (step once per epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, cfg))
+
+
+def resolve_device(cfg: dict, local_rank: int = 0) -> torch.device:
+    wanted = cfg.get("device") or "auto"
+    if wanted == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(wanted)
+    except RuntimeError:
+        raise ValueError(f"unknown device {wanted!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {wanted!r} was asked for but CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def build_logger(cfg: dict, run_dir, enabled: bool = True) -> RunLogger:
+    return RunLogger(run_dir, cfg, enabled=enabled, use_wandb=bool(cfg.get("wandb")))
+
+
+if __name__ == "__main__":
+    print("setup.py is not a packaging script: it holds the builders that train.py and test.py import.\n"
+          "Install the dependencies with `pip install -r requirements.txt` (or `conda env create -f environment.yml`)\n"
+          "and run the scripts from the repository root, e.g. `python train.py`.", file=sys.stderr)
+    sys.exit(1)
