@@ -1,0 +1,38 @@
+"""Shared helpers for the pipeline tests: run the repository's scripts as a user would."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny synthetic run: 16 train / 8 val images of 16x16, T=2, batch 8 (two steps per epoch).
+TINY_ARGS = ["--dataset", "synthetic", "--arch", "dl-vgg9", "--img_size", "16", "--timesteps", "2",
+             "--num_train", "16", "--num_val", "8", "--batch_size", "8", "--num_workers", "0",
+             "--optimizer", "adam", "--lr", "1e-3", "--seed", "3", "--device", "cpu"]
+
+
+def run_script(*args, check=True, timeout=300, cwd=REPO):
+    """Run `python <args>` from the repository root; returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_ann_run(tmp_path_factory):
+    """One trained tiny ANN run (2 epochs); returns its run directory."""
+    model_dir = tmp_path_factory.mktemp("runs")
+    run_script("train.py", *TINY_ARGS, "--model_type", "ann", "--epochs", "2", "--model_dir", model_dir,
+               "--name", "ann")
+    return model_dir / "ann"
