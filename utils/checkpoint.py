@@ -46,17 +46,17 @@ def _read_file(path: Path, map_location):
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Weights only load failed" in text:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            found = re.search(r"GLOBAL ([\w.]+)", text)
             what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
                 f"{path}: refused to load: the file holds Python objects or code{what} that a weights-only "
                 f"checkpoint never contains; nothing in it was executed. Only use checkpoints you trust.") from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (unpickling failed: {text.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, UnicodeDecodeError) as err:
-        if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
-            raise
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # any other parse failure (bad zip, bad magic number, truncated): not a checkpoint
         reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load failed: {reason})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load failed: {type(err).__name__}: {reason})") from None
 
 
 def validate_checkpoint(checkpoint, path) -> dict:
