@@ -1,0 +1,261 @@
+"""Spiking and analog segmentation networks (DeepLab and FCN on VGG backbones), one implementation.
+
+Tensors flow time-folded, ``[N*T, C, H, W]`` (sample-major). A convolution or a pooling layer does not
+care about time, so it runs over all timesteps at once; only BNTT (one BN per timestep) and the LIF
+neurons look at the time axis. The ANN is the same network with T = 1, ordinary BN and ReLU, so the two
+variants of an architecture cannot drift apart.
+
+Differences from a per-timestep loop are only in the order of floating-point sums: the network is
+feed-forward, so running layer by layer over all timesteps computes the same spikes as running timestep
+by timestep over all layers.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
+from .encoders import IdentityEncoder, build_encoder
+from .neurons import LIF
+
+BN_EPS, BN_MOMENTUM = 1e-4, 0.1
+
+
+class TimeBatchNorm(nn.Module):
+    """BatchNorm2d per timestep (BNTT) as one batched op; with T = 1 and no affine, the ANN's BN.
+
+    The statistics of timestep t are taken over (N, H, W) of that timestep only, exactly as T separate
+    BatchNorm2d layers would. Only the learnable scale exists (the shift is off, as in the paper).
+    Steps beyond ``timesteps`` (full propagation's zero-input tail) are passed through unnormalised.
+    """
+
+    def __init__(self, channels: int, timesteps: int, affine: bool):
+        super().__init__()
+        self.channels, self.timesteps = channels, timesteps
+        self.weight = nn.Parameter(torch.ones(timesteps, channels)) if affine else None
+        self.register_buffer('running_mean', torch.zeros(timesteps, channels))
+        self.register_buffer('running_var', torch.ones(timesteps, channels))
+        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        n, (c, h, w) = x.shape[0] // steps, x.shape[1:]
+        per_sample = x.view(n, steps, c, h, w)
+        # Folding (t, c) into one channel axis lets a single batch_norm call normalise all timesteps.
+        head = per_sample[:, :self.timesteps].reshape(n, self.timesteps * c, h, w)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        weight = None if self.weight is None else self.weight.view(-1)
+        out = F.batch_norm(head, self.running_mean.view(-1), self.running_var.view(-1), weight, None,
+                           self.training, BN_MOMENTUM, BN_EPS)
+        if steps > self.timesteps:
+            out = torch.cat([out.view(n, self.timesteps, c, h, w), per_sample[:, self.timesteps:]], 1)
+        return out.reshape(n * steps, c, h, w)
+
+    def extra_repr(self):
+        return f'{self.channels}, timesteps={self.timesteps}, affine={self.weight is not None}'
+
+
+class Rectifier(nn.Module):
+    """The ANN's activation: ReLU, or leaky ReLU of slope ``alpha``."""
+
+    def __init__(self, alpha=None):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x, steps=1):
+        return F.relu(x) if self.alpha is None else F.leaky_relu(x, self.alpha)
+
+
+class ConvUnit(nn.Module):
+    """conv -> (BN | BNTT) -> (ReLU | LIF): one layer of the backbone."""
+
+    def __init__(self, conv: nn.Conv2d, norm, act):
+        super().__init__()
+        self.conv, self.norm, self.act = conv, norm, act
+
+    def forward(self, x, steps):
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x, steps)
+        return self.act(x, steps)
+
+
+class SkipScore(nn.Conv2d):
+    """FCN skip: 1x1 convolution (with bias) from the activations at this depth to class scores."""
+
+
+class DecoderStage(nn.Module):
+    """FCN decoder step: transposed conv (k3, s2), bilinear resize to the skip, add the skip score.
+
+    In the SNN the sum drives LIF neurons (``act``); the last stage and every ANN stage have none.
+    """
+
+    def __init__(self, classes: int, act=None):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(classes, classes, kernel_size=3, stride=2, bias=False)
+        self.act = act
+
+    def forward(self, x, skip, steps):
+        x = F.interpolate(self.up(x), size=skip.shape[-2:], mode='bilinear', align_corners=True) + skip
+        return x if self.act is None else self.act(x, steps)
+
+
+class SegmentationNet(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        self.config = dict(cfg)
+        self.arch = cfg['arch']
+        self.spiking = cfg['model_type'] == 'snn'
+        self.timesteps = int(cfg['timesteps']) if self.spiking else 1
+        self.fcn = is_fcn(self.arch)
+        self.readout_sum = cfg.get('readout') == 'sum'
+        self.memory_saving = bool(cfg.get('memory_saving', False))
+        self.encoder = build_encoder(cfg['encoder']) if self.spiking else IdentityEncoder()
+        self._build(cfg)
+        self._init_weights()
+
+    # ----------------------------------------------------------------------------------------- build
+    def _build(self, cfg):
+        table = get_architecture(self.arch)
+        classes, channels = int(cfg['num_classes']), int(cfg['in_channels'])
+        self.body = nn.ModuleList()
+        self.output = None
+        # Body positions of each part's conv units: the paper's 'features.<i>' / 'classifier.<i>'.
+        self.part_units = {'features': [], 'classifier': []}
+        conv_layers = 0
+        for part in ('features', 'classifier'):
+            for token in table[part]:
+                if isinstance(token, Conv):
+                    name = f'{part}.{len(self.part_units[part])}'
+                    self.part_units[part].append(len(self.body))
+                    self.body.append(self._conv_unit(cfg, channels, token, name))
+                    channels = token.channels
+                    conv_layers += 1
+                elif isinstance(token, Pool):
+                    self.body.append(nn.AvgPool2d(3, stride=token.stride, padding=1))
+                elif isinstance(token, Score):
+                    self.body.append(SkipScore(channels, classes, kernel_size=1))
+                elif isinstance(token, Output):
+                    self.output = nn.Conv2d(channels, classes, kernel_size=1, bias=False)
+                    conv_layers += 1
+        self.decoder = nn.ModuleList()
+        if self.fcn:
+            stages = sum(isinstance(m, SkipScore) for m in self.body) - 1
+            for k in range(stages):
+                act = self._neuron(cfg, f'decoder.{k}') if self.spiking and k < stages - 1 else None
+                self.decoder.append(DecoderStage(classes, act))
+        # Full propagation: after the T input steps, one zero-input step per layer of the main chain,
+        # so that the last input reaches the output (counted as in the paper's code).
+        self.extra_steps = conv_layers if (self.spiking and cfg.get('full_prop')) else 0
+
+    def _part(self, part):
+        return [self.body[i] for i in self.part_units[part]]
+
+    def _conv_unit(self, cfg, in_channels, token: Conv, name):
+        conv = nn.Conv2d(in_channels, token.channels, token.kernel, padding=token.padding,
+                         dilation=token.dilation, bias=bool(cfg.get('conv_bias', False)))
+        norm = None
+        if cfg['bn']:
+            norm = TimeBatchNorm(token.channels, self.timesteps, affine=self.spiking)
+        if self.spiking:
+            act = self._neuron(cfg, name)
+        else:
+            act = Rectifier(float(cfg['alpha']) if cfg.get('leaky') else None)
+        return ConvUnit(conv, norm, act)
+
+    def _neuron(self, cfg, name):
+        alpha = float(cfg['alpha']) if cfg.get('leaky') else None
+        return LIF(cfg['leak_mem'], cfg['def_threshold'], cfg['surrogate'], cfg.get('surrogate_params'),
+                   alpha=alpha, name=name)
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(m.weight, gain=2)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # --------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out_size = x.shape[-2:]
+        h = self.encoder(x, self.timesteps)
+        steps = self.timesteps + self.extra_steps
+        if self.extra_steps:
+            n = h.shape[0] // self.timesteps
+            tail = h.new_zeros((n, self.extra_steps, *h.shape[1:]))
+            h = torch.cat([h.view(n, self.timesteps, *h.shape[1:]), tail], 1).flatten(0, 1)
+        skips = []
+        for layer in self.body:
+            if isinstance(layer, ConvUnit):
+                h = self._run_unit(layer, h, steps)
+            elif isinstance(layer, SkipScore):
+                skips.append(layer(h))
+            else:
+                h = layer(h)
+        if self.fcn:
+            h = skips[-1]
+            for stage, skip in zip(self.decoder, reversed(skips[:-1])):
+                h = stage(h, skip, steps)
+            out = self._readout(h, steps)
+        else:
+            # The output conv is linear and bias-free, so conv(mean_t s_t) == mean_t conv(s_t): do it once.
+            out = self.output(self._readout(h, steps))
+        if out.shape[-2:] != out_size:
+            out = F.interpolate(out, size=out_size, mode='bilinear', align_corners=True)
+        return out
+
+    def _run_unit(self, unit, h, steps):
+        if self.memory_saving and self.training and torch.is_grad_enabled():
+            # Recompute the unit in backward instead of storing its intermediate activations.
+            return torch.utils.checkpoint.checkpoint(unit, h, steps, use_reentrant=False)
+        return unit(h, steps)
+
+    def _readout(self, h, steps):
+        """Non-spiking readout: the membrane integrates without leak over all steps, divided by T."""
+        if steps == 1:
+            return h
+        total = h.view(h.shape[0] // steps, steps, *h.shape[1:]).sum(1)
+        return total if self.readout_sum else total / self.timesteps
+
+    # -------------------------------------------------------------------------------------- analysis
+    def neuron_layers(self):
+        """The LIF layers in the order the signal reaches them."""
+        return [m for m in self.modules() if isinstance(m, LIF)]
+
+    def conv_units(self):
+        return [m for m in self.body if isinstance(m, ConvUnit)]
+
+    def record_spikes(self, on: bool = True):
+        for lif in self.neuron_layers():
+            lif.recording = on
+
+    def reset_spike_stats(self):
+        for lif in self.neuron_layers():
+            lif.reset_spike_stats()
+
+    def spike_stats(self):
+        return [lif.spike_stats() for lif in self.neuron_layers()]
+
+    def load_vgg_weights(self, path: str):
+        """Start the backbone from torchvision ImageNet VGG weights in a local file (no download).
+
+        Conv weights are copied in order where shapes agree (a first layer for event input is kept);
+        the VGG biases are dropped since the paper's convs have none.
+        """
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"pretrained weights file '{path}' does not exist") from None
+        except Exception as exc:
+            raise ValueError(f"cannot read pretrained weights '{path}': {exc}") from None
+        state = state.get('state_dict', state) if isinstance(state, dict) else state
+        vgg = [v for k, v in state.items() if k.startswith('features.') and k.endswith('.weight')
+               and v.dim() == 4]
+        if not vgg:
+            raise ValueError(f"'{path}' holds no torchvision VGG 'features.<i>.weight' conv weights")
+        copied = 0
+        for unit, weight in zip(self._part('features'), vgg):
+            if unit.conv.weight.shape == weight.shape:
+                with torch.no_grad():
+                    unit.conv.weight.copy_(weight)
+                copied += 1
+        return copied

@@ -1,0 +1,215 @@
+"""Architectures, encoders, BNTT and the multi-step network against a per-timestep reference."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from models import ARCHITECTURES, MODEL_DEFAULTS, build_model
+from models.network import ConvUnit, TimeBatchNorm
+from tests.reference_snn import per_timestep_forward
+
+torch.set_num_threads(2)
+
+
+def tiny(arch='dl-vgg9', **kw):
+    cfg = dict(arch=arch, timesteps=2, num_classes=4, in_channels=3, encoder='direct')
+    cfg.update(kw)
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize('arch', sorted(ARCHITECTURES))
+@pytest.mark.parametrize('model_type', ['ann', 'snn'])
+@pytest.mark.parametrize('channels', [3, 2])
+def test_forward_backward_any_size(arch, model_type, channels):
+    torch.manual_seed(0)
+    model = tiny(arch, model_type=model_type, in_channels=channels)
+    x = torch.randn(2, channels, 13, 19)
+    out = model(x)
+    assert out.shape == (2, 4, 13, 19)
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    first = model.conv_units()[0].conv.weight.grad
+    assert first is not None and torch.isfinite(first).all() and first.abs().sum() > 0
+
+
+def count_convs(model):
+    return [(m.in_channels, m.out_channels, m.kernel_size[0], m.dilation[0])
+            for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize('arch', sorted(ARCHITECTURES))
+def test_ann_and_snn_share_one_architecture(arch):
+    ann, snn = tiny(arch, model_type='ann'), tiny(arch, model_type='snn')
+    assert count_convs(ann) == count_convs(snn)
+    assert len(snn.neuron_layers()) == len(snn.conv_units()) + len(snn.decoder) - (1 if snn.fcn else 0)
+
+
+def test_dl_vgg9_layers_match_the_paper_table():
+    convs = count_convs(tiny('dl-vgg9'))
+    assert convs == [(3, 64, 3, 1), (64, 64, 3, 1), (64, 128, 3, 1), (128, 128, 3, 1), (128, 256, 3, 1),
+                     (256, 256, 3, 2), (256, 256, 3, 2), (256, 1024, 3, 12), (1024, 4, 1, 1)]
+    pools = [m for m in tiny('dl-vgg9').modules() if isinstance(m, nn.AvgPool2d)]
+    assert [(p.kernel_size, p.stride, p.padding) for p in pools] == [(3, 2, 1), (3, 2, 1)]
+
+
+def test_fcn_vgg9_has_four_score_maps_and_three_decoder_stages():
+    model = tiny('fcn-vgg9', model_type='snn')
+    scores = [m for m in model.modules() if type(m).__name__ == 'SkipScore']
+    assert [s.in_channels for s in scores] == [64, 128, 256, 1024]
+    assert len(model.decoder) == 3
+    assert [stage.act is not None for stage in model.decoder] == [True, True, False]
+
+
+def test_bntt_has_one_bn_per_timestep_with_scale_only():
+    model = tiny(model_type='snn', timesteps=5)
+    norm = model.conv_units()[0].norm
+    assert isinstance(norm, TimeBatchNorm) and norm.weight.shape == (5, 64)
+    assert not any('bias' in n for n, _ in norm.named_parameters())
+    ann_norm = tiny(model_type='ann').conv_units()[0].norm
+    assert ann_norm.weight is None and ann_norm.running_mean.shape == (1, 64)
+
+
+def test_time_batch_norm_equals_separate_batchnorms():
+    torch.manual_seed(1)
+    T, N, C = 3, 4, 5
+    tbn = TimeBatchNorm(C, T, affine=True)
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 1.5)
+    bns = [nn.BatchNorm2d(C, eps=1e-4, momentum=0.1) for _ in range(T)]
+    for t, bn in enumerate(bns):
+        bn.weight.data.copy_(tbn.weight[t]); bn.bias = None
+    x = torch.randn(N, T, C, 6, 7)
+    for training in (True, False):
+        tbn.train(training); [bn.train(training) for bn in bns]
+        out = tbn(x.flatten(0, 1), T).view(N, T, C, 6, 7)
+        for t, bn in enumerate(bns):
+            torch.testing.assert_close(out[:, t], bn(x[:, t]))
+    for t, bn in enumerate(bns):
+        torch.testing.assert_close(tbn.running_mean[t], bn.running_mean)
+        torch.testing.assert_close(tbn.running_var[t], bn.running_var)
+
+
+@pytest.mark.parametrize('arch, full_prop, training', [
+    ('dl-vgg9', True, True), ('dl-vgg9', False, False), ('fcn-vgg9', False, True), ('fcn-vgg9', True, False),
+    ('dl-vgg11', False, True)])
+def test_multistep_network_equals_per_timestep_reference(arch, full_prop, training):
+    torch.manual_seed(2)
+    T = 3
+    model = build_model(dict(arch=arch, timesteps=T, num_classes=3, encoder='sequence', full_prop=full_prop,
+                             def_threshold=0.5)).double().train(training)
+    if not training:
+        for norm in [u.norm for u in model.conv_units()]:
+            norm.running_mean.uniform_(-0.1, 0.1); norm.running_var.uniform_(0.5, 1.5)
+    frames = torch.randint(-1, 2, (T, 2, 3, 10, 9)).double()
+    fast = model(frames)
+    slow = per_timestep_forward(model, frames)
+    torch.testing.assert_close(fast, slow)
+    params = [p for p in model.parameters()]
+    g_fast = torch.autograd.grad(fast.square().sum(), params, allow_unused=True)
+    g_slow = torch.autograd.grad(slow.square().sum(), params, allow_unused=True)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+    assert any(g.abs().sum() > 0 for g in g_fast if g is not None)
+
+
+def test_full_prop_runs_extra_zero_steps():
+    model = tiny(model_type='snn', full_prop=True, timesteps=4)
+    assert model.extra_steps == 9  # 8 spiking convs + the output conv, as in the paper's code
+    model.record_spikes(True)
+    model(torch.randn(1, 3, 9, 9))
+    assert {s['steps'] for s in model.spike_stats()} == {13}
+
+
+def test_memory_saving_mode_gives_identical_gradients():
+    torch.manual_seed(3)
+    frames = torch.randint(-1, 2, (3, 2, 3, 10, 10)).double()
+    grads = []
+    for saving in (False, True):
+        torch.manual_seed(4)
+        model = build_model(dict(timesteps=3, num_classes=3, encoder='sequence', memory_saving=saving)).double()
+        out = model(frames)
+        grads.append(torch.autograd.grad(out.square().sum(), list(model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_thl_sequence_input_and_shape_error():
+    model = tiny(model_type='snn', encoder='sequence', timesteps=3, in_channels=2)
+    assert model(torch.randn(3, 2, 2, 11, 14)).shape == (2, 4, 11, 14)
+    with pytest.raises(ValueError, match=r'\[T=3, N, C, H, W\].*\(2, 2, 2, 11, 14\)'):
+        model(torch.randn(2, 2, 2, 11, 14))
+
+
+def test_poisson_encoder_rates_and_signs():
+    from models.encoders import PoissonEncoder
+    torch.manual_seed(5)
+    x = torch.tensor([-0.8, -0.2, 0.0, 0.3, 1.0]).view(1, 5, 1, 1)
+    spikes = PoissonEncoder()(x, 4000).view(4000, 5)
+    torch.testing.assert_close(spikes.mean(0), x.view(5), atol=0.03, rtol=0)
+    assert set(spikes.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_same_seed_same_output():
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        model = tiny(model_type='snn', encoder='poisson')
+        outs.append(model(torch.rand(2, 3, 16, 16) - 0.5))
+    assert torch.equal(*outs)
+
+
+def test_spike_recording_counts_match_hooks_and_cost_nothing_when_off():
+    torch.manual_seed(8)
+    model = tiny(model_type='snn', timesteps=3)
+    seen = {}
+    for lif in model.neuron_layers():
+        lif.register_forward_hook(lambda m, inp, out: seen.__setitem__(m.name, out.abs().sum().item()))
+    model(torch.randn(2, 3, 8, 8))
+    assert all(s['images'] == 0 for s in model.spike_stats())
+    model.record_spikes(True)
+    model(torch.randn(2, 3, 8, 8))
+    stats = model.spike_stats()
+    assert [s['name'] for s in stats][:3] == ['features.0', 'features.1', 'features.2']
+    for s in stats:
+        assert s['spikes'] == seen[s['name']] and s['images'] == 2
+    assert stats[0]['neurons'] == 64 * 8 * 8
+
+
+def test_bad_arguments_name_value_and_choices():
+    for key, value, choices in [('arch', 'resnet50', 'dl-vgg9'), ('surrogate', 'tanh', 'linear'),
+                                ('encoder', 'rate', 'poisson'), ('model_type', 'cnn', 'snn')]:
+        with pytest.raises(ValueError, match=f"unknown {key} '{value}'.*{choices}"):
+            build_model({key: value})
+
+
+def test_defaults_are_the_paper_codes():
+    assert MODEL_DEFAULTS['timesteps'] == 20 and MODEL_DEFAULTS['leak_mem'] == 0.99
+    assert MODEL_DEFAULTS['def_threshold'] == 1.0 and MODEL_DEFAULTS['surrogate'] == 'linear'
+
+
+def test_xavier_init_gain_two():
+    weight = tiny().conv_units()[1].conv.weight  # 64 -> 64, 3x3
+    bound = 2 * (6 / (64 * 9 + 64 * 9)) ** 0.5
+    assert weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound
+
+
+def test_pretrained_vgg_weights_from_local_file(tmp_path):
+    vgg = torchvision.models.vgg11(weights=None)
+    path = tmp_path / 'vgg11.pth'
+    torch.save(vgg.state_dict(), path)
+    model = build_model(dict(arch='dl-vgg11', timesteps=2, num_classes=4, pretrained=str(path)))
+    vgg_convs = [m for m in vgg.features if isinstance(m, nn.Conv2d)]
+    units = [u for u in model.conv_units()]
+    for unit, conv in zip(units[:6], vgg_convs):
+        assert torch.equal(unit.conv.weight, conv.weight)
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        build_model(dict(arch='dl-vgg11', pretrained=str(tmp_path / 'missing.pth')))
+
+
+def test_converted_style_thresholds_load_from_state_dict():
+    model = tiny(model_type='snn')
+    model.neuron_layers()[0].set_threshold(torch.rand(64, 1, 1) + 0.5)
+    other = tiny(model_type='snn')
+    other.load_state_dict(model.state_dict())
+    assert other.neuron_layers()[0].threshold.shape == (64, 1, 1)
+    assert isinstance(other.conv_units()[0], ConvUnit)
