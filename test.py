@@ -28,7 +28,7 @@ from utils.config import normalize_size
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 
-PLUGIN_MODULES = ("models.conversion", "utils.analysis")
+PLUGIN_MODULES = ("utils.conversion_plugin", "utils.analysis")
 
 
 @dataclass

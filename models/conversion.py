@@ -1,0 +1,260 @@
+"""ANN-to-SNN conversion by threshold balancing (DESIGN.md section 3).
+
+    snn = convert_ann(ann, timesteps=64)                          # BN folded, IF neurons, thresholds 1.0
+    raw = calibrate_thresholds(snn, batches, 'channel')           # layer by layer, as the paper's code
+    apply_thresholds(snn, raw, 'channel', scaling_factor=0.7)
+
+The ANN's (affine-free) BN is folded into each conv's weight and bias, every ReLU becomes an IF/LIF neuron
+with reset by subtraction, and the thresholds come from the input currents the partly converted SNN
+produces on calibration batches. Like the paper's code, calibration keeps the earlier layers at their raw
+(unscaled) thresholds and the scaling factor is applied only when the SNN is used; so the raw thresholds
+are what a checkpoint caches (``thresholds[type][str(T)]``), independent of the scaling factor.
+
+Thresholds are lists in the order of ``model.neuron_layers()`` (backbone, then the FCN decoder): a float
+per layer ('layer'), a ``[C]`` tensor ('channel') or a ``[C, H, W]`` tensor ('neuron').
+"""
+import math
+
+import torch
+from tqdm import tqdm
+
+from .network import BN_EPS, ConvUnit, SegmentationNet
+
+THRESHOLD_TYPES = ('layer', 'channel', 'neuron')
+CONVERSION_ENCODERS = ('poisson', 'direct')
+
+
+def fold_batchnorm(unit: ConvUnit):
+    """(weight, bias) of one conv that computes conv -> BN of ``unit`` (BN in inference mode).
+
+    BN(y) = (y - mean) * scale with scale = gamma / sqrt(var + eps), so the folded conv has weight
+    W * scale (per output channel) and bias (b - mean) * scale. Computed in float64.
+    """
+    weight = unit.conv.weight.detach().double()
+    bias = (unit.conv.bias.detach().double() if unit.conv.bias is not None
+            else weight.new_zeros(weight.shape[0]))
+    norm = unit.norm
+    if norm is None:
+        return weight, bias
+    if norm.running_mean.shape[0] != 1:
+        raise ValueError(f'BN folding needs the ANN\'s single-step BN, got statistics for '
+                         f'{norm.running_mean.shape[0]} timesteps (is this an SNN?)')
+    scale = (norm.running_var[0].double() + BN_EPS).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight[0].detach().double()
+    return weight * scale.view(-1, 1, 1, 1), (bias - norm.running_mean[0].double()) * scale
+
+
+def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: str = 'poisson') -> dict:
+    """The converted SNN's config: the ANN's, with IF/LIF neurons, no BN and conv biases (folded BN)."""
+    if encoder not in CONVERSION_ENCODERS:
+        raise ValueError(f"conversion encoder must be one of {list(CONVERSION_ENCODERS)}, got {encoder!r}")
+    if int(timesteps) < 1:
+        raise ValueError(f'conversion timesteps must be >= 1, got {timesteps}')
+    return {**ann_cfg, 'model_type': 'snn', 'timesteps': int(timesteps), 'leak_mem': float(leak_mem),
+            'bn': False, 'conv_bias': True, 'encoder': encoder, 'readout': 'mean', 'full_prop': False,
+            'def_threshold': 1.0, 'thl': False, 'pretrained': None}
+
+
+def convert_ann(ann: SegmentationNet, timesteps: int, leak_mem: float = 1.0,
+                encoder: str = 'poisson') -> SegmentationNet:
+    """A fresh SNN with the ANN's weights (BN folded); thresholds stay at 1.0 until calibrated."""
+    from . import build_model
+    if ann.spiking:
+        raise ValueError("conversion needs an ANN (model_type 'ann'), got an SNN")
+    snn = build_model(snn_config(ann.config, timesteps, leak_mem, encoder))
+    state = {k: v.detach().clone() for k, v in ann.state_dict().items() if '.norm.' not in k}
+    for index, unit in enumerate(ann.body):
+        if isinstance(unit, ConvUnit):
+            weight, bias = fold_batchnorm(unit)
+            state[f'body.{index}.conv.weight'] = weight.float()
+            state[f'body.{index}.conv.bias'] = bias.float()
+    for key, value in snn.state_dict().items():
+        if key.endswith('act.threshold'):
+            state[key] = value
+    snn.load_state_dict(state)
+    return snn.to(next(ann.parameters()).device).eval()
+
+
+# ------------------------------------------------------------------------------------- calibration
+class _LayerReached(Exception):
+    """Raised by the calibration hook: the layer of interest has its input; the rest is not needed."""
+
+
+def current_statistic(current: torch.Tensor, threshold_type: str, percentile=None):
+    """Max (or nearest-rank percentile) of one batch's input currents ``[N*T, C, H, W]``.
+
+    'layer' -> 0-d tensor, 'channel' -> [C] (over samples, timesteps and positions),
+    'neuron' -> [C, H, W] (over samples and timesteps).
+    """
+    _check_type(threshold_type)
+    channels = current.shape[1]
+    if threshold_type == 'layer':
+        values, dim = current.reshape(-1), 0
+    elif threshold_type == 'channel':
+        values, dim = current.transpose(0, 1).reshape(channels, -1), 1
+    else:
+        values, dim = current.reshape(current.shape[0], -1), 0
+    if percentile is None:
+        stat = values.amax(dim)
+    else:
+        count = values.shape[dim]
+        rank = min(max(math.ceil(float(percentile) / 100 * count), 1), count)
+        stat = values.kthvalue(rank, dim).values
+    return stat.view(current.shape[1:]) if threshold_type == 'neuron' else stat
+
+
+def _positive(stat: torch.Tensor, layer_name: str) -> torch.Tensor:
+    """Neurons that never got a positive current cannot take 0 as threshold: give them the layer's max."""
+    positive = stat > 0
+    if positive.all():
+        return stat
+    fill = stat.max() if positive.any() else stat.new_tensor(1.0)
+    if not positive.any():
+        tqdm.write(f'warning: layer {layer_name} got no positive input current in calibration; threshold 1.0')
+    return torch.where(positive, stat, fill)
+
+
+@torch.no_grad()
+def calibrate_thresholds(snn: SegmentationNet, batches, threshold_type: str = 'layer', percentile=None,
+                         show_progress: bool = True) -> list:
+    """Raw thresholds of every spiking layer, found layer by layer as in the paper's code.
+
+    For layer k, layers 1..k-1 carry their raw thresholds already; the SNN runs on each batch of
+    ``batches`` (inputs ``[N, C, H, W]``) and layer k's input current at every timestep is reduced to
+    its max (or ``percentile``), layer-, channel- or neuron-wise; over several batches the maxima are
+    combined by max, the percentiles by their mean.
+    """
+    _check_type(threshold_type)
+    if percentile is not None and not 0 < float(percentile) <= 100:
+        raise ValueError(f'percentile must be in (0, 100], got {percentile}')
+    batches = list(batches)
+    if not batches:
+        raise ValueError('calibration needs at least one batch of the training split')
+    snn.eval()
+    thresholds = []
+    layers = snn.neuron_layers()
+    for lif in tqdm(layers, desc=f'{threshold_type} thresholds', leave=False, disable=not show_progress):
+        stats = []
+
+        def record(module, args):
+            stats.append(current_statistic(args[0].detach(), threshold_type, percentile))
+            raise _LayerReached
+
+        handle = lif.register_forward_pre_hook(record)
+        try:
+            for x in batches:
+                try:
+                    snn(x)
+                except _LayerReached:
+                    pass
+        finally:
+            handle.remove()
+        stacked = torch.stack(stats)
+        stat = stacked.amax(0) if percentile is None else stacked.mean(0)
+        stat = _positive(stat, lif.name)
+        raw = float(stat) if threshold_type == 'layer' else stat.float().cpu()
+        thresholds.append(raw)
+        lif.set_threshold(_as_threshold(raw, threshold_type))  # the next layers see this one converted
+    return thresholds
+
+
+def _as_threshold(raw, threshold_type):
+    value = torch.as_tensor(raw, dtype=torch.float32)
+    return value.view(-1, 1, 1) if threshold_type == 'channel' else value
+
+
+def apply_thresholds(snn: SegmentationNet, thresholds: list, threshold_type: str, scaling_factor: float = 0.7):
+    """Set each spiking layer's threshold to raw threshold x scaling_factor."""
+    check_thresholds(thresholds, snn, threshold_type, 'thresholds')
+    if scaling_factor <= 0:
+        raise ValueError(f'scaling_factor must be > 0, got {scaling_factor}')
+    for lif, raw in zip(snn.neuron_layers(), thresholds):
+        lif.set_threshold(_as_threshold(raw, threshold_type) * float(scaling_factor))
+
+
+def check_thresholds(thresholds, snn: SegmentationNet, threshold_type: str, source: str):
+    """ValueError naming ``source`` if ``thresholds`` do not fit the SNN's spiking layers."""
+    _check_type(threshold_type)
+    layers = snn.neuron_layers()
+    if not isinstance(thresholds, (list, tuple)) or len(thresholds) != len(layers):
+        found = len(thresholds) if isinstance(thresholds, (list, tuple)) else type(thresholds).__name__
+        raise ValueError(f'{source}: expected a list of {len(layers)} per-layer thresholds (one per spiking '
+                         f'layer of {snn.arch}), found {found}')
+    size = _image_size(snn)
+    shapes = _layer_shapes(snn, size or (64, 64))
+    for index, (raw, shape) in enumerate(zip(thresholds, shapes)):
+        value = torch.as_tensor(raw)
+        expected = {'layer': (), 'channel': shape[:1], 'neuron': shape}[threshold_type]
+        fits = tuple(value.shape) == tuple(expected)
+        if threshold_type == 'neuron' and size is None:  # native image size: only the channels are known
+            fits = value.dim() == 3 and value.shape[0] == expected[0]
+        if not fits:
+            raise ValueError(f'{source}: {threshold_type} threshold of layer {index} has shape '
+                             f'{tuple(value.shape)}, expected {tuple(expected)} (other image size or arch?)')
+        if not torch.isfinite(value).all() or (value <= 0).any():
+            raise ValueError(f'{source}: threshold of layer {index} must be finite and > 0')
+
+
+def _image_size(snn: SegmentationNet):
+    """(H, W) of the configured input, or None for native (varying) sizes."""
+    size = snn.config.get('img_size')
+    if isinstance(size, int):
+        size = [size, size]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and min(size) > 0:
+        return int(size[0]), int(size[1])
+    return None
+
+
+@torch.no_grad()
+def _layer_shapes(snn: SegmentationNet, size):
+    """[C, H, W] of each spiking layer's input for images of ``size`` (one dummy timestep)."""
+    shapes = []
+
+    def record(module, args):
+        shapes.append(tuple(args[0].shape[1:]))
+
+    height, width = size
+    handles = [lif.register_forward_pre_hook(record) for lif in snn.neuron_layers()]
+    saved = snn.timesteps
+    try:
+        snn.timesteps = 1
+        device = next(snn.parameters()).device
+        snn.eval()(torch.zeros(1, int(snn.config['in_channels']), height, width, device=device))
+    finally:
+        snn.timesteps = saved
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _check_type(threshold_type):
+    if threshold_type not in THRESHOLD_TYPES:
+        raise ValueError(f'unknown threshold type {threshold_type!r}; choose one of {list(THRESHOLD_TYPES)}')
+
+
+# --------------------------------------------------------------------------------- checkpoint cache
+def cached_thresholds(checkpoint: dict, threshold_type: str, timesteps: int, settings: dict):
+    """The raw thresholds cached for (type, T) if they were found with the same ``settings``, else None.
+
+    Thresholds without recorded settings (e.g. imported from the paper's repository) are trusted.
+    """
+    found = (checkpoint.get('thresholds') or {}).get(threshold_type, {})
+    if not isinstance(found, dict) or str(timesteps) not in found:
+        return None
+    recorded = (checkpoint.get('threshold_settings') or {}).get(threshold_type, {}).get(str(timesteps))
+    if recorded is not None and recorded != settings:
+        return None
+    return list(found[str(timesteps)])
+
+
+def store_thresholds(checkpoint: dict, threshold_type: str, timesteps: int, thresholds: list, settings: dict):
+    """Nest ``thresholds`` as checkpoint['thresholds'][type][str(T)] (and how they were found)."""
+    for key, value in (('thresholds', list(thresholds)), ('threshold_settings', dict(settings))):
+        table = checkpoint.get(key)
+        if not isinstance(table, dict):
+            table = checkpoint[key] = {}
+        if not isinstance(table.get(threshold_type), dict):
+            table[threshold_type] = {}
+        table[threshold_type][str(timesteps)] = value
+    return checkpoint
