@@ -13,7 +13,7 @@ from data.palettes import DDD17_PALETTE, SYNTHETIC_PALETTE, VOC_PALETTE
 from data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES, SyntheticEvents, SyntheticShapes
 
 DATA_DEFAULTS = dict(dataset="synthetic", data_root=None, img_size=None, augment=False, thl=False,
-                     timesteps=8, channels=[0, 1], seed=0, num_train=None, num_val=None, seq_len=20,
+                     timesteps=20, channels=[0, 1], seed=0, num_train=None, num_val=None, seq_len=20,
                      train_split="train", void_to_background=False, datalist=None)
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

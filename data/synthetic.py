@@ -17,6 +17,7 @@ at a target frame, and the first T-1 frames of each sequence are only history.
 import numpy as np
 import torch
 
+from data.ddd17 import check_channels
 from data.transforms import normalize_image, scale_events
 
 CLASS_NAMES = ("background", "disc", "triangle", "bar")
@@ -174,7 +175,7 @@ class SyntheticEvents(torch.utils.data.Dataset):
         self.num_sequences = int(num_samples if num_samples is not None else (24 if split == "train" else 6))
         self.height, self.width = _size_hw(img_size)
         self.seed = int(seed)
-        self.channels = _check_channels(channels)
+        self.channels = check_channels(channels)
         self.thl = bool(thl)
         self.timesteps = int(timesteps) if thl else 1
         self.seq_len = int(seq_len)
@@ -270,9 +271,3 @@ class SyntheticEvents(torch.utils.data.Dataset):
         x = scale_events(torch.from_numpy(events[:, list(self.channels)]))
         return (x if self.thl else x[0]), torch.from_numpy(label)
 
-
-def _check_channels(channels):
-    channels = tuple(int(c) for c in channels)
-    if not channels or any(not 0 <= c < 6 for c in channels) or len(set(channels)) != len(channels):
-        raise ValueError(f"event channels must be distinct indices in 0..5, got {list(channels)}")
-    return channels
