@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import data
+from data import datalists
 from data.ddd17 import DDD17, main as ddd17_main, pack
 
 # Three recordings, gaps in frame numbers, and numbers whose string order differs from numeric order.
@@ -161,6 +162,16 @@ def test_augment_keeps_labels_valid_and_pairs_aligned(tmp_path):
         seen_fill |= bool((y == 255).float().mean() > 0.05)
         assert not torch.isnan(x).any()
     assert seen_fill  # translations/rotations/down-scaling leave label fill (255) at the borders
+
+
+def test_ddd17_datalists_write_and_check(tmp_path):
+    write_tree(tmp_path)
+    out = tmp_path / "thl.txt"
+    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--split", "train",
+                           "--out", str(out), "--timesteps", "3"]) == 0
+    assert out.read_text().split() == ["rec99_export_3", "rec1487417411_export_10", "rec1487417411_export_11"]
+    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(out), "--deep"]) == 0
+    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path / "none"), "--out", str(out)]) == 1
 
 
 def test_error_paths(tmp_path):
