@@ -183,7 +183,8 @@ def train(args, dist_info: dict):
                 broadcast_buffers(model)  # BN statistics of rank 0 everywhere: evaluation matches a single process
                 metrics = evaluate(net, val_loader, cfg, device, show_bar=is_main)
                 record.update({"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
-                               "val_mean_acc": metrics["mean_acc"], "val_fwiou": metrics["fwiou"]})
+                               "val_mean_acc": metrics["mean_acc"], "val_fwiou": metrics["fwiou"],
+                               "val_pixels": metrics["num_pixels"]})
                 if metrics["miou"] > best_miou:
                     best_miou, best_epoch = metrics["miou"], epoch + 1
                     save("best.pth", epoch + 1, metrics=metrics)

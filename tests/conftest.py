@@ -1,6 +1,7 @@
 """Shared helpers for the pipeline tests: run the repository's scripts as a user would."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,19 @@ TINY_ARGS = ["--dataset", "synthetic", "--arch", "dl-vgg9", "--img_size", "16", 
              "--optimizer", "adam", "--lr", "1e-3", "--seed", "3", "--device", "cpu"]
 
 
-def run_script(*args, check=True, timeout=300, cwd=REPO):
+def run_script(*args, check=True, timeout=240, cwd=REPO):
     """Run `python <args>` from the repository root; returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    # A session of its own, so that a timeout also ends the children (torchrun's workers).
+    popen = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.communicate()
+        raise
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
