@@ -45,13 +45,15 @@ def _read_file(path: Path, map_location):
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Weights only load failed" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported class ([\w.]+)", text)
+        if found:  # the pickle names a Python callable/class: the way a checkpoint carries code
             raise CheckpointError(
-                f"{path}: refused to load: the file holds Python objects or code{what} that a weights-only "
-                f"checkpoint never contains; nothing in it was executed. Only use checkpoints you trust.") from None
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (unpickling failed: {text.splitlines()[0]})") from None
+                f"{path}: refused to load: the file holds Python objects or code ({found.group(1) or found.group(2)}) "
+                f"that a weights-only checkpoint never contains; nothing in it was executed. "
+                f"Only use checkpoints you trust.") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        reason = reason.group(1).strip() if reason else text.splitlines()[0]
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable as weights: {reason})") from None
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:  # any other parse failure (bad zip, bad magic number, truncated): not a checkpoint

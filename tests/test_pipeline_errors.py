@@ -1,0 +1,146 @@
+"""Bad input -> one clear line naming the thing, non-zero exit, no traceback; NaN stop; Ctrl-C save."""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+import setup
+import train
+from tests.conftest import REPO, TINY_ARGS, run_script
+from utils.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from utils.cli import TrainingStopped, run_main
+
+
+def load_test_script():
+    # test.py is loaded by path: `import test` could find the standard library's test package.
+    spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_line_error(capsys, main, argv, *expected):
+    code = run_main(main, argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_subprocess_exit_code_and_single_line_without_traceback(tmp_path):
+    proc = run_script("train.py", "--dataset", "voc2012", "--data_root", tmp_path / "no-voc-here", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "no-voc-here" in proc.stderr
+
+
+def test_debug_flag_shows_the_exception(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run_main(train.main, ["--dataset", "voc2012", "--data_root", str(tmp_path / "nope"), "--debug"])
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--dataset", "voc2012", "--data_root", "/no/such/voc"], ["/no/such/voc"]),
+    (["--dataset", "cityscapes"], ["unknown dataset 'cityscapes'"]),
+    (["--dataset", "synthetic", "--arch", "vgg99"], ["unknown arch 'vgg99'", "dl-vgg9"]),
+])
+def test_train_bad_flags(capsys, argv, expected):
+    one_line_error(capsys, train.main, argv, *expected)
+
+
+def test_train_bad_yaml(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model_type: snn\n  arch: : dl-vgg9\n")
+    one_line_error(capsys, train.main, ["--config", str(broken)], "broken.yaml", "malformed YAML")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("dataset: synthetic\nbatchsize: 4\n")
+    one_line_error(capsys, train.main, ["--config", str(typo)], "typo.yaml", "'batchsize'")
+
+
+def tiny_checkpoint(path, arch="dl-vgg9", config_arch=None):
+    import models
+    cfg = {**models.MODEL_DEFAULTS, "model_type": "ann", "arch": arch, "dataset": "synthetic", "num_classes": 4,
+           "in_channels": 3, "img_size": [16, 16], "num_val": 2, "batch_size": 2, "num_workers": 0, "thl": False,
+           "augment": False, "data_root": None, "seed": 0}
+    state = models.build_model(cfg).state_dict()
+    save_checkpoint(path, {"format": FORMAT, "config": {**cfg, "arch": config_arch or arch}, "state_dict": state})
+    return path
+
+
+def test_test_py_bad_checkpoints(capsys, tmp_path):
+    script = load_test_script()
+    text = tmp_path / "readme.pth"
+    text.write_text("not a checkpoint")
+    one_line_error(capsys, script.main, ["--model_path", str(text)], "readme.pth", "not a PyTorch checkpoint")
+    one_line_error(capsys, script.main, ["--model_path", str(tmp_path / "gone.pth")], "gone.pth")
+    other = tiny_checkpoint(tmp_path / "other.pth", arch="fcn-vgg9", config_arch="dl-vgg9")
+    one_line_error(capsys, script.main, ["--model_path", str(other)], "other.pth", "another architecture")
+    one_line_error(capsys, script.main, ["--list", "--model_dir", str(tmp_path / "none")], "none")
+
+
+def test_test_py_refuses_code_and_does_not_run_it(capsys, tmp_path):
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"format": FORMAT, "config": {}, "state_dict": {}, "x": Payload()}, evil)
+    one_line_error(capsys, load_test_script().main, ["--model_path", str(evil)], "evil.pth", "refused")
+    one_line_error(capsys, train.main, ["--resume", str(evil)], "evil.pth", "refused")
+    assert not marker.exists()
+
+
+def test_resume_with_another_architecture(capsys, tmp_path):
+    ckpt = tiny_checkpoint(tmp_path / "dl.pth")
+    data = load_checkpoint(ckpt)
+    save_checkpoint(ckpt, {**data, "optimizer": {}, "scheduler": {}, "epoch": 1, "best_miou": 0.0, "rng": {}})
+    one_line_error(capsys, train.main, ["--resume", str(ckpt), *TINY_ARGS, "--arch", "fcn-vgg9", "--epochs", "2",
+                                        "--model_dir", str(tmp_path)], "dl.pth", "another architecture")
+
+
+class FailsLater(torch.nn.Module):
+    """Wraps a real model; from forward call `after` on, outputs NaN (or raises KeyboardInterrupt)."""
+
+    def __init__(self, model, after, failure):
+        super().__init__()
+        self.model, self.after, self.failure, self.calls = model, after, failure, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.model(x)
+        if self.model.training and self.calls > self.after:
+            if self.failure == "nan":
+                return out * math.nan
+            raise KeyboardInterrupt
+        return out
+
+
+def tiny_train_args(tmp_path, name):
+    return [*TINY_ARGS, "--model_type", "ann", "--epochs", "3", "--model_dir", str(tmp_path), "--name", name]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(monkeypatch, capsys, tmp_path):
+    real_build = setup.build_model
+    # 2 training batches + 1 validation batch per epoch: call 4 is the first training batch of epoch 2
+    monkeypatch.setattr(setup, "build_model", lambda cfg, device: FailsLater(real_build(cfg, device), 3, "nan"))
+    line = one_line_error(capsys, train.main, tiny_train_args(tmp_path, "nan"), "loss became nan", "epoch 2")
+    assert "last.pth (epoch 1)" in line
+    kept = load_checkpoint(tmp_path / "nan" / "last.pth")
+    assert kept["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_saves_last_checkpoint(monkeypatch, capsys, tmp_path):
+    real_build = setup.build_model
+    monkeypatch.setattr(setup, "build_model", lambda cfg, device: FailsLater(real_build(cfg, device), 4, "interrupt"))
+    assert run_main(train.main, tiny_train_args(tmp_path, "stop")) == 130
+    assert "--resume" in capsys.readouterr().err
+    saved = load_checkpoint(tmp_path / "stop" / "last.pth")
+    assert saved["interrupted"] is True and saved["epoch"] == 1
