@@ -99,3 +99,12 @@ def test_shipped_configs_resolve(path):
             assert (cfg["timesteps"], cfg["leak_mem"], cfg["def_threshold"]) == (20, 0.99, 1.0)
     else:
         assert cfg["dataset"].startswith("synthetic")
+
+
+def test_environment_yml_lists_the_requirements_pins():
+    import yaml
+    requirements = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    assert pip_section == requirements
