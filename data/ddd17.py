@@ -241,7 +241,8 @@ def pack(root, split, out, compression="gzip"):
         f["frame"] = np.array([k[1] for k in frames.keys], dtype=np.int64)
         # One chunk per frame and channel: reading channels 0-1 touches a third of the data.
         events = f.create_dataset("events", (n, height, width, NUM_EVENT_CHANNELS), dtype="float32",
-                                  chunks=(1, height, width, 1), compression=compression, shuffle=True)
+                                  chunks=(1, height, width, 1), compression=compression,
+                                  shuffle=compression is not None)
         labels = f.create_dataset("labels", (n, height, width), dtype="uint8",
                                   chunks=(1, height, width), compression=compression)
         for i in tqdm(range(n), desc=f"packing {split}", unit="frame"):
@@ -261,10 +262,11 @@ def main(argv=None):
     pack_cmd.add_argument("root", help="folder with events/ and labels/ (Ev-SegNet layout)")
     pack_cmd.add_argument("split", help="train or test")
     pack_cmd.add_argument("out", help="output .h5 file, e.g. ROOT/train.h5 (then DDD17(ROOT) reads it)")
-    pack_cmd.add_argument("--compression", default="gzip", choices=["gzip", "lzf"])
+    pack_cmd.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
+                          help="gzip: smallest; lzf: faster to pack; none: fastest to read, as large as the .npy")
     args = parser.parse_args(argv)
     try:
-        n = pack(args.root, args.split, args.out, args.compression)
+        n = pack(args.root, args.split, args.out, None if args.compression == "none" else args.compression)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
