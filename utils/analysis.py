@@ -199,6 +199,8 @@ def format_energy(energy: dict, title: str) -> str:
                      f"{row['energy_mj']:>9.3g}")
     lines.append(f"{'total':<{width}}  {'':<6}  {energy['macs']:>10.4g}  {energy['sops']:>10.4g}  "
                  f"{energy['energy_mj']:>9.3g}")
+    if energy['sops']:
+        lines.append(f"(the rate x dense-MACs shortcut would give {energy['sops_rate_estimate']:.4g} SOPs)")
     return '\n'.join(lines)
 
 
