@@ -10,6 +10,14 @@ produces on calibration batches. Like the paper's code, calibration keeps the ea
 (unscaled) thresholds and the scaling factor is applied only when the SNN is used; so the raw thresholds
 are what a checkpoint caches (``thresholds[type][str(T)]``), independent of the scaling factor.
 
+Spike amplitude. A neuron with threshold theta fires at rate ~ a / theta for an ANN activation a, so its
+spikes stand for a only when they carry the weight theta. We fold that amplitude into the weights that
+read the spikes (next conv, skip scores, output conv, next decoder up-conv), per channel; then every
+layer's input current approximates the ANN's pre-activation, folded-BN biases included, and channel-wise
+thresholds do not distort the next layer. Neuron-wise thresholds cannot be folded into a convolution:
+they get their channel's mean as amplitude (an approximation). ``fold_amplitude=False`` gives the
+paper's unit spikes (exact only for layer-wise thresholds and bias-free convs, up to a scale).
+
 Thresholds are lists in the order of ``model.neuron_layers()`` (backbone, then the FCN decoder): a float
 per layer ('layer'), a ``[C]`` tensor ('channel') or a ``[C, H, W]`` tensor ('neuron').
 """
@@ -18,7 +26,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from .network import BN_EPS, ConvUnit, SegmentationNet
+from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore
 
 THRESHOLD_TYPES = ('layer', 'channel', 'neuron')
 CONVERSION_ENCODERS = ('poisson', 'direct')
@@ -117,7 +125,7 @@ def _positive(stat: torch.Tensor, layer_name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_thresholds(snn: SegmentationNet, batches, threshold_type: str = 'layer', percentile=None,
-                         show_progress: bool = True) -> list:
+                         show_progress: bool = True, fold_amplitude: bool = True) -> list:
     """Raw thresholds of every spiking layer, found layer by layer as in the paper's code.
 
     For layer k, layers 1..k-1 carry their raw thresholds already; the SNN runs on each batch of
@@ -155,7 +163,8 @@ def calibrate_thresholds(snn: SegmentationNet, batches, threshold_type: str = 'l
         stat = _positive(stat, lif.name)
         raw = float(stat) if threshold_type == 'layer' else stat.float().cpu()
         thresholds.append(raw)
-        lif.set_threshold(_as_threshold(raw, threshold_type))  # the next layers see this one converted
+        # the next layers see this one converted (raw thresholds, as in the paper's code)
+        _set_layer(snn, lif, raw, threshold_type, 1.0, fold_amplitude)
     return thresholds
 
 
@@ -164,13 +173,55 @@ def _as_threshold(raw, threshold_type):
     return value.view(-1, 1, 1) if threshold_type == 'channel' else value
 
 
-def apply_thresholds(snn: SegmentationNet, thresholds: list, threshold_type: str, scaling_factor: float = 0.7):
-    """Set each spiking layer's threshold to raw threshold x scaling_factor."""
+def apply_thresholds(snn: SegmentationNet, thresholds: list, threshold_type: str, scaling_factor: float = 0.7,
+                     fold_amplitude: bool = True):
+    """Set each spiking layer's threshold (and spike amplitude) to raw threshold x scaling_factor."""
     check_thresholds(thresholds, snn, threshold_type, 'thresholds')
     if scaling_factor <= 0:
         raise ValueError(f'scaling_factor must be > 0, got {scaling_factor}')
     for lif, raw in zip(snn.neuron_layers(), thresholds):
-        lif.set_threshold(_as_threshold(raw, threshold_type) * float(scaling_factor))
+        _set_layer(snn, lif, raw, threshold_type, float(scaling_factor), fold_amplitude)
+
+
+def _set_layer(snn, lif, raw, threshold_type, scale, fold_amplitude):
+    threshold = _as_threshold(raw, threshold_type) * scale
+    lif.set_threshold(threshold)
+    amplitude = threshold.mean((1, 2)) if threshold_type == 'neuron' else threshold.reshape(-1)
+    _scale_readers(snn, lif, amplitude if fold_amplitude else None)
+
+
+def spike_readers(snn: SegmentationNet) -> dict:
+    """For each LIF layer (by id), the (module, input-channel dim) of the weights that read its spikes."""
+    readers, last = {}, None
+    for layer in snn.body:
+        if isinstance(layer, ConvUnit):
+            if last is not None:
+                readers[id(last)].append((layer.conv, 1))
+            last = layer.act
+            readers[id(last)] = []
+        elif isinstance(layer, SkipScore) and last is not None:
+            readers[id(last)].append((layer, 1))
+    if snn.output is not None and last is not None:
+        readers[id(last)].append((snn.output, 1))
+    for stage, following in zip(snn.decoder, list(snn.decoder)[1:]):
+        if stage.act is not None:
+            readers[id(stage.act)] = [(following.up, 0)]  # ConvTranspose2d weight: [in, out, k, k]
+    return readers
+
+
+def _scale_readers(snn, lif, amplitude):
+    """Reader weights = unscaled (as converted) weights x amplitude per input channel (None: unit spikes)."""
+    unscaled = snn.__dict__.setdefault('_unscaled_reader_weights', {})
+    for module, dim in spike_readers(snn)[id(lif)]:
+        base = unscaled.setdefault(id(module), module.weight.detach().clone())
+        if amplitude is None:
+            factor = 1.0
+        else:
+            shape = [1] * base.dim()
+            shape[dim] = -1
+            factor = amplitude.to(base).view(shape) if amplitude.numel() > 1 else amplitude.to(base).reshape(())
+        with torch.no_grad():
+            module.weight.copy_(base * factor)
 
 
 def check_thresholds(thresholds, snn: SegmentationNet, threshold_type: str, source: str):

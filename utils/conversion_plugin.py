@@ -55,6 +55,9 @@ def add_test_args(parser: argparse.ArgumentParser):
                        help='membrane leak of the converted SNN (1.0 = IF neurons; the paper ran 0.99)')
     group.add_argument('--conversion_encoder', '--conversion-encoder', choices=CONVERSION_ENCODERS,
                        default='poisson', help='input coding of the converted SNN (default poisson)')
+    group.add_argument('--unit_spikes', '--unit-spikes', action='store_true',
+                       help="spikes of weight 1 as in the paper's code, instead of folding each layer's "
+                            "threshold into the weights that read its spikes")
     group.add_argument('--reset_thresholds', '--reset-thresholds', action='store_true',
                        help='calibrate again even if the checkpoint caches thresholds for this type and T')
     group.add_argument('--save_snn', '--save-snn', type=str, default=None,
@@ -95,7 +98,7 @@ def calibration_settings(args, cfg) -> dict:
     """What the raw thresholds depend on besides (type, T); cached thresholds must match it."""
     return {'statistic': 'max' if args.percentile is None else f'percentile {args.percentile:g}',
             'calib_batches': args.calib_batches, 'leak_mem': args.leak_mem,
-            'encoder': args.conversion_encoder, 'img_size': cfg['img_size'], 'batch_size': cfg['batch_size']}
+            'encoder': args.conversion_encoder, 'unit_spikes': args.unit_spikes, 'img_size': cfg['img_size'], 'batch_size': cfg['batch_size']}
 
 
 def converted_snn(ctx, threshold_type: str, timesteps: int, batches):
@@ -113,10 +116,11 @@ def converted_snn(ctx, threshold_type: str, timesteps: int, batches):
         if batches[0] is None:
             batches[0] = calibration_batches(ctx.cfg, args.calib_batches, args.seed, ctx.device)
         torch.manual_seed(args.seed)
-        raw = calibrate_thresholds(snn, batches[0], threshold_type, args.percentile)
+        raw = calibrate_thresholds(snn, batches[0], threshold_type, args.percentile,
+                                   fold_amplitude=not args.unit_spikes)
         store_thresholds(ctx.checkpoint, threshold_type, timesteps, raw, settings)
         calibrated = True
-    apply_thresholds(snn, raw, threshold_type, args.scaling_factor)
+    apply_thresholds(snn, raw, threshold_type, args.scaling_factor, fold_amplitude=not args.unit_spikes)
     return snn.to(ctx.device).eval(), calibrated
 
 
@@ -168,7 +172,7 @@ def analyze(ctx, results: dict):
                       for kind, row in curves.items()},
         'scaling_factor': args.scaling_factor, 'statistic': 'max' if args.percentile is None else
         f'percentile {args.percentile:g}', 'calib_batches': args.calib_batches, 'leak_mem': args.leak_mem,
-        'encoder': args.conversion_encoder, 'plot': str(plot_path)}
+        'encoder': args.conversion_encoder, 'unit_spikes': args.unit_spikes, 'plot': str(plot_path)}
     print(format_curves(curves, state['ann_miou']))
     print(f'wrote {plot_path}')
 
