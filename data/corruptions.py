@@ -28,11 +28,7 @@ EVENT_DATASETS = ("ddd17", "synthetic-events")
 
 
 def _to_255(x, dataset):
-    if dataset in IMAGE_DATASETS:
-        return denormalize_image(x)
-    if dataset in EVENT_DATASETS:
-        return (x.float() + 0.5) * 255.0
-    raise ValueError(f"unknown dataset {dataset!r} for corruption; choices: {IMAGE_DATASETS + EVENT_DATASETS}")
+    return denormalize_image(x) if dataset in IMAGE_DATASETS else (x.float() + 0.5) * 255.0
 
 
 def _from_255(v, dataset):
@@ -67,9 +63,11 @@ def apply_corruption(x: torch.Tensor, kind: str, factor: float, dataset: str, se
     if factor < 0 or (kind == "saltpepper" and factor > 1):
         raise ValueError(f"corruption factor for {kind} must be {'in [0, 1]' if kind == 'saltpepper' else '>= 0'},"
                          f" got {factor}")
-    v = _to_255(x, dataset)  # checks the dataset name even when factor is 0
+    if dataset not in IMAGE_DATASETS + EVENT_DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r} for corruption; choices: {IMAGE_DATASETS + EVENT_DATASETS}")
     if factor == 0:
         return x
+    v = _to_255(x, dataset)
     generator = torch.Generator().manual_seed(int(seed))
     corrupted = _APPLY[kind](v, factor, generator).clamp(0, 255)
     return _from_255(corrupted, dataset).to(x.dtype)

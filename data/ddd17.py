@@ -70,11 +70,15 @@ def load_events(path) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
-def check_event_shape(array, path, label_shape=None):
+def check_event_shape(array, path):
     if array.ndim != 3 or array.shape[2] != NUM_EVENT_CHANNELS:
         raise ValueError(f"event file {path} has shape {array.shape}; expected (H, W, 6), e.g. (200, 346, 6)")
-    if label_shape is not None and array.shape[:2] != tuple(label_shape):
-        raise ValueError(f"event file {path} has shape {array.shape} but its label is {tuple(label_shape)}")
+
+
+def check_same_size(events, label, path):
+    """Events (H, W, C) and label (H, W) must cover the same pixels."""
+    if events.shape[:2] != tuple(label.shape):
+        raise ValueError(f"event file {path} is {events.shape[:2]} but its label is {tuple(label.shape)}")
 
 
 class FolderFrames:
@@ -216,9 +220,7 @@ class DDD17(torch.utils.data.Dataset):
         stack = []
         for i in window:
             events = self.frames.events(i, self.channels)
-            if events.shape[:2] != tuple(label.shape):
-                raise ValueError(f"event file {self.frames.source(i)} is {events.shape[:2]} but its label is "
-                                 f"{tuple(label.shape)}")
+            check_same_size(events, label, self.frames.source(i))
             stack.append(torch.from_numpy(np.ascontiguousarray(events)).permute(2, 0, 1))
         x = torch.stack(stack)
         if self.transform is not None:
@@ -248,7 +250,7 @@ def pack(root, split, out, compression="gzip"):
         for i in tqdm(range(n), desc=f"packing {split}", unit="frame"):
             label = frames.label(i)
             array = frames.events(i)
-            check_event_shape(array, frames.source(i), label.shape)
+            check_same_size(array, label, frames.source(i))
             events[i] = array
             labels[i] = label.numpy().astype(np.uint8)
     os.replace(tmp, out)

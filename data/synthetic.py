@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data.ddd17 import check_channels
-from data.transforms import normalize_image, scale_events
+from data.transforms import normalize_image, parse_size, scale_events
 
 CLASS_NAMES = ("background", "disc", "triangle", "bar")
 DEFAULT_SIZE = 48
@@ -32,7 +32,6 @@ def _split_code(split):
 
 
 def _size_hw(img_size):
-    from data.transforms import parse_size
     return parse_size(img_size) or [DEFAULT_SIZE, DEFAULT_SIZE]
 
 
@@ -206,7 +205,7 @@ class SyntheticEvents(torch.utils.data.Dataset):
                 brightness=rng.uniform(0.3, 1.0), freq=rng.uniform(0.6, 1.2), phase=rng.uniform(0, 2 * np.pi)))
         background = rng.uniform(0.3, 1.0) * (1 + 0.2 * np.sin(rng.uniform(0.1, 0.4) * self.xx
                                                                + rng.uniform(0.1, 0.4) * self.yy))
-        return objects, background, rng
+        return objects, background
 
     def _positions(self, obj, times):
         """Object centres at `times`, bouncing off the borders (closed form, so frames are independent)."""
@@ -237,7 +236,7 @@ class SyntheticEvents(torch.utils.data.Dataset):
 
     def frames(self, seq, first, last):
         """Event frames [last-first+1, 6, H, W] (float32) and the label of frame `last`."""
-        objects, background, _ = self._sequence(seq)
+        objects, background = self._sequence(seq)
         k = self.substeps
         times = np.arange((first - 1) * k, last * k + 1) / k
         intensity, labels = self._render(objects, background, times)

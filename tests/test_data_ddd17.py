@@ -196,7 +196,7 @@ def test_error_paths(tmp_path):
     np.save(events / "rec1_export_1.npy", np.zeros((20, 12, 6), dtype=np.float32))
     with pytest.raises(ValueError, match=r"rec1_export_1.npy is \(20, 12\) but its label is \(12, 20\)"):
         DDD17(tmp_path, "train")[0]
-    with pytest.raises(ValueError, match=r"rec1_export_1.npy has shape \(20, 12, 6\) but its label"):
+    with pytest.raises(ValueError, match=r"rec1_export_1.npy is \(20, 12\) but its label is \(12, 20\)"):
         pack(tmp_path, "train", tmp_path / "x.h5")
     assert not (tmp_path / "x.h5").exists()
 
