@@ -35,13 +35,14 @@ def read_weights_only(path) -> object:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
-        first = (str(err).splitlines() or [''])[0]
-        if 'Weights only load failed' in str(err):
-            found = re.search(r'GLOBAL ([\w.]+)', str(err))
+        text = str(err)
+        found = re.search(r'GLOBAL ([\w.]+)', text)
+        if found or 'Unsupported global' in text:
             what = f' ({found.group(1)})' if found else ''
             raise ValueError(f'{path}: refused to load: it holds Python objects or code{what} that a weights-only '
                              f'checkpoint never contains; nothing in it was executed') from None
-        raise ValueError(f'{path} is not a PyTorch checkpoint (unpickling failed: {first})') from None
+        reason = next((line.strip() for line in text.splitlines() if line.startswith('Unsupported')), 'bad data')
+        raise ValueError(f'{path} is not a PyTorch checkpoint (unpickling failed: {reason})') from None
     except Exception as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise ValueError(f'{path} is not a PyTorch checkpoint ({type(err).__name__}: {reason})') from None
