@@ -1,5 +1,6 @@
 """ANN-to-SNN conversion: BN folding, threshold statistics, layer-by-layer calibration, rate convergence,
 the threshold cache, and test.py --conversion end to end."""
+import importlib.util
 import json
 
 import numpy as np
@@ -11,8 +12,9 @@ from models import build_model
 from models.conversion import (apply_thresholds, cached_thresholds, calibrate_thresholds, check_thresholds,
                                convert_ann, current_statistic, fold_batchnorm, store_thresholds)
 from models.network import ConvUnit, Rectifier
-from tests.conftest import run_script
+from tests.conftest import REPO, run_script
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.cli import run_main
 
 
 def tiny_ann(arch='dl-vgg9', size=8, classes=3, in_channels=2, leaky=False, seed=0):
@@ -137,41 +139,52 @@ def test_threshold_cache_round_trip(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- test.py
-def test_test_py_conversion_end_to_end(tiny_ann_run, tmp_path):
+def run_test_py(capsys, *args):
+    """test.py in this process (saves a Python start-up per run); returns (exit code, stdout, stderr)."""
+    spec = importlib.util.spec_from_file_location('test_py_script', REPO / 'test.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code = run_main(script.main, [str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_test_py_conversion_end_to_end(tiny_ann_run, tmp_path, capsys):
     ann_path = tmp_path / 'ann.pth'
     ann_path.write_bytes((tiny_ann_run / 'best.pth').read_bytes())
     results = tmp_path / 'results.json'
-    common = ['test.py', '--model_path', ann_path, '--conversion', '--timesteps', '2,4',
+    common = ['test.py', '--model_path', ann_path, '--conversion', '--timesteps', '1,2',
               '--threshold_type', 'layer,channel', '--conversion_encoder', 'direct', '--results', results]
-    first = run_script(*common, '--save_snn', tmp_path / 'snn.pth')
+    first = run_script(*common, '--save_snn', tmp_path / 'snn.pth')  # as a user runs it
     report = json.loads(results.read_text())
     conversion = report['conversion']
-    assert set(conversion['miou']) == {'layer', 'channel'} and set(conversion['miou']['layer']) == {'2', '4'}
-    assert report['model_type'] == 'snn' and report['timesteps'] == 2
-    assert report['miou'] == conversion['miou']['layer']['2']  # the main result is the first (type, T)
+    assert set(conversion['miou']) == {'layer', 'channel'} and set(conversion['miou']['layer']) == {'1', '2'}
+    assert report['model_type'] == 'snn' and report['timesteps'] == 1
+    assert report['miou'] == conversion['miou']['layer']['1']  # the main result is the first (type, T)
     assert conversion['ann_miou'] == pytest.approx(load_checkpoint(ann_path)['best_miou'], abs=1e-9)
     png = (tmp_path / 'results_conversion.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n'
     cached = load_checkpoint(ann_path)['thresholds']
-    assert set(cached) == {'layer', 'channel'} and set(cached['channel']) == {'2', '4'}
-    assert 'using cached' not in first.stdout
+    assert set(cached) == {'layer', 'channel'} and set(cached['channel']) == {'1', '2'}
+    assert 'using cached' not in first.stdout and first.stdout.count('cached the new') == 4
 
     # the saved SNN is an ordinary checkpoint: test.py gives the same mIoU (direct input: deterministic)
-    run_script('test.py', '--model_path', tmp_path / 'snn.pth', '--results', tmp_path / 'snn.json')
+    code, _, _ = run_test_py(capsys, '--model_path', tmp_path / 'snn.pth', '--results', tmp_path / 'snn.json')
+    assert code == 0
     assert json.loads((tmp_path / 'snn.json').read_text())['miou'] == pytest.approx(report['miou'], abs=1e-12)
 
-    # second run: thresholds come from the cache and the curve is the same
-    second = run_script(*common)
-    assert second.stdout.count('using cached') == 4
+    # second run: thresholds come from the cache and the curve is the same; --reset_thresholds calibrates again
+    code, out, _ = run_test_py(capsys, *common[1:])
+    assert code == 0 and out.count('using cached') == 4 and 'cached the new' not in out
     assert json.loads(results.read_text())['conversion']['miou'] == conversion['miou']
+    code, out, _ = run_test_py(capsys, *common[1:3], '--conversion', '--timesteps', '2', '--reset_thresholds')
+    assert code == 0 and 'using cached' not in out and 'cached the new layer thresholds for T=2' in out
 
 
-def test_test_py_conversion_refuses_an_snn(tmp_path):
-    snn = build_model(dict(model_type='snn', arch='dl-vgg9', num_classes=4, img_size=[16, 16], timesteps=2,
-                           dataset='synthetic'))
+def test_test_py_conversion_refuses_an_snn(tmp_path, capsys):
+    snn = build_model(dict(model_type='snn', arch='dl-vgg9', num_classes=4, img_size=[16, 16], timesteps=2))
     path = tmp_path / 'snn.pth'
     save_checkpoint(path, {'format': 'snnseg-1', 'state_dict': snn.state_dict(),
                            'config': {**snn.config, 'dataset': 'synthetic', 'batch_size': 4, 'num_workers': 0}})
-    proc = run_script('test.py', '--model_path', path, '--conversion', check=False)
-    assert proc.returncode == 2
-    assert 'needs an ANN checkpoint' in proc.stderr and str(path) in proc.stderr
+    code, _, err = run_test_py(capsys, '--model_path', path, '--conversion', '--device', 'cpu')
+    assert code == 2 and 'needs an ANN checkpoint' in err and str(path) in err

@@ -102,7 +102,7 @@ def calibration_settings(args, cfg) -> dict:
 
 
 def converted_snn(ctx, threshold_type: str, timesteps: int, batches):
-    """(SNN with scaled thresholds, whether thresholds were calibrated now)."""
+    """The SNN for (type, T) with its scaled thresholds, calibrated now or taken from the cache."""
     args = ctx.args
     snn = convert_ann(ctx.model, timesteps, args.leak_mem, args.conversion_encoder)
     settings = calibration_settings(args, ctx.cfg)
@@ -111,7 +111,6 @@ def converted_snn(ctx, threshold_type: str, timesteps: int, batches):
     if raw is not None:
         check_thresholds(raw, snn, threshold_type, where)  # a malformed cache is an error, not a silent recompute
         print(f'using cached {threshold_type} thresholds for T={timesteps} from {args.model_path}')
-        calibrated = False
     else:
         if batches[0] is None:
             batches[0] = calibration_batches(ctx.cfg, args.calib_batches, args.seed, ctx.device)
@@ -119,9 +118,10 @@ def converted_snn(ctx, threshold_type: str, timesteps: int, batches):
         raw = calibrate_thresholds(snn, batches[0], threshold_type, args.percentile,
                                    fold_amplitude=not args.unit_spikes)
         store_thresholds(ctx.checkpoint, threshold_type, timesteps, raw, settings)
-        calibrated = True
+        save_checkpoint(args.model_path, ctx.checkpoint)  # at once: a long sweep may be interrupted
+        print(f'cached the new {threshold_type} thresholds for T={timesteps} in {args.model_path}')
     apply_thresholds(snn, raw, threshold_type, args.scaling_factor, fold_amplitude=not args.unit_spikes)
-    return snn.to(ctx.device).eval(), calibrated
+    return snn.to(ctx.device).eval()
 
 
 def prepare_model(ctx):
@@ -133,10 +133,9 @@ def prepare_model(ctx):
     ann_miou = ctx.evaluate(desc='ANN')['miou']
     print(f'ANN mIoU {ann_miou:.4f}')
     combos = [(kind, steps) for kind in args.threshold_type for steps in args.timesteps]
-    batches, miou, models, changed = [None], {}, {}, False
+    batches, miou, models = [None], {}, {}
     for index, (kind, steps) in enumerate(combos):
-        snn, calibrated = converted_snn(ctx, kind, steps, batches)
-        changed |= calibrated
+        snn = converted_snn(ctx, kind, steps, batches)
         if index == 0:
             models[(kind, steps)] = snn  # evaluated by test.py itself, as the main result
             continue
@@ -144,9 +143,6 @@ def prepare_model(ctx):
         miou[(kind, steps)] = ctx.evaluate(model=snn, cfg=snn.config, desc=f'{kind} T={steps}')['miou']
         print(f'converted SNN, {kind} thresholds, T={steps}: mIoU {miou[(kind, steps)]:.4f}')
         _maybe_save(ctx, snn, kind, steps, miou[(kind, steps)], first=False)
-    if changed:
-        save_checkpoint(args.model_path, ctx.checkpoint)
-        print(f'cached the new thresholds in {args.model_path}')
     first = combos[0]
     ctx.extras['conversion'] = {'ann_miou': ann_miou, 'miou': miou, 'first': first, 'snn': models[first]}
     ctx.cfg = dict(models[first].config)
