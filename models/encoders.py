@@ -6,6 +6,8 @@ each layer can run its convolution over all timesteps at once. An ANN is the sam
 import torch
 import torch.nn as nn
 
+from .neurons import mark_spikes
+
 
 class PoissonEncoder(nn.Module):
     """Signed rate coding: at every timestep ``s = sign(x) * [rand <= |x|]``, independently."""
@@ -15,7 +17,7 @@ class PoissonEncoder(nn.Module):
         n = x.shape[0]
         x = x.unsqueeze(1)
         fire = torch.rand((n, timesteps, *x.shape[2:]), device=x.device, dtype=x.dtype) <= x.abs()
-        return (fire * torch.sign(x)).flatten(0, 1)
+        return mark_spikes((fire * torch.sign(x)).flatten(0, 1))
 
 
 class DirectEncoder(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
 from .encoders import IdentityEncoder, build_encoder
-from .neurons import LIF
+from .neurons import LIF, compact_spikes
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
 
@@ -35,6 +35,13 @@ class TimeBatchNorm(nn.Module):
         self.register_buffer('running_mean', torch.zeros(timesteps, channels))
         self.register_buffer('running_var', torch.ones(timesteps, channels))
         self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+
+    def batch_norm_args(self):
+        """(weight, running_mean, running_var, training, momentum, eps, T) for a fused BN + LIF."""
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return (self.weight.view(-1), self.running_mean.view(-1), self.running_var.view(-1), self.training,
+                BN_MOMENTUM, BN_EPS, self.timesteps)
 
     def forward(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         n, (c, h, w) = x.shape[0] // steps, x.shape[1:]
@@ -74,6 +81,8 @@ class ConvUnit(nn.Module):
 
     def forward(self, x, steps):
         x = self.conv(x)
+        if isinstance(self.act, LIF):
+            return self.act(x, steps, norm=self.norm)  # BNTT is fused into the neurons' backward
         if self.norm is not None:
             x = self.norm(x, steps)
         return self.act(x, steps)
@@ -176,6 +185,10 @@ class SegmentationNet(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with compact_spikes():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out_size = x.shape[-2:]
         h = self.encoder(x, self.timesteps)
         steps = self.timesteps + self.extra_steps

@@ -15,8 +15,10 @@ recurrence that we run ourselves instead of recording T small graphs:
 
     dL/du[t] = dL/ds[t] * ds/du[t] + leak * dL/du[t+1],      dL/dI[t] = dL/du[t]
 
-with ``ds/du = g(x) / theta`` (``g`` the surrogate, ``x = u / theta - 1``). Only ``ds/du`` is kept for the
-backward pass (one tensor the size of the input), not the T per-step graphs of autograd.
+with ``ds/du = g(x) / theta`` (``g`` the surrogate, ``x = u / theta - 1``). Instead of autograd's T
+per-step graphs, backward keeps the input currents and the spikes (one byte each) and replays the
+membrane to get ``ds/du``. In the networks the per-timestep BN in front of the neurons is fused in too
+(``_NormLIFFunction``), so a spiking layer stores 5 bytes per neuron and timestep for backward.
 """
 from typing import Optional, Union
 
@@ -28,53 +30,192 @@ from .surrogates import Surrogate, get_surrogate
 Threshold = Union[float, torch.Tensor]
 
 
+def _as_scalar(theta):
+    """A one-element threshold as a python float (cheaper ops, and no device sync inside the loops)."""
+    if isinstance(theta, torch.Tensor) and theta.numel() == 1:
+        return float(theta)
+    return theta
+
+
+def _sub_scaled(u, spikes, theta):
+    """u -= spikes * theta, in place."""
+    if isinstance(theta, float):
+        u.sub_(spikes, alpha=theta)
+    else:
+        u.addcmul_(spikes, theta, value=-1.0)
+
+
+def _fire(u, theta, ratio, fired):
+    """fired = H(u / theta - 1), written into the preallocated ``ratio`` and ``fired`` buffers.
+
+    ``u / theta > 1`` is the paper's ``u / theta - 1 > 0`` exactly (subtracting 1 near 1 is exact).
+    """
+    torch.div(u, theta, out=ratio)
+    return torch.gt(ratio, 1.0, out=fired)
+
+
 def _lif_scan(currents: torch.Tensor, leak: float, theta: Threshold, theta_neg: Optional[Threshold],
-              surrogate: Optional[Surrogate], time_dim: int):
-    """Run the recurrence over ``time_dim``; return spikes and, if a surrogate is given, ``ds/du``."""
-    spikes = torch.empty_like(currents)
-    slopes = torch.empty_like(currents) if surrogate is not None else None
-    u = None
+              time_dim: int, inplace: bool = False) -> torch.Tensor:
+    """Run the recurrence over ``time_dim`` and return the spikes (no graph is recorded).
+
+    All per-step work is in place on preallocated buffers: no allocation inside the loop. With
+    ``inplace`` the spikes overwrite the currents (each step's current is consumed before).
+    """
+    theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
+    spikes = currents if inplace else torch.empty_like(currents)
+    u = currents.select(time_dim, 0).clone()
+    ratio, fired = torch.empty_like(u), torch.empty(u.shape, dtype=torch.bool, device=u.device)
     for t in range(currents.shape[time_dim]):
-        current = currents.select(time_dim, t)
-        u = current.clone() if u is None else u.mul_(leak).add_(current)
-        x = u / theta - 1.0
-        fired = (x > 0).to(u.dtype)
-        if slopes is not None:
-            slopes.select(time_dim, t).copy_(surrogate.grad(x) / theta)
+        if t > 0:
+            u.mul_(leak).add_(currents.select(time_dim, t))
+        spike = spikes.select(time_dim, t)
+        spike.copy_(_fire(u, theta, ratio, fired))
+        _sub_scaled(u, spike, theta)
+        if theta_neg is not None:
+            negative = ratio.copy_(_fire(u, theta_neg, ratio, fired))  # exclusive with a positive spike
+            _sub_scaled(u, negative, theta_neg)
+            spike.sub_(negative)
+    return spikes
+
+
+def _slopes_inplace(currents, spikes, leak, theta, theta_neg, surrogate: Surrogate, time_dim):
+    """Overwrite ``currents`` with ``ds/du`` at every step, replaying the membrane in backward.
+
+    The resets replay the saved spikes, so the membrane trajectory is the forward one even if the
+    recomputed currents differ in the last bit; the surrogate is continuous, so such differences
+    only move the slopes by as much. Working in place keeps backward's memory to one extra buffer.
+    """
+    theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
+    u = currents.select(time_dim, 0).clone()
+    extra = None if theta_neg is None else torch.empty_like(u)
+    for t in range(currents.shape[time_dim]):
+        current, spike = currents.select(time_dim, t), spikes.select(time_dim, t)
+        if t > 0:
+            u.mul_(leak).add_(current)
+        slope = surrogate.grad_(torch.div(u, theta, out=current).sub_(1.0)).div_(theta)
         if theta_neg is None:
-            spike = fired
-            u.sub_(fired * theta)
+            _sub_scaled(u, spike, theta)
         else:
-            x_neg = u / theta_neg - 1.0
-            fired_neg = (x_neg > 0).to(u.dtype)
-            spike = fired - fired_neg
-            if slopes is not None:
-                slopes.select(time_dim, t).sub_(surrogate.grad(x_neg) / theta_neg)
-            u.sub_(fired * theta + fired_neg * theta_neg)
-        spikes.select(time_dim, t).copy_(spike)
-    return spikes, slopes
+            slope.sub_(surrogate.grad_(torch.div(u, theta_neg, out=extra).sub_(1.0)).div_(theta_neg))
+            _sub_scaled(u, spike.clamp(min=0), theta)
+            _sub_scaled(u, spike.clamp(max=0).neg_(), theta_neg)
+    return currents
+
+
+def _reverse_scan_inplace(grad_spikes, slopes, leak, time_dim):
+    """Overwrite ``slopes`` with dL/dI: the reverse linear recurrence through the leak."""
+    grad_u = None
+    for t in reversed(range(slopes.shape[time_dim])):
+        grad_t = slopes.select(time_dim, t).mul_(grad_spikes.select(time_dim, t))
+        if grad_u is not None:
+            grad_t.add_(grad_u, alpha=leak)
+        grad_u = grad_t
+    return slopes
+
+
+# Spikes are {-1, 0, 1}: kept for backward in one byte instead of four.
+SPIKE_STORAGE = torch.int8
 
 
 class _LIFFunction(torch.autograd.Function):
+    """LIF over time with the surrogate gradient; saves the currents and the spikes (1 byte)."""
+
     @staticmethod
     def forward(ctx, currents, leak, theta, theta_neg, surrogate, time_dim):
-        spikes, slopes = _lif_scan(currents, leak, theta, theta_neg, surrogate, time_dim)
-        ctx.save_for_backward(slopes)
-        ctx.leak, ctx.time_dim = leak, time_dim
+        spikes = _lif_scan(currents, leak, theta, theta_neg, time_dim)
+        ctx.save_for_backward(currents, spikes.to(SPIKE_STORAGE))
+        ctx.args = leak, theta, theta_neg, surrogate, time_dim
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        slopes, = ctx.saved_tensors
-        grad_currents = torch.empty_like(slopes)
-        grad_u = None
-        for t in reversed(range(slopes.shape[ctx.time_dim])):
-            grad_t = grad_spikes.select(ctx.time_dim, t) * slopes.select(ctx.time_dim, t)
-            if grad_u is not None:
-                grad_t.add_(grad_u, alpha=ctx.leak)
-            grad_currents.select(ctx.time_dim, t).copy_(grad_t)
-            grad_u = grad_t
-        return grad_currents, None, None, None, None, None
+        currents, spikes = ctx.saved_tensors
+        leak, theta, theta_neg, surrogate, time_dim = ctx.args
+        slopes = _slopes_inplace(currents.clone(), spikes, leak, theta, theta_neg, surrogate, time_dim)
+        return _reverse_scan_inplace(grad_spikes, slopes, leak, time_dim), None, None, None, None, None
+
+
+class _NormLIFFunction(torch.autograd.Function):
+    """Per-timestep BN (BNTT) followed by LIF, fused so that backward needs only the BN's input.
+
+    Saving the BN input (4 bytes) and the spikes (1 byte) replaces saving the BN input, the BN output
+    and the surrogate slopes (12 bytes): BN and the membrane are recomputed in backward.
+    ``x`` is ``[N, S, C, H, W]``; BN applies to the first ``T`` of the ``S`` steps (full propagation's
+    tail passes unnormalised), with statistics per (timestep, channel).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, running_mean, running_var, training, momentum, eps, T,
+                leak, theta, theta_neg, surrogate):
+        n, steps, c, h, w = x.shape
+        head = x[:, :T].reshape(n, T * c, h, w)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(
+            head, weight, None, running_mean, running_var, training, momentum, eps)
+        if not training:  # eval-mode BN normalises with the running statistics
+            mean, invstd = running_mean.clone(), (running_var + eps).rsqrt()
+        currents = _join_tail(out, x, T)
+        del out
+        spikes = _lif_scan(currents, leak, theta, theta_neg, time_dim=1, inplace=True)
+        ctx.save_for_backward(x, weight, mean, invstd, spikes.to(SPIKE_STORAGE))
+        ctx.args = training, eps, T, leak, theta, theta_neg, surrogate
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        x, weight, mean, invstd, spikes = ctx.saved_tensors
+        training, eps, T, leak, theta, theta_neg, surrogate = ctx.args
+        c = x.shape[2]
+        per_step = [slice(t * c, (t + 1) * c) for t in range(T)]
+        # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else
+        # is one timestep in size, which keeps backward's peak memory near the saved tensors'.
+        buffer = torch.empty_like(x)
+        scale = invstd * weight
+        for t in range(x.shape[1]):
+            if t < T:
+                k = per_step[t]
+                torch.mul(x[:, t], scale[k].view(-1, 1, 1), out=buffer[:, t])
+                buffer[:, t].sub_((mean[k] * scale[k]).view(-1, 1, 1))
+            else:
+                buffer[:, t].copy_(x[:, t])
+        _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, time_dim=1)
+        _reverse_scan_inplace(grad_spikes, buffer, leak, time_dim=1)
+        grad_weight = torch.empty_like(weight)
+        var = invstd.pow(-2) - eps  # read instead of running_var when train=False
+        for t, k in enumerate(per_step):
+            grad_x, grad_weight[k], _ = torch.ops.aten.native_batch_norm_backward(
+                buffer[:, t], x[:, t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps,
+                [True, True, False])
+            buffer[:, t].copy_(grad_x)
+        return buffer, grad_weight, None, None, None, None, None, None, None, None, None, None
+
+
+def mark_spikes(tensor: torch.Tensor) -> torch.Tensor:
+    """Tag a tensor whose values are all in {-1, 0, 1}, so that ``compact_spikes`` may store it in a byte."""
+    tensor.holds_spikes = True
+    return tensor
+
+
+def _pack(tensor):
+    if getattr(tensor, 'holds_spikes', False):
+        return tensor.to(SPIKE_STORAGE), tensor.dtype
+    return tensor
+
+
+def _unpack(packed):
+    return packed[0].to(packed[1]) if isinstance(packed, tuple) else packed
+
+
+def compact_spikes():
+    """Context in which autograd stores tagged spike tensors (e.g. a conv's input) in one byte."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
+def _join_tail(head, full, T):
+    """``[N, S, C, H, W]`` from the normalised first T steps and the raw remaining steps of ``full``."""
+    n, steps, c, h, w = full.shape
+    if steps == T:
+        return head.view(n, T, c, h, w)
+    return torch.cat([head.view(n, T, c, h, w), full[:, T:]], 1)
 
 
 def lif_sequence(currents: torch.Tensor, leak: float = 0.99, threshold: Threshold = 1.0,
@@ -90,8 +231,7 @@ def lif_sequence(currents: torch.Tensor, leak: float = 0.99, threshold: Threshol
     surrogate = get_surrogate(surrogate, **surrogate_params)
     if torch.is_grad_enabled() and currents.requires_grad:
         return _LIFFunction.apply(currents, float(leak), threshold, threshold_neg, surrogate, time_dim)
-    spikes, _ = _lif_scan(currents.detach(), float(leak), threshold, threshold_neg, None, time_dim)
-    return spikes
+    return _lif_scan(currents.detach(), float(leak), threshold, threshold_neg, time_dim)
 
 
 class LIF(nn.Module):
@@ -113,14 +253,25 @@ class LIF(nn.Module):
         self.recording = False
         self.reset_spike_stats()
 
-    def forward(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, steps: int, norm=None) -> torch.Tensor:
+        """Spikes for time-folded currents ``x``; ``norm`` (a TimeBatchNorm) is applied first, fused."""
         n = x.shape[0] // steps
         theta_neg = None if self.alpha is None else -self.threshold / self.alpha
         currents = x.view(n, steps, *x.shape[1:])
-        spikes = lif_sequence(currents, self.leak, self.threshold, self.surrogate, theta_neg, time_dim=1)
+        if norm is not None and torch.is_grad_enabled() and x.requires_grad:
+            spikes = _NormLIFFunction.apply(currents, *norm.batch_norm_args(), self.leak, self.threshold,
+                                            theta_neg, self.surrogate)
+        else:
+            if norm is not None:
+                currents = norm(x, steps).view_as(currents)
+            if torch.is_grad_enabled() and x.requires_grad:
+                spikes = lif_sequence(currents, self.leak, self.threshold, self.surrogate, theta_neg, time_dim=1)
+            else:  # inference: the currents are a temporary (or ours to consume), spike in place
+                spikes = _lif_scan(currents if norm is not None else currents.clone(), self.leak, self.threshold,
+                                   theta_neg, time_dim=1, inplace=True)
         if self.recording:
             self._record(spikes)
-        return spikes.view_as(x)
+        return mark_spikes(spikes.view_as(x))
 
     def _record(self, spikes):
         self.spike_count += spikes.detach().abs().sum().double()

@@ -26,6 +26,10 @@ class Surrogate:
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def grad_(self, x: torch.Tensor) -> torch.Tensor:
+        """``g(x)`` written over ``x`` (the neurons' backward reuses its buffers)."""
+        return x.copy_(self.grad(x))
+
     def __repr__(self):
         args = ', '.join(f'{k}={v}' for k, v in self.params.items())
         return f'{self.name}({args})'
@@ -37,6 +41,9 @@ class Linear(Surrogate):
 
     def grad(self, x):
         return self.params['gamma'] * torch.clamp(1.0 - x.abs(), min=0.0)
+
+    def grad_(self, x):
+        return x.abs_().neg_().add_(1.0).clamp_(min=0.0).mul_(self.params['gamma'])
 
 
 class FastSigmoid(Surrogate):
