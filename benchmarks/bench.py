@@ -37,7 +37,7 @@ def get_args_parser():
     p.add_argument('--full_prop', action='store_true')
     p.add_argument('--memory_saving', action='store_true', help='activation checkpointing per layer')
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast (CPU and GPU)')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--compile', action='store_true', help="fuse the neurons' elementwise steps with torch.compile")
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     p.add_argument('--no_floor', action='store_true', help='skip the ANN floor measurement')
@@ -88,7 +88,7 @@ def eval_throughput(model, batch, batches, args, device):
 def model_config(args, model_type):
     return dict(model_type=model_type, arch=args.arch, timesteps=args.timesteps, num_classes=args.num_classes,
                 encoder=args.encoder, full_prop=args.full_prop and model_type == 'snn',
-                memory_saving=args.memory_saving and model_type == 'snn')
+                memory_saving=args.memory_saving and model_type == 'snn', compile=args.compile)
 
 
 def main(argv=None):
@@ -102,8 +102,6 @@ def main(argv=None):
     labels = torch.randint(0, args.num_classes, (n, size, size), device=device)
 
     snn = build_model(model_config(args, 'snn')).to(device)
-    if args.compile:
-        snn = torch.compile(snn)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     step_s = time_train_steps(snn, images, labels, args.steps, args, device)

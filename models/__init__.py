@@ -6,7 +6,7 @@ Everything is built from a plain config dict by ``build_model(cfg)``; keys not g
 from .architectures import ARCHITECTURES, is_fcn
 from .encoders import ENCODERS
 from .network import SegmentationNet
-from .neurons import LIF, lif_sequence
+from .neurons import LIF, compile_neuron_kernels, lif_sequence
 from .surrogates import SURROGATES, get_surrogate
 
 MODEL_TYPES = ('ann', 'snn')
@@ -30,6 +30,8 @@ MODEL_DEFAULTS = {
     'alpha': 0.1,
     'pretrained': None,
     'memory_saving': False,
+    'memory_block': 4,
+    'compile': False,
     # Not flags of the paper's code: 'conv_bias' is set for SNNs converted from ANNs (folded BN
     # bias); 'readout' 'sum' reproduces the paper code's FCN readout, which is not divided by T.
     'conv_bias': False,
@@ -61,6 +63,8 @@ def build_model(cfg: dict) -> SegmentationNet:
     """The ANN or SNN described by ``cfg`` (see ``MODEL_DEFAULTS``), freshly initialised."""
     cfg = resolve_model_config(cfg)
     get_surrogate(cfg['surrogate'], **(cfg['surrogate_params'] or {}))  # fail early on bad parameters
+    if cfg['compile']:
+        compile_neuron_kernels(True)
     model = SegmentationNet(cfg)
     if cfg['pretrained']:
         model.load_vgg_weights(cfg['pretrained'])

@@ -9,15 +9,33 @@ Differences from a per-timestep loop are only in the order of floating-point sum
 feed-forward, so running layer by layer over all timesteps computes the same spikes as running timestep
 by timestep over all layers.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
 from .encoders import IdentityEncoder, build_encoder
-from .neurons import LIF, compact_spikes
+from .neurons import LIF, compact_spikes, mark_spikes
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
+
+
+class _RECOMPUTING:
+    """Set while memory-saving mode replays a block of timesteps in backward: BN must not update its
+    running statistics a second time."""
+    active = False
+
+
+@contextlib.contextmanager
+def _replaying():
+    _RECOMPUTING.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTING.active = False
 
 
 class TimeBatchNorm(nn.Module):
@@ -36,25 +54,40 @@ class TimeBatchNorm(nn.Module):
         self.register_buffer('running_var', torch.ones(timesteps, channels))
         self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
 
-    def batch_norm_args(self):
-        """(weight, running_mean, running_var, training, momentum, eps, T) for a fused BN + LIF."""
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return (self.weight.view(-1), self.running_mean.view(-1), self.running_var.view(-1), self.training,
-                BN_MOMENTUM, BN_EPS, self.timesteps)
+    def steps_normalised(self, t0: int, steps: int) -> int:
+        """How many of the timesteps t0 .. t0+steps-1 get BN (those before T; full propagation's do not)."""
+        return max(0, min(steps, self.timesteps - t0))
 
-    def forward(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+    def batch_norm_args(self, t0: int, n_bn: int):
+        """(weight, running_mean, running_var, training, momentum, eps, n_bn) of timesteps t0..t0+n_bn-1,
+        for a fused BN + LIF. The running statistics are views: batch_norm updates them in place."""
+        rows = slice(t0, t0 + n_bn)
+        momentum = self._count_batch(t0)
+        return (self.weight[rows].reshape(-1), self.running_mean[rows].view(-1), self.running_var[rows].view(-1),
+                self.training, momentum, BN_EPS, n_bn)
+
+    def _count_batch(self, t0):
+        """Count a training batch once (at its first timestep); return the momentum to use: none
+        while memory-saving mode replays a forward that already updated the statistics."""
+        if _RECOMPUTING.active:
+            return 0.0
+        if self.training and t0 == 0:
+            self.num_batches_tracked.add_(1)
+        return BN_MOMENTUM
+
+    def forward(self, x: torch.Tensor, steps: int, t0: int = 0) -> torch.Tensor:
         n, (c, h, w) = x.shape[0] // steps, x.shape[1:]
+        n_bn = self.steps_normalised(t0, steps)
         per_sample = x.view(n, steps, c, h, w)
         # Folding (t, c) into one channel axis lets a single batch_norm call normalise all timesteps.
-        head = per_sample[:, :self.timesteps].reshape(n, self.timesteps * c, h, w)
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        weight = None if self.weight is None else self.weight.view(-1)
-        out = F.batch_norm(head, self.running_mean.view(-1), self.running_var.view(-1), weight, None,
-                           self.training, BN_MOMENTUM, BN_EPS)
-        if steps > self.timesteps:
-            out = torch.cat([out.view(n, self.timesteps, c, h, w), per_sample[:, self.timesteps:]], 1)
+        head = per_sample[:, :n_bn].reshape(n, n_bn * c, h, w)
+        rows = slice(t0, t0 + n_bn)
+        momentum = self._count_batch(t0)
+        weight = None if self.weight is None else self.weight[rows].reshape(-1)
+        out = F.batch_norm(head, self.running_mean[rows].view(-1), self.running_var[rows].view(-1), weight, None,
+                           self.training, momentum, BN_EPS)
+        if steps > n_bn:
+            out = torch.cat([out.view(n, n_bn, c, h, w), per_sample[:, n_bn:]], 1)
         return out.reshape(n * steps, c, h, w)
 
     def extra_repr(self):
@@ -68,7 +101,7 @@ class Rectifier(nn.Module):
         super().__init__()
         self.alpha = alpha
 
-    def forward(self, x, steps=1):
+    def forward(self, x, steps=1, t0=0):
         return F.relu(x) if self.alpha is None else F.leaky_relu(x, self.alpha)
 
 
@@ -79,12 +112,12 @@ class ConvUnit(nn.Module):
         super().__init__()
         self.conv, self.norm, self.act = conv, norm, act
 
-    def forward(self, x, steps):
+    def forward(self, x, steps, t0=0):
         x = self.conv(x)
         if isinstance(self.act, LIF):
-            return self.act(x, steps, norm=self.norm)  # BNTT is fused into the neurons' backward
+            return self.act(x, steps, self.norm, t0)  # BNTT is fused into the neurons' backward
         if self.norm is not None:
-            x = self.norm(x, steps)
+            x = self.norm(x, steps, t0)
         return self.act(x, steps)
 
 
@@ -103,9 +136,20 @@ class DecoderStage(nn.Module):
         self.up = nn.ConvTranspose2d(classes, classes, kernel_size=3, stride=2, bias=False)
         self.act = act
 
-    def forward(self, x, skip, steps):
+    def forward(self, x, skip, steps, t0=0):
         x = F.interpolate(self.up(x), size=skip.shape[-2:], mode='bilinear', align_corners=True) + skip
-        return x if self.act is None else self.act(x, steps)
+        return x if self.act is None else self.act(x, steps, None, t0)
+
+
+def _keep_mark(source, tensor):
+    """``tensor`` marked as spikes if ``source`` was (a copy of spikes is spikes)."""
+    return mark_spikes(tensor) if getattr(source, 'holds_spikes', False) else tensor
+
+
+def _time_slice(h, steps, t0, k):
+    """Timesteps t0 .. t0+k-1 of a time-folded tensor, time-folded again."""
+    per_sample = h.view(h.shape[0] // steps, steps, *h.shape[1:])
+    return _keep_mark(h, per_sample[:, t0:t0 + k].flatten(0, 1))
 
 
 class SegmentationNet(nn.Module):
@@ -118,6 +162,7 @@ class SegmentationNet(nn.Module):
         self.fcn = is_fcn(self.arch)
         self.readout_sum = cfg.get('readout') == 'sum'
         self.memory_saving = bool(cfg.get('memory_saving', False))
+        self.memory_block = int(cfg.get('memory_block') or 4)
         self.encoder = build_encoder(cfg['encoder']) if self.spiking else IdentityEncoder()
         self._build(cfg)
         self._init_weights()
@@ -195,11 +240,43 @@ class SegmentationNet(nn.Module):
         if self.extra_steps:
             n = h.shape[0] // self.timesteps
             tail = h.new_zeros((n, self.extra_steps, *h.shape[1:]))
-            h = torch.cat([h.view(n, self.timesteps, *h.shape[1:]), tail], 1).flatten(0, 1)
+            h = _keep_mark(h, torch.cat([h.view(n, self.timesteps, *h.shape[1:]), tail], 1).flatten(0, 1))
+        replay = self.memory_saving and self.training and torch.is_grad_enabled()
+        block = min(self.memory_block, steps) if replay else steps
+        neurons = self.neuron_layers()
+        carries, total = [None] * len(neurons), 0
+        for t0 in range(0, steps, block):
+            k = min(block, steps - t0)
+            part = h if k == steps else _time_slice(h, steps, t0, k)
+            if replay:
+                # Memory-saving mode: keep only the block's input and the membranes at its start;
+                # backward replays the block (BN statistics are not updated twice).
+                out = torch.utils.checkpoint.checkpoint(
+                    self._run_block, part, t0, k, *carries, use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), _replaying()))
+            else:
+                out = self._run_block(part, t0, k, *carries)
+            total, carries = total + out[0], list(out[1:])
+        for lif in neurons:
+            lif.carry = None
+        # The readout integrates without leak over all steps, divided by T (or not: paper's FCN code).
+        readout = total if (self.readout_sum or steps == 1) else total / self.timesteps
+        # DeepLab: the output conv is linear and bias-free: conv(sum_t s_t) == sum_t conv(s_t), done once.
+        out = readout if self.fcn else self.output(readout)
+        if out.shape[-2:] != out_size:
+            out = F.interpolate(out, size=out_size, mode='bilinear', align_corners=True)
+        return out
+
+    def _run_block(self, h, t0, steps, *carries):
+        """Timesteps t0 .. t0+steps-1 through every layer; returns the sum over these steps of what
+        feeds the readout, and each neuron layer's final membrane."""
+        neurons = self.neuron_layers()
+        for lif, carry in zip(neurons, carries):
+            lif.carry = carry
         skips = []
         for layer in self.body:
             if isinstance(layer, ConvUnit):
-                h = self._run_unit(layer, h, steps)
+                h = layer(h, steps, t0)
             elif isinstance(layer, SkipScore):
                 skips.append(layer(h))
             else:
@@ -207,27 +284,9 @@ class SegmentationNet(nn.Module):
         if self.fcn:
             h = skips[-1]
             for stage, skip in zip(self.decoder, reversed(skips[:-1])):
-                h = stage(h, skip, steps)
-            out = self._readout(h, steps)
-        else:
-            # The output conv is linear and bias-free, so conv(mean_t s_t) == mean_t conv(s_t): do it once.
-            out = self.output(self._readout(h, steps))
-        if out.shape[-2:] != out_size:
-            out = F.interpolate(out, size=out_size, mode='bilinear', align_corners=True)
-        return out
-
-    def _run_unit(self, unit, h, steps):
-        if self.memory_saving and self.training and torch.is_grad_enabled():
-            # Recompute the unit in backward instead of storing its intermediate activations.
-            return torch.utils.checkpoint.checkpoint(unit, h, steps, use_reentrant=False)
-        return unit(h, steps)
-
-    def _readout(self, h, steps):
-        """Non-spiking readout: the membrane integrates without leak over all steps, divided by T."""
-        if steps == 1:
-            return h
-        total = h.view(h.shape[0] // steps, steps, *h.shape[1:]).sum(1)
-        return total if self.readout_sum else total / self.timesteps
+                h = stage(h, skip, steps, t0)
+        total = h if steps == 1 else h.view(h.shape[0] // steps, steps, *h.shape[1:]).sum(1)
+        return (total, *[lif.carry for lif in neurons])
 
     # -------------------------------------------------------------------------------------- analysis
     def neuron_layers(self):

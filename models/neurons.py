@@ -45,40 +45,75 @@ def _sub_scaled(u, spikes, theta):
         u.addcmul_(spikes, theta, value=-1.0)
 
 
-def _fire(u, theta, ratio, fired):
-    """fired = H(u / theta - 1), written into the preallocated ``ratio`` and ``fired`` buffers.
+# ---- One timestep of each pass, in place on preallocated buffers (no allocation in the loops). ----
+# ``u / theta > 1`` is the paper's ``u / theta - 1 > 0`` exactly (subtracting 1 near 1 is exact).
 
-    ``u / theta > 1`` is the paper's ``u / theta - 1 > 0`` exactly (subtracting 1 near 1 is exact).
+def _fire_step(u, current, spike, ratio, leak, theta, theta_neg):
+    """Charge u with the current, write the spike, reset by subtraction."""
+    u.mul_(leak).add_(current)
+    spike.copy_(torch.div(u, theta, out=ratio) > 1.0)
+    _sub_scaled(u, spike, theta)
+    if theta_neg is not None:  # exclusive with a positive spike: u was above theta > 0
+        negative = ratio.copy_(torch.div(u, theta_neg, out=ratio) > 1.0)
+        _sub_scaled(u, negative, theta_neg)
+        spike.sub_(negative)
+
+
+def _slope_step(u, current, spike, extra, leak, theta, theta_neg, surrogate):
+    """Charge u, overwrite ``current`` with ds/du, reset with the recorded spike."""
+    u.mul_(leak).add_(current)
+    slope = surrogate.grad_(torch.div(u, theta, out=current).sub_(1.0)).div_(theta)
+    if theta_neg is None:
+        _sub_scaled(u, spike, theta)
+    else:
+        slope.sub_(surrogate.grad_(torch.div(u, theta_neg, out=extra).sub_(1.0)).div_(theta_neg))
+        _sub_scaled(u, spike.clamp(min=0), theta)
+        _sub_scaled(u, spike.clamp(max=0).neg_(), theta_neg)
+
+
+def _reverse_step(slope, grad_spike, grad_next, alpha):
+    """Overwrite ``slope`` with dL/dI[t] = dL/ds[t] * ds/du[t] + alpha * grad_next.
+
+    (``alpha * grad_next`` is leak * dL/dI[t+1], or at a block's last step the carried-in dL/du.)
     """
-    torch.div(u, theta, out=ratio)
-    return torch.gt(ratio, 1.0, out=fired)
+    slope.mul_(grad_spike)
+    if grad_next is not None:
+        slope.add_(grad_next, alpha=alpha)
+
+
+class _Kernels:
+    """The step functions in use: eager by default, torch.compile'd after ``compile_neuron_kernels()``."""
+    fire, slope, reverse = _fire_step, _slope_step, _reverse_step
+
+
+def compile_neuron_kernels(on: bool = True):
+    """Fuse each step's elementwise ops with torch.compile (compiling costs seconds per new shape).
+    Spikes are identical to the eager kernels'; gradients agree to float rounding."""
+    if on:
+        _Kernels.fire, _Kernels.slope, _Kernels.reverse = (
+            torch.compile(f, dynamic=True) for f in (_fire_step, _slope_step, _reverse_step))
+    else:
+        _Kernels.fire, _Kernels.slope, _Kernels.reverse = _fire_step, _slope_step, _reverse_step
 
 
 def _lif_scan(currents: torch.Tensor, leak: float, theta: Threshold, theta_neg: Optional[Threshold],
-              time_dim: int, inplace: bool = False) -> torch.Tensor:
-    """Run the recurrence over ``time_dim`` and return the spikes (no graph is recorded).
+              time_dim: int, inplace: bool = False, u0: Optional[torch.Tensor] = None):
+    """Run the recurrence over ``time_dim``; return the spikes and the final membrane (no graph).
 
-    All per-step work is in place on preallocated buffers: no allocation inside the loop. With
-    ``inplace`` the spikes overwrite the currents (each step's current is consumed before).
+    ``u0`` is the membrane carried over from earlier timesteps (None: a fresh start, u = 0).
+    With ``inplace`` the spikes overwrite the currents (each step's current is consumed first).
     """
     theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
     spikes = currents if inplace else torch.empty_like(currents)
-    u = currents.select(time_dim, 0).clone()
-    ratio, fired = torch.empty_like(u), torch.empty(u.shape, dtype=torch.bool, device=u.device)
+    # With u[0-] = 0, u[0] = leak * 0 + I[0] = I[0] exactly.
+    u = torch.zeros_like(currents.select(time_dim, 0)) if u0 is None else u0.detach().clone()
+    ratio = torch.empty_like(u)
     for t in range(currents.shape[time_dim]):
-        if t > 0:
-            u.mul_(leak).add_(currents.select(time_dim, t))
-        spike = spikes.select(time_dim, t)
-        spike.copy_(_fire(u, theta, ratio, fired))
-        _sub_scaled(u, spike, theta)
-        if theta_neg is not None:
-            negative = ratio.copy_(_fire(u, theta_neg, ratio, fired))  # exclusive with a positive spike
-            _sub_scaled(u, negative, theta_neg)
-            spike.sub_(negative)
-    return spikes
+        _Kernels.fire(u, currents.select(time_dim, t), spikes.select(time_dim, t), ratio, leak, theta, theta_neg)
+    return spikes, u
 
 
-def _slopes_inplace(currents, spikes, leak, theta, theta_neg, surrogate: Surrogate, time_dim):
+def _slopes_inplace(currents, spikes, leak, theta, theta_neg, surrogate: Surrogate, time_dim, u0=None):
     """Overwrite ``currents`` with ``ds/du`` at every step, replaying the membrane in backward.
 
     The resets replay the saved spikes, so the membrane trajectory is the forward one even if the
@@ -86,53 +121,58 @@ def _slopes_inplace(currents, spikes, leak, theta, theta_neg, surrogate: Surroga
     only move the slopes by as much. Working in place keeps backward's memory to one extra buffer.
     """
     theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
-    u = currents.select(time_dim, 0).clone()
+    u = torch.zeros_like(currents.select(time_dim, 0)) if u0 is None else u0.detach().clone()
     extra = None if theta_neg is None else torch.empty_like(u)
     for t in range(currents.shape[time_dim]):
-        current, spike = currents.select(time_dim, t), spikes.select(time_dim, t)
-        if t > 0:
-            u.mul_(leak).add_(current)
-        slope = surrogate.grad_(torch.div(u, theta, out=current).sub_(1.0)).div_(theta)
-        if theta_neg is None:
-            _sub_scaled(u, spike, theta)
-        else:
-            slope.sub_(surrogate.grad_(torch.div(u, theta_neg, out=extra).sub_(1.0)).div_(theta_neg))
-            _sub_scaled(u, spike.clamp(min=0), theta)
-            _sub_scaled(u, spike.clamp(max=0).neg_(), theta_neg)
+        _Kernels.slope(u, currents.select(time_dim, t), spikes.select(time_dim, t), extra, leak, theta, theta_neg,
+                       surrogate)
     return currents
 
 
-def _reverse_scan_inplace(grad_spikes, slopes, leak, time_dim):
-    """Overwrite ``slopes`` with dL/dI: the reverse linear recurrence through the leak."""
-    grad_u = None
+def _reverse_scan_inplace(grad_spikes, slopes, leak, time_dim, grad_u_end=None):
+    """Overwrite ``slopes`` with dL/dI: the reverse linear recurrence through the leak.
+
+    ``grad_u_end`` is dL/du after the last step (from later timesteps computed elsewhere). Returns
+    dL/du0 of the membrane that was carried in (``leak * dL/dI[0]``).
+    """
+    grad_u, alpha = grad_u_end, 1.0
     for t in reversed(range(slopes.shape[time_dim])):
-        grad_t = slopes.select(time_dim, t).mul_(grad_spikes.select(time_dim, t))
-        if grad_u is not None:
-            grad_t.add_(grad_u, alpha=leak)
-        grad_u = grad_t
-    return slopes
+        grad_t = slopes.select(time_dim, t)
+        _Kernels.reverse(grad_t, grad_spikes.select(time_dim, t), grad_u, alpha)
+        grad_u, alpha = grad_t, leak
+    return grad_u * leak
 
 
 # Spikes are {-1, 0, 1}: kept for backward in one byte instead of four.
 SPIKE_STORAGE = torch.int8
 
 
+def _grad_or_zeros(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
 class _LIFFunction(torch.autograd.Function):
-    """LIF over time with the surrogate gradient; saves the currents and the spikes (1 byte)."""
+    """LIF over time with the surrogate gradient; saves the currents and the spikes (1 byte).
+
+    Returns the spikes and the final membrane, through which later timesteps (a later block of
+    timesteps in memory-saving mode) send their gradient back.
+    """
 
     @staticmethod
-    def forward(ctx, currents, leak, theta, theta_neg, surrogate, time_dim):
-        spikes = _lif_scan(currents, leak, theta, theta_neg, time_dim)
-        ctx.save_for_backward(currents, spikes.to(SPIKE_STORAGE))
+    def forward(ctx, currents, u0, leak, theta, theta_neg, surrogate, time_dim):
+        ctx.set_materialize_grads(False)
+        spikes, u = _lif_scan(currents, leak, theta, theta_neg, time_dim, u0=u0)
+        ctx.save_for_backward(currents, spikes.to(SPIKE_STORAGE), u0)
         ctx.args = leak, theta, theta_neg, surrogate, time_dim
-        return spikes
+        return spikes, u
 
     @staticmethod
-    def backward(ctx, grad_spikes):
-        currents, spikes = ctx.saved_tensors
+    def backward(ctx, grad_spikes, grad_u_end):
+        currents, spikes, u0 = ctx.saved_tensors
         leak, theta, theta_neg, surrogate, time_dim = ctx.args
-        slopes = _slopes_inplace(currents.clone(), spikes, leak, theta, theta_neg, surrogate, time_dim)
-        return _reverse_scan_inplace(grad_spikes, slopes, leak, time_dim), None, None, None, None, None
+        grads = _slopes_inplace(currents.clone(), spikes, leak, theta, theta_neg, surrogate, time_dim, u0)
+        grad_u0 = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, grads), grads, leak, time_dim, grad_u_end)
+        return grads, (grad_u0 if u0 is not None else None), None, None, None, None, None
 
 
 class _NormLIFFunction(torch.autograd.Function):
@@ -140,45 +180,47 @@ class _NormLIFFunction(torch.autograd.Function):
 
     Saving the BN input (4 bytes) and the spikes (1 byte) replaces saving the BN input, the BN output
     and the surrogate slopes (12 bytes): BN and the membrane are recomputed in backward.
-    ``x`` is ``[N, S, C, H, W]``; BN applies to the first ``T`` of the ``S`` steps (full propagation's
-    tail passes unnormalised), with statistics per (timestep, channel).
+    ``x`` is ``[N, S, C, H, W]``; BN applies to its first ``n_bn`` steps (full propagation's tail passes
+    unnormalised), with statistics per (timestep, channel): ``weight`` and the running statistics are
+    the ``n_bn * C`` entries of those timesteps. Returns the spikes and the final membrane.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, running_mean, running_var, training, momentum, eps, T,
+    def forward(ctx, x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn,
                 leak, theta, theta_neg, surrogate):
+        ctx.set_materialize_grads(False)
         n, steps, c, h, w = x.shape
-        head = x[:, :T].reshape(n, T * c, h, w)
+        head = x[:, :n_bn].reshape(n, n_bn * c, h, w)
         out, mean, invstd = torch.ops.aten.native_batch_norm(
             head, weight, None, running_mean, running_var, training, momentum, eps)
         if not training:  # eval-mode BN normalises with the running statistics
             mean, invstd = running_mean.clone(), (running_var + eps).rsqrt()
-        currents = _join_tail(out, x, T)
+        currents = _join_tail(out, x, n_bn)
         del out
-        spikes = _lif_scan(currents, leak, theta, theta_neg, time_dim=1, inplace=True)
-        ctx.save_for_backward(x, weight, mean, invstd, spikes.to(SPIKE_STORAGE))
-        ctx.args = training, eps, T, leak, theta, theta_neg, surrogate
-        return spikes
+        spikes, u = _lif_scan(currents, leak, theta, theta_neg, time_dim=1, inplace=True, u0=u0)
+        ctx.save_for_backward(x, u0, weight, mean, invstd, spikes.to(SPIKE_STORAGE))
+        ctx.args = training, eps, n_bn, leak, theta, theta_neg, surrogate
+        return spikes, u
 
     @staticmethod
-    def backward(ctx, grad_spikes):
-        x, weight, mean, invstd, spikes = ctx.saved_tensors
-        training, eps, T, leak, theta, theta_neg, surrogate = ctx.args
+    def backward(ctx, grad_spikes, grad_u_end):
+        x, u0, weight, mean, invstd, spikes = ctx.saved_tensors
+        training, eps, n_bn, leak, theta, theta_neg, surrogate = ctx.args
         c = x.shape[2]
-        per_step = [slice(t * c, (t + 1) * c) for t in range(T)]
+        per_step = [slice(t * c, (t + 1) * c) for t in range(n_bn)]
         # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else
         # is one timestep in size, which keeps backward's peak memory near the saved tensors'.
         buffer = torch.empty_like(x)
         scale = invstd * weight
         for t in range(x.shape[1]):
-            if t < T:
+            if t < n_bn:
                 k = per_step[t]
                 torch.mul(x[:, t], scale[k].view(-1, 1, 1), out=buffer[:, t])
                 buffer[:, t].sub_((mean[k] * scale[k]).view(-1, 1, 1))
             else:
                 buffer[:, t].copy_(x[:, t])
-        _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, time_dim=1)
-        _reverse_scan_inplace(grad_spikes, buffer, leak, time_dim=1)
+        _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 1, u0)
+        grad_u0 = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
         grad_weight = torch.empty_like(weight)
         var = invstd.pow(-2) - eps  # read instead of running_var when train=False
         for t, k in enumerate(per_step):
@@ -186,7 +228,8 @@ class _NormLIFFunction(torch.autograd.Function):
                 buffer[:, t], x[:, t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps,
                 [True, True, False])
             buffer[:, t].copy_(grad_x)
-        return buffer, grad_weight, None, None, None, None, None, None, None, None, None, None
+        return (buffer, grad_u0 if u0 is not None else None, grad_weight,
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def mark_spikes(tensor: torch.Tensor) -> torch.Tensor:
@@ -230,8 +273,8 @@ def lif_sequence(currents: torch.Tensor, leak: float = 0.99, threshold: Threshol
     """
     surrogate = get_surrogate(surrogate, **surrogate_params)
     if torch.is_grad_enabled() and currents.requires_grad:
-        return _LIFFunction.apply(currents, float(leak), threshold, threshold_neg, surrogate, time_dim)
-    return _lif_scan(currents.detach(), float(leak), threshold, threshold_neg, time_dim)
+        return _LIFFunction.apply(currents, None, float(leak), threshold, threshold_neg, surrogate, time_dim)[0]
+    return _lif_scan(currents.detach(), float(leak), threshold, threshold_neg, time_dim)[0]
 
 
 class LIF(nn.Module):
@@ -250,25 +293,32 @@ class LIF(nn.Module):
         self.alpha = alpha
         self.name = name
         self.register_buffer('threshold', torch.tensor(float(threshold)))
+        self.carry = None  # membrane after the last timestep processed (blocks of timesteps)
         self.recording = False
         self.reset_spike_stats()
 
-    def forward(self, x: torch.Tensor, steps: int, norm=None) -> torch.Tensor:
-        """Spikes for time-folded currents ``x``; ``norm`` (a TimeBatchNorm) is applied first, fused."""
+    def forward(self, x: torch.Tensor, steps: int, norm=None, t0: int = 0) -> torch.Tensor:
+        """Spikes for time-folded currents ``x`` of timesteps ``t0 .. t0+steps-1``.
+
+        ``norm`` (a TimeBatchNorm) is applied first, fused into the backward pass. With ``t0 > 0`` the
+        membrane continues from ``self.carry``, left by the previous block of timesteps; the final
+        membrane is left in ``self.carry``.
+        """
         n = x.shape[0] // steps
         theta_neg = None if self.alpha is None else -self.threshold / self.alpha
         currents = x.view(n, steps, *x.shape[1:])
-        if norm is not None and torch.is_grad_enabled() and x.requires_grad:
-            spikes = _NormLIFFunction.apply(currents, *norm.batch_norm_args(), self.leak, self.threshold,
-                                            theta_neg, self.surrogate)
-        else:
-            if norm is not None:
-                currents = norm(x, steps).view_as(currents)
-            if torch.is_grad_enabled() and x.requires_grad:
-                spikes = lif_sequence(currents, self.leak, self.threshold, self.surrogate, theta_neg, time_dim=1)
-            else:  # inference: the currents are a temporary (or ours to consume), spike in place
-                spikes = _lif_scan(currents if norm is not None else currents.clone(), self.leak, self.threshold,
-                                   theta_neg, time_dim=1, inplace=True)
+        u0 = self.carry if t0 > 0 else None
+        n_bn = 0 if norm is None else norm.steps_normalised(t0, steps)
+        if torch.is_grad_enabled() and (x.requires_grad or (u0 is not None and u0.requires_grad)):
+            if n_bn:
+                spikes, self.carry = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn),
+                                                            self.leak, self.threshold, theta_neg, self.surrogate)
+            else:
+                spikes, self.carry = _LIFFunction.apply(currents, u0, self.leak, self.threshold, theta_neg,
+                                                        self.surrogate, 1)
+        else:  # inference: the currents are a temporary (or a copy), spike in place
+            currents = norm(x, steps, t0).view_as(currents) if n_bn else currents.clone()
+            spikes, self.carry = _lif_scan(currents, self.leak, self.threshold, theta_neg, 1, True, u0)
         if self.recording:
             self._record(spikes)
         return mark_spikes(spikes.view_as(x))

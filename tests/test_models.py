@@ -120,17 +120,25 @@ def test_full_prop_runs_extra_zero_steps():
     assert {s['steps'] for s in model.spike_stats()} == {13}
 
 
-def test_memory_saving_mode_gives_identical_gradients():
+@pytest.mark.parametrize('arch, full_prop', [('dl-vgg9', False), ('fcn-vgg9', True)])
+def test_memory_saving_mode_gives_identical_outputs_gradients_and_bn_statistics(arch, full_prop):
     torch.manual_seed(3)
     frames = torch.randint(-1, 2, (3, 2, 3, 10, 10)).double()
-    grads = []
+    results = []
     for saving in (False, True):
         torch.manual_seed(4)
-        model = build_model(dict(timesteps=3, num_classes=3, encoder='sequence', memory_saving=saving)).double()
+        model = build_model(dict(arch=arch, timesteps=3, num_classes=3, encoder='sequence', full_prop=full_prop,
+                                 def_threshold=0.5, memory_saving=saving, memory_block=2)).double()
         out = model(frames)
-        grads.append(torch.autograd.grad(out.square().sum(), list(model.parameters())))
-    for a, b in zip(*grads):
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        results.append((out, grads, {k: v.clone() for k, v in model.state_dict().items()}))
+    (out_a, grads_a, state_a), (out_b, grads_b, state_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b)
+    assert any(g.abs().sum() > 0 for g in grads_b)
+    for key in state_a:  # BN running statistics updated once, not again by the replay
+        torch.testing.assert_close(state_a[key], state_b[key], msg=key)
 
 
 def test_thl_sequence_input_and_shape_error():

@@ -152,3 +152,21 @@ def test_lif_threshold_of_any_shape_survives_state_dict_round_trip():
 def test_spike_function_reference_is_heaviside():
     x = torch.tensor([-0.1, 0.0, 1e-7])
     assert torch.equal(heaviside_surrogate(x, lambda v: v), torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_compiled_kernels_fire_identical_spikes_and_matching_gradients():
+    from models.neurons import compile_neuron_kernels
+    torch.manual_seed(6)
+    currents = (torch.rand(6, 2, 3, 5, 5) * 1.2 - 0.2).requires_grad_()
+    theta = torch.rand(3, 1, 1) + 0.5
+    weights = torch.randn_like(currents)
+    eager = lif_sequence(currents, 0.9, theta, threshold_neg=-theta / 0.5)
+    g_eager, = torch.autograd.grad((eager * weights).sum(), currents)
+    compile_neuron_kernels(True)
+    try:
+        fused = lif_sequence(currents, 0.9, theta, threshold_neg=-theta / 0.5)
+        g_fused, = torch.autograd.grad((fused * weights).sum(), currents)
+    finally:
+        compile_neuron_kernels(False)
+    assert torch.equal(eager, fused)
+    torch.testing.assert_close(g_eager, g_fused)
