@@ -1,5 +1,7 @@
 """ANN-to-SNN conversion: BN folding, threshold statistics, layer-by-layer calibration, rate convergence,
 the threshold cache, and test.py --conversion end to end."""
+import copy
+import functools
 import importlib.util
 import json
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_model
+from models import build_model, network
 from models.conversion import (apply_thresholds, cached_thresholds, calibrate_thresholds, check_thresholds,
                                convert_ann, current_statistic, fold_batchnorm, store_thresholds)
 from models.network import ConvUnit, Rectifier
@@ -17,16 +19,24 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import run_main
 
 
-def tiny_ann(arch='dl-vgg9', size=8, classes=3, in_channels=2, leaky=False, seed=0):
-    """An ANN with BN statistics from a few training-mode passes, so activations are of order 1."""
-    torch.manual_seed(seed)
+@functools.lru_cache(maxsize=None)
+def _tiny_ann(arch, size, classes, in_channels, leaky):
+    torch.manual_seed(0)
     ann = build_model(dict(model_type='ann', arch=arch, num_classes=classes, in_channels=in_channels,
                            img_size=[size, size], leaky=leaky))
-    ann.train()
-    with torch.no_grad():
-        for _ in range(20):
-            ann(torch.rand(4, in_channels, size, size))
+    # One training-mode pass with momentum 1 sets the BN statistics to that batch's: activations of order 1.
+    saved, network.BN_MOMENTUM = network.BN_MOMENTUM, 1.0
+    try:
+        with torch.no_grad():
+            ann.train()(torch.rand(8, in_channels, size, size))
+    finally:
+        network.BN_MOMENTUM = saved
     return ann.eval()
+
+
+def tiny_ann(arch='dl-vgg9', size=8, classes=3, in_channels=2, leaky=False):
+    """An ANN (a fresh copy) whose BN statistics come from real activations."""
+    return copy.deepcopy(_tiny_ann(arch, size, classes, in_channels, leaky))
 
 
 @pytest.mark.parametrize('arch,leaky', [('dl-vgg9', False), ('fcn-vgg9', True)])
@@ -112,10 +122,10 @@ def _rate_error(ann, x, timesteps):
 
 def test_firing_rates_approach_ann_activations_as_t_grows():
     ann = tiny_ann(size=8)
-    x = torch.rand(2, 2, 8, 8)
-    errors = [_rate_error(ann, x, steps) for steps in (16, 64, 256)]
+    x = torch.rand(1, 2, 8, 8)
+    errors = [_rate_error(ann, x, steps) for steps in (8, 32, 128)]
     assert errors[0] > errors[1] > errors[2], errors
-    assert errors[2] < 0.1, errors
+    assert errors[2] < 0.25 and errors[2] < errors[0] / 4, errors  # ~1/T: without amplitude folding ~0.6 flat
 
 
 def test_threshold_cache_round_trip(tmp_path):
@@ -174,9 +184,9 @@ def test_test_py_conversion_end_to_end(tiny_ann_run, tmp_path, capsys):
     assert json.loads((tmp_path / 'snn.json').read_text())['miou'] == pytest.approx(report['miou'], abs=1e-12)
 
     # second run: thresholds come from the cache and the curve is the same; --reset_thresholds calibrates again
-    code, out, _ = run_test_py(capsys, *common[1:])
-    assert code == 0 and out.count('using cached') == 4 and 'cached the new' not in out
-    assert json.loads(results.read_text())['conversion']['miou'] == conversion['miou']
+    code, out, _ = run_test_py(capsys, *common[1:7], 'channel', *common[8:])
+    assert code == 0 and out.count('using cached') == 2 and 'cached the new' not in out
+    assert json.loads(results.read_text())['conversion']['miou'] == {'channel': conversion['miou']['channel']}
     code, out, _ = run_test_py(capsys, *common[1:3], '--conversion', '--timesteps', '2', '--reset_thresholds')
     assert code == 0 and 'using cached' not in out and 'cached the new layer thresholds for T=2' in out
 
