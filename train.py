@@ -23,7 +23,7 @@ from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoin
 from utils.cli import TrainingStopped, run_main
 from utils.distributed import (all_reduce_sum, broadcast_buffers, cleanup, get_rank, init_distributed,
                                is_distributed)
-from utils.evaluation import evaluate, to_model_input
+from utils.evaluation import autocast, evaluate, to_model_input
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -44,7 +44,8 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch: int, cfg
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_bar, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss = criterion(model(to_model_input(x, cfg)), y)
+        with autocast(device, cfg):
+            loss = criterion(model(to_model_input(x, cfg)), y)
         value = loss.item()
         finite = math.isfinite(value)
         if is_distributed():  # every process must stop together, or the others wait forever

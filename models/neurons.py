@@ -96,6 +96,15 @@ def compile_neuron_kernels(on: bool = True):
         _Kernels.fire, _Kernels.slope, _Kernels.reverse = _fire_step, _slope_step, _reverse_step
 
 
+def _membrane(currents, time_dim, u0):
+    """The membrane to integrate into: the carried-over one, or zeros. At least float32, so that
+    bf16 autocast (convolutions in bf16) does not also round the integration of the membrane."""
+    if u0 is not None:
+        return u0.detach().clone()
+    dtype = torch.promote_types(currents.dtype, torch.float32)
+    return torch.zeros_like(currents.select(time_dim, 0), dtype=dtype)
+
+
 def _lif_scan(currents: torch.Tensor, leak: float, theta: Threshold, theta_neg: Optional[Threshold],
               time_dim: int, inplace: bool = False, u0: Optional[torch.Tensor] = None):
     """Run the recurrence over ``time_dim``; return the spikes and the final membrane (no graph).
@@ -106,7 +115,7 @@ def _lif_scan(currents: torch.Tensor, leak: float, theta: Threshold, theta_neg: 
     theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
     spikes = currents if inplace else torch.empty_like(currents)
     # With u[0-] = 0, u[0] = leak * 0 + I[0] = I[0] exactly.
-    u = torch.zeros_like(currents.select(time_dim, 0)) if u0 is None else u0.detach().clone()
+    u = _membrane(currents, time_dim, u0)
     ratio = torch.empty_like(u)
     for t in range(currents.shape[time_dim]):
         _Kernels.fire(u, currents.select(time_dim, t), spikes.select(time_dim, t), ratio, leak, theta, theta_neg)
@@ -121,7 +130,7 @@ def _slopes_inplace(currents, spikes, leak, theta, theta_neg, surrogate: Surroga
     only move the slopes by as much. Working in place keeps backward's memory to one extra buffer.
     """
     theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
-    u = torch.zeros_like(currents.select(time_dim, 0)) if u0 is None else u0.detach().clone()
+    u = _membrane(currents, time_dim, u0)
     extra = None if theta_neg is None else torch.empty_like(u)
     for t in range(currents.shape[time_dim]):
         _Kernels.slope(u, currents.select(time_dim, t), spikes.select(time_dim, t), extra, leak, theta, theta_neg,

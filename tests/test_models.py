@@ -221,3 +221,17 @@ def test_converted_style_thresholds_load_from_state_dict():
     other.load_state_dict(model.state_dict())
     assert other.neuron_layers()[0].threshold.shape == (64, 1, 1)
     assert isinstance(other.conv_units()[0], ConvUnit)
+
+
+def test_bf16_autocast_keeps_the_membrane_in_float32():
+    from models.neurons import lif_sequence
+    torch.manual_seed(9)
+    currents = (torch.rand(12, 3, 7) * 0.9).bfloat16()
+    # The membrane integrates the bf16 currents in float32: the same spikes as from their float32 copy.
+    assert torch.equal(lif_sequence(currents, 0.99, 1.0).float(), lif_sequence(currents.float(), 0.99, 1.0))
+    model = tiny(model_type='snn', timesteps=3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 12, 12))
+    out.float().square().mean().backward()
+    assert torch.isfinite(out.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

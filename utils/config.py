@@ -39,6 +39,7 @@ TRAIN_DEFAULTS = {
     "test_display": 1,
     "see_model": False,
     "wandb": False,
+    "amp": False,
 }
 
 CHOICES = {
@@ -64,6 +65,9 @@ HELP = {
     "test_display": "evaluate on the validation split every N epochs", "see_model": "print the model",
     "name": "run name: files go to <model_dir>/<name>/", "device": "auto, cpu, cuda, cuda:1, ...",
     "scheduler": "step (x0.1 at 50%% and 80%% of the epochs) or poly", "wandb": "log to Weights & Biases",
+    "amp": "bfloat16 autocast for the convolutions (CPU and GPU); membranes stay float32",
+    "memory_saving": "replay blocks of memory_block timesteps in backward instead of storing them",
+    "compile": "fuse the neurons' elementwise steps with torch.compile",
 }
 
 

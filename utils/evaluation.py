@@ -5,6 +5,11 @@ from tqdm import tqdm
 from utils.metrics import ConfusionMatrix
 
 
+def autocast(device, cfg: dict):
+    """bfloat16 autocast when the config asks for mixed precision (``amp``), else a no-op context."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg.get("amp")))
+
+
 def to_model_input(x: torch.Tensor, cfg: dict) -> torch.Tensor:
     """Loader batches with target history learning are [N, T, C, H, W]; the model wants [T, N, C, H, W]."""
     if cfg.get("thl"):
@@ -25,7 +30,8 @@ def evaluate(model, loader, cfg: dict, device, show_bar: bool = True, desc: str 
         x = x.to(device, non_blocking=True)
         if input_transform is not None:
             x = input_transform(x, y)
-        logits = model(to_model_input(x, cfg))
+        with autocast(device, cfg):
+            logits = model(to_model_input(x, cfg))
         matrix.update(logits.argmax(dim=1), y)
     matrix.all_reduce()
     metrics = matrix.compute()
