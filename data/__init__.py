@@ -35,7 +35,7 @@ def _check_split(split):
 
 def _require_root(cfg, name):
     if not cfg["data_root"]:
-        raise ValueError(f"dataset {name!r} needs data_root (a local folder); see .readme/data.md for the layout")
+        raise ValueError(f"dataset {name!r} needs data_root (a local folder); see README.md, section Data, for the layout")
     return cfg["data_root"]
 
 

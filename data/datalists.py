@@ -24,7 +24,7 @@ def voc_train_aug_ids(voc_dir: Path):
     """SBD-augmented training ids: masks in SegmentationClassAug with an image, excluding VOC val."""
     mask_dir = voc_dir / "SegmentationClassAug"
     if not mask_dir.is_dir():
-        raise FileNotFoundError(f"{mask_dir} not found: unpack SegmentationClassAug there (see .readme/data.md)")
+        raise FileNotFoundError(f"{mask_dir} not found: unpack SegmentationClassAug there (see README.md, section Data)")
     val = set(read_ids(voc_dir / "ImageSets" / "Segmentation" / "val.txt"))
     ids = sorted(p.stem for p in mask_dir.glob("*.png") if p.stem not in val)
     return [i for i in ids if (voc_dir / "JPEGImages" / f"{i}.jpg").is_file()]
@@ -77,7 +77,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(prog="python -m data.datalists", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=["voc2012", "ddd17"])
-    parser.add_argument("--root", required=True, help="dataset root (see .readme/data.md)")
+    parser.add_argument("--root", required=True, help="dataset root (see README.md, section Data)")
     parser.add_argument("--split", default="train", help="voc2012: train/val/trainval/train_aug; ddd17: train/test")
     parser.add_argument("--out", help="list file to write")
     parser.add_argument("--check", metavar="LIST", help="validate this list instead of writing one")

@@ -42,7 +42,7 @@ def split_list_and_masks(voc_dir: Path, split):
             if path.is_file():
                 return path, voc_dir / "SegmentationClassAug"
         raise FileNotFoundError(f"train_aug list not found: expected {voc_dir}/ImageSets/Segmentation/train_aug.txt "
-                                f"or {voc_dir}/ImageSets/SegmentationAug/train_aug.txt (see .readme/data.md, SBD)")
+                                f"or {voc_dir}/ImageSets/SegmentationAug/train_aug.txt (see README.md, section Data: SBD)")
     if split in STANDARD_SPLITS:
         path = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not path.is_file():

@@ -4,7 +4,7 @@
     python test.py --model_path SNN.pth --attack gaussiannoise --atk_factor 0,0.1,0.2 --plot
     python test.py --model_path SNN.pth --save_predictions pictures --num_pictures 4
 
-What each number means and how it is computed: .readme/analysis.md. Operation counting: utils/energy.py.
+What each number means and how it is computed: README.md, section Analysis. Operation counting: utils/energy.py.
 """
 from pathlib import Path
 
