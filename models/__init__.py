@@ -47,7 +47,7 @@ def resolve_model_config(cfg: dict) -> dict:
     _check_choice('surrogate', cfg['surrogate'], sorted(SURROGATES))
     _check_choice('encoder', cfg['encoder'], sorted(ENCODERS))
     _check_choice('readout', cfg['readout'], READOUTS)
-    for key in ('in_channels', 'num_classes', 'timesteps'):
+    for key in ('in_channels', 'num_classes', 'timesteps', 'memory_block'):
         if int(cfg[key]) < 1:
             raise ValueError(f"model config '{key}' must be a positive integer, got {cfg[key]!r}")
     if float(cfg['def_threshold']) <= 0:

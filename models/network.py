@@ -162,7 +162,7 @@ class SegmentationNet(nn.Module):
         self.fcn = is_fcn(self.arch)
         self.readout_sum = cfg.get('readout') == 'sum'
         self.memory_saving = bool(cfg.get('memory_saving', False))
-        self.memory_block = int(cfg.get('memory_block') or 4)
+        self.memory_block = int(cfg.get('memory_block', 4))
         self.encoder = build_encoder(cfg['encoder']) if self.spiking else IdentityEncoder()
         self._build(cfg)
         self._init_weights()

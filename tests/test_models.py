@@ -190,6 +190,13 @@ def test_bad_arguments_name_value_and_choices():
             build_model({key: value})
 
 
+def test_non_positive_sizes_are_refused():
+    with pytest.raises(ValueError, match="'memory_block' must be a positive integer, got 0"):
+        build_model({'memory_block': 0})
+    with pytest.raises(ValueError, match="'timesteps' must be a positive integer"):
+        build_model({'timesteps': 0})
+
+
 def test_defaults_are_the_paper_codes():
     assert MODEL_DEFAULTS['timesteps'] == 20 and MODEL_DEFAULTS['leak_mem'] == 0.99
     assert MODEL_DEFAULTS['def_threshold'] == 1.0 and MODEL_DEFAULTS['surrogate'] == 'linear'
