@@ -16,7 +16,7 @@ recurrence that we run ourselves instead of recording T small graphs:
     dL/du[t] = dL/ds[t] * ds/du[t] + leak * dL/du[t+1],      dL/dI[t] = dL/du[t]
 
 with ``ds/du = g(x) / theta`` (``g`` the surrogate, ``x = u / theta - 1``). Instead of autograd's T
-per-step graphs, backward keeps the input currents and the spikes (one byte each) and replays the
+per-step graphs, backward keeps the input currents and the spikes (in one byte) and replays the
 membrane to get ``ds/du``. In the networks the per-timestep BN in front of the neurons is fused in too
 (``_NormLIFFunction``), so a spiking layer stores 5 bytes per neuron and timestep for backward.
 """
@@ -142,18 +142,23 @@ def _reverse_scan_inplace(grad_spikes, slopes, leak, time_dim, grad_u_end=None):
     """Overwrite ``slopes`` with dL/dI: the reverse linear recurrence through the leak.
 
     ``grad_u_end`` is dL/du after the last step (from later timesteps computed elsewhere). Returns
-    dL/du0 of the membrane that was carried in (``leak * dL/dI[0]``).
+    dL/dI[0]; the membrane carried in, if any, gets ``leak`` times that.
     """
     grad_u, alpha = grad_u_end, 1.0
     for t in reversed(range(slopes.shape[time_dim])):
         grad_t = slopes.select(time_dim, t)
         _Kernels.reverse(grad_t, grad_spikes.select(time_dim, t), grad_u, alpha)
         grad_u, alpha = grad_t, leak
-    return grad_u * leak
+    return grad_u
 
 
 # Spikes are {-1, 0, 1}: kept for backward in one byte instead of four.
 SPIKE_STORAGE = torch.int8
+
+
+def _carried_grad(u0, grad_first, leak):
+    """dL/du0 = leak * dL/dI[0] for a membrane carried in from earlier timesteps; None without one."""
+    return None if u0 is None else grad_first * leak
 
 
 def _grad_or_zeros(grad, like):
@@ -180,8 +185,8 @@ class _LIFFunction(torch.autograd.Function):
         currents, spikes, u0 = ctx.saved_tensors
         leak, theta, theta_neg, surrogate, time_dim = ctx.args
         grads = _slopes_inplace(currents.clone(), spikes, leak, theta, theta_neg, surrogate, time_dim, u0)
-        grad_u0 = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, grads), grads, leak, time_dim, grad_u_end)
-        return grads, (grad_u0 if u0 is not None else None), None, None, None, None, None
+        grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, grads), grads, leak, time_dim, grad_u_end)
+        return grads, _carried_grad(u0, grad_first, leak), None, None, None, None, None
 
 
 class _NormLIFFunction(torch.autograd.Function):
@@ -229,7 +234,8 @@ class _NormLIFFunction(torch.autograd.Function):
             else:
                 buffer[:, t].copy_(x[:, t])
         _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 1, u0)
-        grad_u0 = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
+        grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
+        grad_u0 = _carried_grad(u0, grad_first, leak)  # before the BN backward overwrites the buffer
         grad_weight = torch.empty_like(weight)
         var = invstd.pow(-2) - eps  # read instead of running_var when train=False
         for t, k in enumerate(per_step):
@@ -237,7 +243,7 @@ class _NormLIFFunction(torch.autograd.Function):
                 buffer[:, t], x[:, t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps,
                 [True, True, False])
             buffer[:, t].copy_(grad_x)
-        return (buffer, grad_u0 if u0 is not None else None, grad_weight,
+        return (buffer, grad_u0, grad_weight,
                 None, None, None, None, None, None, None, None, None, None)
 
 
