@@ -112,10 +112,10 @@ class ConvUnit(nn.Module):
         super().__init__()
         self.conv, self.norm, self.act = conv, norm, act
 
-    def forward(self, x, steps, t0=0):
+    def forward(self, x, steps, t0=0, membranes=None):
         x = self.conv(x)
         if isinstance(self.act, LIF):
-            return self.act(x, steps, self.norm, t0)  # BNTT is fused into the neurons' backward
+            return self.act(x, steps, self.norm, t0, membranes)  # BNTT is fused into the neurons' backward
         if self.norm is not None:
             x = self.norm(x, steps, t0)
         return self.act(x, steps)
@@ -136,9 +136,9 @@ class DecoderStage(nn.Module):
         self.up = nn.ConvTranspose2d(classes, classes, kernel_size=3, stride=2, bias=False)
         self.act = act
 
-    def forward(self, x, skip, steps, t0=0):
+    def forward(self, x, skip, steps, t0=0, membranes=None):
         x = F.interpolate(self.up(x), size=skip.shape[-2:], mode='bilinear', align_corners=True) + skip
-        return x if self.act is None else self.act(x, steps, None, t0)
+        return x if self.act is None else self.act(x, steps, None, t0, membranes)
 
 
 def _keep_mark(source, tensor):
@@ -257,8 +257,6 @@ class SegmentationNet(nn.Module):
             else:
                 out = self._run_block(part, t0, k, *carries)
             total, carries = total + out[0], list(out[1:])
-        for lif in neurons:
-            lif.carry = None
         # The readout integrates without leak over all steps, divided by T (or not: paper's FCN code).
         readout = total if (self.readout_sum or steps == 1) else total / self.timesteps
         # DeepLab: the output conv is linear and bias-free: conv(sum_t s_t) == sum_t conv(s_t), done once.
@@ -271,12 +269,13 @@ class SegmentationNet(nn.Module):
         """Timesteps t0 .. t0+steps-1 through every layer; returns the sum over these steps of what
         feeds the readout, and each neuron layer's final membrane."""
         neurons = self.neuron_layers()
-        for lif, carry in zip(neurons, carries):
-            lif.carry = carry
+        # Each layer's membrane, carried in and out. A local dict, not module state: memory-saving mode's
+        # replay in backward may stop early, and state left on the modules would keep its graph alive.
+        membranes = dict(zip(neurons, carries))
         skips = []
         for layer in self.body:
             if isinstance(layer, ConvUnit):
-                h = layer(h, steps, t0)
+                h = layer(h, steps, t0, membranes)
             elif isinstance(layer, SkipScore):
                 skips.append(layer(h))
             else:
@@ -284,9 +283,9 @@ class SegmentationNet(nn.Module):
         if self.fcn:
             h = skips[-1]
             for stage, skip in zip(self.decoder, reversed(skips[:-1])):
-                h = stage(h, skip, steps, t0)
+                h = stage(h, skip, steps, t0, membranes)
         total = h if steps == 1 else h.view(h.shape[0] // steps, steps, *h.shape[1:]).sum(1)
-        return (total, *[lif.carry for lif in neurons])
+        return (total, *[membranes[lif] for lif in neurons])
 
     # -------------------------------------------------------------------------------------- analysis
     def neuron_layers(self):

@@ -308,32 +308,33 @@ class LIF(nn.Module):
         self.alpha = alpha
         self.name = name
         self.register_buffer('threshold', torch.tensor(float(threshold)))
-        self.carry = None  # membrane after the last timestep processed (blocks of timesteps)
         self.recording = False
         self.reset_spike_stats()
 
-    def forward(self, x: torch.Tensor, steps: int, norm=None, t0: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, steps: int, norm=None, t0: int = 0, membranes: Optional[dict] = None):
         """Spikes for time-folded currents ``x`` of timesteps ``t0 .. t0+steps-1``.
 
-        ``norm`` (a TimeBatchNorm) is applied first, fused into the backward pass. With ``t0 > 0`` the
-        membrane continues from ``self.carry``, left by the previous block of timesteps; the final
-        membrane is left in ``self.carry``.
+        ``norm`` (a TimeBatchNorm) is applied first, fused into the backward pass. ``membranes`` (a dict
+        keyed by layer) carries the membrane across blocks of timesteps: with ``t0 > 0`` this layer
+        continues from ``membranes[self]``, and its final membrane is stored there.
         """
         n = x.shape[0] // steps
         theta_neg = None if self.alpha is None else -self.threshold / self.alpha
         currents = x.view(n, steps, *x.shape[1:])
-        u0 = self.carry if t0 > 0 else None
+        u0 = membranes.get(self) if (membranes is not None and t0 > 0) else None
         n_bn = 0 if norm is None else norm.steps_normalised(t0, steps)
         if torch.is_grad_enabled() and (x.requires_grad or (u0 is not None and u0.requires_grad)):
             if n_bn:
-                spikes, self.carry = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn),
-                                                            self.leak, self.threshold, theta_neg, self.surrogate)
+                spikes, u = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn),
+                                                   self.leak, self.threshold, theta_neg, self.surrogate)
             else:
-                spikes, self.carry = _LIFFunction.apply(currents, u0, self.leak, self.threshold, theta_neg,
-                                                        self.surrogate, 1)
+                spikes, u = _LIFFunction.apply(currents, u0, self.leak, self.threshold, theta_neg,
+                                               self.surrogate, 1)
         else:  # inference: the currents are a temporary (or a copy), spike in place
             currents = norm(x, steps, t0).view_as(currents) if n_bn else currents.clone()
-            spikes, self.carry = _lif_scan(currents, self.leak, self.threshold, theta_neg, 1, True, u0)
+            spikes, u = _lif_scan(currents, self.leak, self.threshold, theta_neg, 1, True, u0)
+        if membranes is not None:
+            membranes[self] = u
         if self.recording:
             self._record(spikes)
         return mark_spikes(spikes.view_as(x))

@@ -148,6 +148,17 @@ def test_thl_sequence_input_and_shape_error():
         model(torch.randn(2, 2, 2, 11, 14))
 
 
+
+def test_no_graph_outlives_a_memory_saving_training_step():
+    """The replay in backward may stop early; nothing it built may stay reachable afterwards."""
+    import gc
+    torch.manual_seed(5)
+    model = tiny(model_type='snn', timesteps=5, memory_saving=True, memory_block=2)
+    model(torch.randn(2, 3, 12, 12)).square().sum().backward()
+    gc.collect()
+    alive = [o for o in gc.get_objects() if torch.is_tensor(o) and o.grad_fn is not None]
+    assert alive == []
+
 def test_poisson_encoder_rates_and_signs():
     from models.encoders import PoissonEncoder
     torch.manual_seed(5)
