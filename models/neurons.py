@@ -51,7 +51,7 @@ def _sub_scaled(u, spikes, theta):
 def _fire_step(u, current, spike, ratio, leak, theta, theta_neg):
     """Charge u with the current, write the spike, reset by subtraction."""
     u.mul_(leak).add_(current)
-    spike.copy_(torch.div(u, theta, out=ratio) > 1.0)
+    torch.gt(torch.div(u, theta, out=ratio), 1.0, out=spike)
     _sub_scaled(u, spike, theta)
     if theta_neg is not None:  # exclusive with a positive spike: u was above theta > 0
         negative = ratio.copy_(torch.div(u, theta_neg, out=ratio) > 1.0)
@@ -168,20 +168,22 @@ def _grad_or_zeros(grad, like):
 class _LIFFunction(torch.autograd.Function):
     """LIF over time with the surrogate gradient; saves the currents and the spikes (1 byte).
 
-    Returns the spikes and the final membrane, through which later timesteps (a later block of
-    timesteps in memory-saving mode) send their gradient back.
+    Returns the spikes, the final membrane (through which later timesteps, a later block of timesteps
+    in memory-saving mode, send their gradient back) and the spikes' one-byte copy (see ``mark_spikes``).
     """
 
     @staticmethod
     def forward(ctx, currents, u0, leak, theta, theta_neg, surrogate, time_dim):
         ctx.set_materialize_grads(False)
         spikes, u = _lif_scan(currents, leak, theta, theta_neg, time_dim, u0=u0)
-        ctx.save_for_backward(currents, spikes.to(SPIKE_STORAGE), u0)
+        compact = spikes.to(SPIKE_STORAGE)
+        ctx.save_for_backward(currents, compact, u0)
+        ctx.mark_non_differentiable(compact)
         ctx.args = leak, theta, theta_neg, surrogate, time_dim
-        return spikes, u
+        return spikes, u, compact
 
     @staticmethod
-    def backward(ctx, grad_spikes, grad_u_end):
+    def backward(ctx, grad_spikes, grad_u_end, _):
         currents, spikes, u0 = ctx.saved_tensors
         leak, theta, theta_neg, surrogate, time_dim = ctx.args
         grads = _slopes_inplace(currents.clone(), spikes, leak, theta, theta_neg, surrogate, time_dim, u0)
@@ -196,7 +198,8 @@ class _NormLIFFunction(torch.autograd.Function):
     and the surrogate slopes (12 bytes): BN and the membrane are recomputed in backward.
     ``x`` is ``[N, S, C, H, W]``; BN applies to its first ``n_bn`` steps (full propagation's tail passes
     unnormalised), with statistics per (timestep, channel): ``weight`` and the running statistics are
-    the ``n_bn * C`` entries of those timesteps. Returns the spikes and the final membrane.
+    the ``n_bn * C`` entries of those timesteps. Returns the spikes, the final membrane and the spikes'
+    one-byte copy.
     """
 
     @staticmethod
@@ -212,33 +215,32 @@ class _NormLIFFunction(torch.autograd.Function):
         currents = _join_tail(out, x, n_bn)
         del out
         spikes, u = _lif_scan(currents, leak, theta, theta_neg, time_dim=1, inplace=True, u0=u0)
-        ctx.save_for_backward(x, u0, weight, mean, invstd, spikes.to(SPIKE_STORAGE))
+        compact = spikes.to(SPIKE_STORAGE)
+        ctx.save_for_backward(x, u0, weight, mean, invstd, compact)
+        ctx.mark_non_differentiable(compact)
         ctx.args = training, eps, n_bn, leak, theta, theta_neg, surrogate
-        return spikes, u
+        return spikes, u, compact
 
     @staticmethod
-    def backward(ctx, grad_spikes, grad_u_end):
+    def backward(ctx, grad_spikes, grad_u_end, _):
         x, u0, weight, mean, invstd, spikes = ctx.saved_tensors
         training, eps, n_bn, leak, theta, theta_neg, surrogate = ctx.args
-        c = x.shape[2]
-        per_step = [slice(t * c, (t + 1) * c) for t in range(n_bn)]
-        # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else
-        # is one timestep in size, which keeps backward's peak memory near the saved tensors'.
+        n, c = x.shape[0], x.shape[2]
+        # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else is
+        # one timestep in size, which keeps backward's peak memory near the saved tensors'. (One BN
+        # backward over all timesteps is no faster, and needs a second full-size buffer.)
         buffer = torch.empty_like(x)
-        scale = invstd * weight
-        for t in range(x.shape[1]):
-            if t < n_bn:
-                k = per_step[t]
-                torch.mul(x[:, t], scale[k].view(-1, 1, 1), out=buffer[:, t])
-                buffer[:, t].sub_((mean[k] * scale[k]).view(-1, 1, 1))
-            else:
-                buffer[:, t].copy_(x[:, t])
+        scale = (invstd * weight).view(n_bn, c, 1, 1)
+        shift = -mean.view(n_bn, c, 1, 1) * scale
+        torch.addcmul(shift, x[:, :n_bn], scale, out=buffer[:, :n_bn])  # BN replayed: (x - mean) * scale
+        buffer[:, n_bn:] = x[:, n_bn:]  # full propagation's unnormalised tail
         _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 1, u0)
         grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
         grad_u0 = _carried_grad(u0, grad_first, leak)  # before the BN backward overwrites the buffer
         grad_weight = torch.empty_like(weight)
         var = invstd.pow(-2) - eps  # read instead of running_var when train=False
-        for t, k in enumerate(per_step):
+        for t in range(n_bn):
+            k = slice(t * c, (t + 1) * c)
             grad_x, grad_weight[k], _ = torch.ops.aten.native_batch_norm_backward(
                 buffer[:, t], x[:, t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps,
                 [True, True, False])
@@ -247,15 +249,21 @@ class _NormLIFFunction(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None, None)
 
 
-def mark_spikes(tensor: torch.Tensor) -> torch.Tensor:
-    """Tag a tensor whose values are all in {-1, 0, 1}, so that ``compact_spikes`` may store it in a byte."""
+def mark_spikes(tensor: torch.Tensor, compact: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tag a tensor whose values are all in {-1, 0, 1}, so that ``compact_spikes`` may store it in a byte.
+
+    ``compact``, its one-byte copy if one exists already (the neurons keep one for their own backward),
+    is then what the next layer saves too: one copy of the spikes in memory, not two.
+    """
     tensor.holds_spikes = True
+    tensor.compact = compact
     return tensor
 
 
 def _pack(tensor):
     if getattr(tensor, 'holds_spikes', False):
-        return tensor.to(SPIKE_STORAGE), tensor.dtype
+        compact = tensor.compact if tensor.compact is not None else tensor.to(SPIKE_STORAGE)
+        return compact, tensor.dtype
     return tensor
 
 
@@ -325,19 +333,20 @@ class LIF(nn.Module):
         n_bn = 0 if norm is None else norm.steps_normalised(t0, steps)
         if torch.is_grad_enabled() and (x.requires_grad or (u0 is not None and u0.requires_grad)):
             if n_bn:
-                spikes, u = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn),
+                spikes, u, compact = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn),
                                                    self.leak, self.threshold, theta_neg, self.surrogate)
             else:
-                spikes, u = _LIFFunction.apply(currents, u0, self.leak, self.threshold, theta_neg,
+                spikes, u, compact = _LIFFunction.apply(currents, u0, self.leak, self.threshold, theta_neg,
                                                self.surrogate, 1)
         else:  # inference: the currents are a temporary (or a copy), spike in place
             currents = norm(x, steps, t0).view_as(currents) if n_bn else currents.clone()
             spikes, u = _lif_scan(currents, self.leak, self.threshold, theta_neg, 1, True, u0)
+            compact = None
         if membranes is not None:
             membranes[self] = u
         if self.recording:
             self._record(spikes)
-        return mark_spikes(spikes.view_as(x))
+        return mark_spikes(spikes.view_as(x), None if compact is None else compact.view_as(x))
 
     def _record(self, spikes):
         self.spike_count += spikes.detach().abs().sum().double()
