@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import setup
+from utils.allocator import set_cpu_malloc
 from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoint
 from utils.cli import TrainingStopped, run_main
 from utils.distributed import (all_reduce_sum, broadcast_buffers, cleanup, get_rank, init_distributed,
@@ -131,6 +132,7 @@ def train(args, dist_info: dict):
     rank, world_size = dist_info["rank"], dist_info["world_size"]
     is_main = rank == 0
     device = setup.resolve_device(cfg, dist_info["local_rank"])
+    set_cpu_malloc(cfg["cpu_malloc"])
     run_dir = Path(cfg["model_dir"]) / cfg["name"]
 
     setup.seed_everything(cfg["seed"])

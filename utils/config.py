@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from utils.allocator import POLICIES
+
 DATA_DEFAULTS = {
     "dataset": "voc2012",
     "data_root": None,
@@ -40,12 +42,14 @@ TRAIN_DEFAULTS = {
     "see_model": False,
     "wandb": False,
     "amp": False,
+    "cpu_malloc": "default",
 }
 
 CHOICES = {
     "model_type": ("snn", "ann"),
     "optimizer": ("sgd", "adam"),
     "scheduler": ("step", "poly"),
+    "cpu_malloc": POLICIES,
 }
 
 # Keys whose type cannot be read from a None default, or that need a special parser.
@@ -68,6 +72,7 @@ HELP = {
     "amp": "bfloat16 autocast for the convolutions (CPU and GPU); membranes stay float32",
     "memory_saving": "replay blocks of memory_block timesteps in backward instead of storing them",
     "compile": "fuse the neurons' elementwise steps with torch.compile",
+    "cpu_malloc": "C heap policy: default, keep (faster CPU steps, more memory) or release (less memory, slower)",
 }
 
 
