@@ -231,8 +231,8 @@ class _NormLIFFunction(torch.autograd.Function):
         # backward over all timesteps is no faster, and needs a second full-size buffer.)
         buffer = torch.empty_like(x)
         scale = (invstd * weight).view(n_bn, c, 1, 1)
-        shift = -mean.view(n_bn, c, 1, 1) * scale
-        torch.addcmul(shift, x[:, :n_bn], scale, out=buffer[:, :n_bn])  # BN replayed: (x - mean) * scale
+        torch.mul(x[:, :n_bn], scale, out=buffer[:, :n_bn])  # BN replayed: x * scale - mean * scale
+        buffer[:, :n_bn].sub_(mean.view(n_bn, c, 1, 1) * scale)
         buffer[:, n_bn:] = x[:, n_bn:]  # full propagation's unnormalised tail
         _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 1, u0)
         grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
