@@ -333,11 +333,12 @@ class LIF(nn.Module):
         n_bn = 0 if norm is None else norm.steps_normalised(t0, steps)
         if torch.is_grad_enabled() and (x.requires_grad or (u0 is not None and u0.requires_grad)):
             if n_bn:
-                spikes, u, compact = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn),
-                                                   self.leak, self.threshold, theta_neg, self.surrogate)
+                spikes, u, compact = _NormLIFFunction.apply(
+                    currents, u0, *norm.batch_norm_args(t0, n_bn), self.leak, self.threshold, theta_neg,
+                    self.surrogate)
             else:
-                spikes, u, compact = _LIFFunction.apply(currents, u0, self.leak, self.threshold, theta_neg,
-                                               self.surrogate, 1)
+                spikes, u, compact = _LIFFunction.apply(
+                    currents, u0, self.leak, self.threshold, theta_neg, self.surrogate, 1)
         else:  # inference: the currents are a temporary (or a copy), spike in place
             currents = norm(x, steps, t0).view_as(currents) if n_bn else currents.clone()
             spikes, u = _lif_scan(currents, self.leak, self.threshold, theta_neg, 1, True, u0)
