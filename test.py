@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import setup
+from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.cli import run_main
 from utils.config import normalize_size
@@ -74,6 +75,8 @@ def get_args_parser(add_help: bool = True, plugins=()) -> argparse.ArgumentParse
     overrides.add_argument("--batch_size", "--batch-size", type=int)
     overrides.add_argument("--num_workers", "--num-workers", type=int)
     parser.add_argument("--device", type=str, default="auto")
+    parser.add_argument("--cpu_malloc", "--cpu-malloc", default="default", choices=POLICIES,
+                        help="C heap policy (utils/allocator.py): keep is faster on CPU, release uses less memory")
     parser.add_argument("--seed", type=int, default=0, help="seed for the Poisson spike encoding")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     for plugin in plugins:
@@ -167,6 +170,7 @@ def main(argv=None):
     checkpoint = load_checkpoint(args.model_path)
     cfg = eval_config(checkpoint["config"], args, args.model_path)
     device = setup.resolve_device(cfg)
+    set_cpu_malloc(args.cpu_malloc)
     torch.manual_seed(args.seed)
     model = build_model_from_checkpoint(checkpoint, args.model_path, overrides=cfg).to(device)
     ctx = EvalContext(args, cfg, checkpoint, model, build_val_loader(cfg), device, class_names_for(cfg))
