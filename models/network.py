@@ -112,10 +112,13 @@ class ConvUnit(nn.Module):
         super().__init__()
         self.conv, self.norm, self.act = conv, norm, act
 
-    def forward(self, x, steps, t0=0, membranes=None):
-        x = self.conv(x)
+    def forward(self, x, steps, t0=0, membranes=None, recompute=False):
         if isinstance(self.act, LIF):
-            return self.act(x, steps, self.norm, t0, membranes)  # BNTT is fused into the neurons' backward
+            # BNTT is fused into the neurons' backward; with ``recompute`` the convolution is too.
+            if recompute:
+                return self.act(x, steps, self.norm, t0, membranes, conv=self.conv)
+            return self.act(self.conv(x), steps, self.norm, t0, membranes)
+        x = self.conv(x)
         if self.norm is not None:
             x = self.norm(x, steps, t0)
         return self.act(x, steps)
@@ -252,7 +255,7 @@ class SegmentationNet(nn.Module):
                 # Memory-saving mode: keep only the block's input and the membranes at its start;
                 # backward replays the block (BN statistics are not updated twice).
                 out = torch.utils.checkpoint.checkpoint(
-                    self._run_block, part, t0, k, *carries, use_reentrant=False,
+                    self._run_block, part, t0, k, *carries, recompute=True, use_reentrant=False,
                     context_fn=lambda: (contextlib.nullcontext(), _replaying()))
             else:
                 out = self._run_block(part, t0, k, *carries)
@@ -265,9 +268,10 @@ class SegmentationNet(nn.Module):
             out = F.interpolate(out, size=out_size, mode='bilinear', align_corners=True)
         return out
 
-    def _run_block(self, h, t0, steps, *carries):
+    def _run_block(self, h, t0, steps, *carries, recompute=False):
         """Timesteps t0 .. t0+steps-1 through every layer; returns the sum over these steps of what
-        feeds the readout, and each neuron layer's final membrane."""
+        feeds the readout, and each neuron layer's final membrane. ``recompute``: spiking conv units keep
+        only their input and recompute their convolution in backward."""
         neurons = self.neuron_layers()
         # Each layer's membrane, carried in and out. A local dict, not module state: memory-saving mode's
         # replay in backward may stop early, and state left on the modules would keep its graph alive.
@@ -275,7 +279,7 @@ class SegmentationNet(nn.Module):
         skips = []
         for layer in self.body:
             if isinstance(layer, ConvUnit):
-                h = layer(h, steps, t0, membranes)
+                h = layer(h, steps, t0, membranes, recompute)
             elif isinstance(layer, SkipScore):
                 skips.append(layer(h))
             else:

@@ -24,6 +24,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .surrogates import Surrogate, get_surrogate
 
@@ -206,16 +207,8 @@ class _NormLIFFunction(torch.autograd.Function):
     def forward(ctx, x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn,
                 leak, theta, theta_neg, surrogate):
         ctx.set_materialize_grads(False)
-        n, steps, c, h, w = x.shape
-        head = x[:, :n_bn].reshape(n, n_bn * c, h, w)
-        out, mean, invstd = torch.ops.aten.native_batch_norm(
-            head, weight, None, running_mean, running_var, training, momentum, eps)
-        if not training:  # eval-mode BN normalises with the running statistics
-            mean, invstd = running_mean.clone(), (running_var + eps).rsqrt()
-        currents = _join_tail(out, x, n_bn)
-        del out
-        spikes, u = _lif_scan(currents, leak, theta, theta_neg, time_dim=1, inplace=True, u0=u0)
-        compact = spikes.to(SPIKE_STORAGE)
+        spikes, u, mean, invstd, compact = _norm_lif_forward(
+            x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn, leak, theta, theta_neg)
         ctx.save_for_backward(x, u0, weight, mean, invstd, compact)
         ctx.mark_non_differentiable(compact)
         ctx.args = training, eps, n_bn, leak, theta, theta_neg, surrogate
@@ -223,30 +216,94 @@ class _NormLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes, grad_u_end, _):
-        x, u0, weight, mean, invstd, spikes = ctx.saved_tensors
-        training, eps, n_bn, leak, theta, theta_neg, surrogate = ctx.args
-        n, c = x.shape[0], x.shape[2]
-        # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else is
-        # one timestep in size, which keeps backward's peak memory near the saved tensors'. (One BN
-        # backward over all timesteps is no faster, and needs a second full-size buffer.)
-        buffer = torch.empty_like(x)
-        scale = (invstd * weight).view(n_bn, c, 1, 1)
-        torch.mul(x[:, :n_bn], scale, out=buffer[:, :n_bn])  # BN replayed: x * scale - mean * scale
-        buffer[:, :n_bn].sub_(mean.view(n_bn, c, 1, 1) * scale)
-        buffer[:, n_bn:] = x[:, n_bn:]  # full propagation's unnormalised tail
-        _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 1, u0)
-        grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
-        grad_u0 = _carried_grad(u0, grad_first, leak)  # before the BN backward overwrites the buffer
-        grad_weight = torch.empty_like(weight)
-        var = invstd.pow(-2) - eps  # read instead of running_var when train=False
-        for t in range(n_bn):
-            k = slice(t * c, (t + 1) * c)
-            grad_x, grad_weight[k], _ = torch.ops.aten.native_batch_norm_backward(
-                buffer[:, t], x[:, t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps,
-                [True, True, False])
-            buffer[:, t].copy_(grad_x)
-        return (buffer, grad_u0, grad_weight,
+        x, *saved = ctx.saved_tensors
+        grad_x, grad_u0, grad_weight = _norm_lif_backward(x, *saved, grad_spikes, grad_u_end, *ctx.args)
+        return (grad_x, grad_u0, grad_weight,
                 None, None, None, None, None, None, None, None, None, None)
+
+
+class _ConvNormLIFFunction(torch.autograd.Function):
+    """Convolution + BNTT + LIF that keeps only the convolution's input (spikes: one byte) and
+    recomputes the convolution in backward: memory-saving mode's trade of one more convolution per
+    layer for not storing its output (4 bytes per neuron and timestep). ``conv`` is
+    (stride, padding, dilation); the other arguments are ``_NormLIFFunction``'s.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, conv_weight, conv_bias, conv, steps, u0, weight, running_mean, running_var,
+                training, momentum, eps, n_bn, leak, theta, theta_neg, surrogate):
+        ctx.set_materialize_grads(False)
+        x = _time_split(F.conv2d(inputs, conv_weight, conv_bias, *conv), steps)
+        spikes, u, mean, invstd, compact = _norm_lif_forward(
+            x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn, leak, theta, theta_neg)
+        del x
+        ctx.save_for_backward(inputs, conv_weight, conv_bias, u0, weight, mean, invstd, compact)
+        ctx.mark_non_differentiable(compact)
+        ctx.conv, ctx.steps = conv, steps
+        ctx.args = training, eps, n_bn, leak, theta, theta_neg, surrogate
+        return spikes, u, compact
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_u_end, _):
+        inputs, conv_weight, conv_bias, *saved = ctx.saved_tensors
+        with torch.no_grad():
+            x = _time_split(F.conv2d(inputs, conv_weight, conv_bias, *ctx.conv), ctx.steps)
+        grad_x, grad_u0, grad_weight = _norm_lif_backward(x, *saved, grad_spikes, grad_u_end, *ctx.args)
+        del x
+        stride, padding, dilation = ctx.conv
+        bias_sizes = None if conv_bias is None else list(conv_bias.shape)
+        grad_inputs, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
+            grad_x.flatten(0, 1), inputs, conv_weight, bias_sizes, stride, padding, dilation, False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], conv_bias is not None and ctx.needs_input_grad[2]])
+        return (grad_inputs, grad_conv_weight, grad_conv_bias, None, None, grad_u0, grad_weight,
+                None, None, None, None, None, None, None, None, None, None)
+
+
+def _time_split(x, steps):
+    """``[N*S, C, H, W]`` -> ``[N, S, C, H, W]``."""
+    return x.view(x.shape[0] // steps, steps, *x.shape[1:])
+
+
+def _norm_lif_forward(x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn,
+                      leak, theta, theta_neg):
+    """BN of the first ``n_bn`` steps of ``x`` ``[N, S, C, H, W]``, then LIF: spikes, final membrane,
+    the BN statistics used, and the spikes' one-byte copy."""
+    n, steps, c, h, w = x.shape
+    head = x[:, :n_bn].reshape(n, n_bn * c, h, w)
+    out, mean, invstd = torch.ops.aten.native_batch_norm(
+        head, weight, None, running_mean, running_var, training, momentum, eps)
+    if not training:  # eval-mode BN normalises with the running statistics
+        mean, invstd = running_mean.clone(), (running_var + eps).rsqrt()
+    currents = _join_tail(out, x, n_bn)
+    del out
+    spikes, u = _lif_scan(currents, leak, theta, theta_neg, time_dim=1, inplace=True, u0=u0)
+    return spikes, u, mean, invstd, spikes.to(SPIKE_STORAGE)
+
+
+def _norm_lif_backward(x, u0, weight, mean, invstd, spikes, grad_spikes, grad_u_end,
+                       training, eps, n_bn, leak, theta, theta_neg, surrogate):
+    """dL/dx, dL/du0 and dL/dweight of ``_norm_lif_forward``, replaying BN and the membrane."""
+    n, c = x.shape[0], x.shape[2]
+    # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else is
+    # one timestep in size, which keeps backward's peak memory near the saved tensors'. (One BN
+    # backward over all timesteps is no faster, and needs a second full-size buffer.)
+    buffer = torch.empty_like(x)
+    scale = (invstd * weight).view(n_bn, c, 1, 1)
+    torch.mul(x[:, :n_bn], scale, out=buffer[:, :n_bn])  # BN replayed: x * scale - mean * scale
+    buffer[:, :n_bn].sub_(mean.view(n_bn, c, 1, 1) * scale)
+    buffer[:, n_bn:] = x[:, n_bn:]  # full propagation's unnormalised tail
+    _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 1, u0)
+    grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
+    grad_u0 = _carried_grad(u0, grad_first, leak)  # before the BN backward overwrites the buffer
+    grad_weight = torch.empty_like(weight)
+    var = invstd.pow(-2) - eps  # read instead of running_var when train=False
+    for t in range(n_bn):
+        k = slice(t * c, (t + 1) * c)
+        grad_x, grad_weight[k], _ = torch.ops.aten.native_batch_norm_backward(
+            buffer[:, t], x[:, t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps,
+            [True, True, False])
+        buffer[:, t].copy_(grad_x)
+    return buffer, grad_u0, grad_weight
 
 
 def mark_spikes(tensor: torch.Tensor, compact: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -319,26 +376,33 @@ class LIF(nn.Module):
         self.recording = False
         self.reset_spike_stats()
 
-    def forward(self, x: torch.Tensor, steps: int, norm=None, t0: int = 0, membranes: Optional[dict] = None):
+    def forward(self, x: torch.Tensor, steps: int, norm=None, t0: int = 0, membranes: Optional[dict] = None,
+                conv: Optional[nn.Conv2d] = None):
         """Spikes for time-folded currents ``x`` of timesteps ``t0 .. t0+steps-1``.
 
         ``norm`` (a TimeBatchNorm) is applied first, fused into the backward pass. ``membranes`` (a dict
         keyed by layer) carries the membrane across blocks of timesteps: with ``t0 > 0`` this layer
-        continues from ``membranes[self]``, and its final membrane is stored there.
+        continues from ``membranes[self]``, and its final membrane is stored there. With ``conv``, ``x``
+        is that convolution's input, and training recomputes the convolution in backward instead of
+        storing its output (memory-saving mode; not under autocast, which backward would not replay).
         """
-        n = x.shape[0] // steps
-        theta_neg = None if self.alpha is None else -self.threshold / self.alpha
-        currents = x.view(n, steps, *x.shape[1:])
         u0 = membranes.get(self) if (membranes is not None and t0 > 0) else None
         n_bn = 0 if norm is None else norm.steps_normalised(t0, steps)
-        if torch.is_grad_enabled() and (x.requires_grad or (u0 is not None and u0.requires_grad)):
-            if n_bn:
-                spikes, u, compact = _NormLIFFunction.apply(
-                    currents, u0, *norm.batch_norm_args(t0, n_bn), self.leak, self.threshold, theta_neg,
-                    self.surrogate)
-            else:
-                spikes, u, compact = _LIFFunction.apply(
-                    currents, u0, self.leak, self.threshold, theta_neg, self.surrogate, 1)
+        grad = torch.is_grad_enabled() and (x.requires_grad or (u0 is not None and u0.requires_grad) or
+                                            (conv is not None and conv.weight.requires_grad))
+        if conv is not None and not (grad and n_bn and not torch.is_autocast_enabled(x.device.type)):
+            x, conv = conv(x), None
+        theta_neg = None if self.alpha is None else -self.threshold / self.alpha
+        currents = x.view(x.shape[0] // steps, steps, *x.shape[1:])
+        neuron = (self.leak, self.threshold, theta_neg, self.surrogate)
+        if grad and conv is not None:
+            spikes, u, compact = _ConvNormLIFFunction.apply(
+                x, conv.weight, conv.bias, (conv.stride, conv.padding, conv.dilation), steps, u0,
+                *norm.batch_norm_args(t0, n_bn), *neuron)
+        elif grad and n_bn:
+            spikes, u, compact = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn), *neuron)
+        elif grad:
+            spikes, u, compact = _LIFFunction.apply(currents, u0, *neuron, 1)
         else:  # inference: the currents are a temporary (or a copy), spike in place
             currents = norm(x, steps, t0).view_as(currents) if n_bn else currents.clone()
             spikes, u = _lif_scan(currents, self.leak, self.threshold, theta_neg, 1, True, u0)
@@ -347,7 +411,7 @@ class LIF(nn.Module):
             membranes[self] = u
         if self.recording:
             self._record(spikes)
-        return mark_spikes(spikes.view_as(x), None if compact is None else compact.view_as(x))
+        return mark_spikes(spikes.flatten(0, 1), None if compact is None else compact.flatten(0, 1))
 
     def _record(self, spikes):
         self.spike_count += spikes.detach().abs().sum().double()
