@@ -70,7 +70,7 @@ HELP = {
     "name": "run name: files go to <model_dir>/<name>/", "device": "auto, cpu, cuda, cuda:1, ...",
     "scheduler": "step (x0.1 at 50%% and 80%% of the epochs) or poly", "wandb": "log to Weights & Biases",
     "amp": "bfloat16 autocast for the convolutions (CPU and GPU); membranes stay float32",
-    "memory_saving": "replay blocks of memory_block timesteps in backward instead of storing them",
+    "memory_saving": "replay blocks of memory_block timesteps in backward, recomputing each spiking conv",
     "compile": "fuse the neurons' elementwise steps with torch.compile",
     "cpu_malloc": "C heap policy: default, keep (faster CPU steps, more memory) or release (less memory, slower)",
 }
