@@ -48,7 +48,7 @@ def get_args_parser():
     p.add_argument('--encoder', default='poisson', choices=['poisson', 'direct'])
     p.add_argument('--full_prop', action='store_true')
     p.add_argument('--memory_saving', action='store_true',
-                   help='replay blocks of --memory_block timesteps in backward instead of storing them')
+                   help='replay blocks of --memory_block timesteps in backward, recomputing each spiking conv')
     p.add_argument('--memory_block', type=int, default=4)
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast (CPU and GPU)')
     p.add_argument('--compile', action='store_true', help="fuse the neurons' elementwise steps with torch.compile")

@@ -18,7 +18,9 @@ recurrence that we run ourselves instead of recording T small graphs:
 with ``ds/du = g(x) / theta`` (``g`` the surrogate, ``x = u / theta - 1``). Instead of autograd's T
 per-step graphs, backward keeps the input currents and the spikes (in one byte) and replays the
 membrane to get ``ds/du``. In the networks the per-timestep BN in front of the neurons is fused in too
-(``_NormLIFFunction``), so a spiking layer stores 5 bytes per neuron and timestep for backward.
+(``_NormLIFFunction``), so a spiking layer stores 5 bytes per neuron and timestep for backward; in
+memory-saving mode the convolution before them is fused in as well (``_ConvNormLIFFunction``) and
+recomputed, leaving 1 byte (the spikes that are its next layer's input).
 """
 from typing import Optional, Union
 
