@@ -120,15 +120,17 @@ def test_full_prop_runs_extra_zero_steps():
     assert {s['steps'] for s in model.spike_stats()} == {13}
 
 
-@pytest.mark.parametrize('arch, full_prop', [('dl-vgg9', False), ('fcn-vgg9', True)])
-def test_memory_saving_mode_gives_identical_outputs_gradients_and_bn_statistics(arch, full_prop):
+@pytest.mark.parametrize('arch, full_prop, extra', [('dl-vgg9', False, {}), ('fcn-vgg9', True, {}),
+                                                   ('dl-vgg9', False, {'conv_bias': True}),
+                                                   ('dl-vgg9', False, {'bn': False})])
+def test_memory_saving_mode_gives_identical_outputs_gradients_and_bn_statistics(arch, full_prop, extra):
     torch.manual_seed(3)
     frames = torch.randint(-1, 2, (3, 2, 3, 10, 10)).double()
     results = []
     for saving in (False, True):
         torch.manual_seed(4)
         model = build_model(dict(arch=arch, timesteps=3, num_classes=3, encoder='sequence', full_prop=full_prop,
-                                 def_threshold=0.5, memory_saving=saving, memory_block=2)).double()
+                                 def_threshold=0.5, memory_saving=saving, memory_block=2, **extra)).double()
         out = model(frames)
         grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
         results.append((out, grads, {k: v.clone() for k, v in model.state_dict().items()}))
@@ -285,3 +287,18 @@ def test_bf16_autocast_fires_like_float32_and_trains(arch):
         final[amp] = loss.item()
         assert final[amp] < 0.9 * first
     assert final[True] == pytest.approx(final[False], rel=0.05)
+
+
+def test_memory_saving_under_autocast_keeps_the_convolution_outputs_instead(monkeypatch):
+    """Backward would not replay autocast, so memory-saving mode does not recompute convolutions under it."""
+    import models.neurons as neurons
+    torch.manual_seed(11)
+    model = tiny(model_type='snn', timesteps=4, memory_saving=True, memory_block=2)
+    used, original = [], neurons._ConvNormLIFFunction.apply
+    monkeypatch.setattr(neurons._ConvNormLIFFunction, 'apply', lambda *args: used.append(1) or original(*args))
+    for amp in (True, False):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            out = model(torch.randn(2, 3, 12, 12))
+        out.float().square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        assert bool(used) == (not amp)
