@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo is not installed
 
 from models import ARCHITECTURES, build_model  # noqa: E402
+from models.neurons import time_split  # noqa: E402
 from tests.reference_snn import per_timestep_forward  # noqa: E402
 from utils.allocator import POLICIES, set_cpu_malloc  # noqa: E402
 
@@ -106,7 +107,7 @@ def per_timestep(model):
     """The model's forward as the per-timestep reference loop (encoder output reshaped to [T, N, ...])."""
     def forward(images):
         spikes = model.encoder(images, model.timesteps)
-        frames = spikes.view(images.shape[0], model.timesteps, *spikes.shape[1:]).transpose(0, 1)
+        frames = time_split(spikes, model.timesteps).transpose(0, 1)
         return per_timestep_forward(model, frames)
     return forward
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
 from .encoders import IdentityEncoder, build_encoder
-from .neurons import LIF, compact_spikes, mark_spikes
+from .neurons import LIF, compact_spikes, mark_spikes, time_split
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
 
@@ -151,7 +151,7 @@ def _keep_mark(source, tensor):
 
 def _time_slice(h, steps, t0, k):
     """Timesteps t0 .. t0+k-1 of a time-folded tensor, time-folded again."""
-    per_sample = h.view(h.shape[0] // steps, steps, *h.shape[1:])
+    per_sample = time_split(h, steps)
     return _keep_mark(h, per_sample[:, t0:t0 + k].flatten(0, 1))
 
 
@@ -288,7 +288,7 @@ class SegmentationNet(nn.Module):
             h = skips[-1]
             for stage, skip in zip(self.decoder, reversed(skips[:-1])):
                 h = stage(h, skip, steps, t0, membranes)
-        total = h if steps == 1 else h.view(h.shape[0] // steps, steps, *h.shape[1:]).sum(1)
+        total = h if steps == 1 else time_split(h, steps).sum(1)
         return (total, *[membranes[lif] for lif in neurons])
 
     # -------------------------------------------------------------------------------------- analysis

@@ -57,7 +57,7 @@ def _fire_step(u, current, spike, ratio, leak, theta, theta_neg):
     torch.gt(torch.div(u, theta, out=ratio), 1.0, out=spike)
     _sub_scaled(u, spike, theta)
     if theta_neg is not None:  # exclusive with a positive spike: u was above theta > 0
-        negative = ratio.copy_(torch.div(u, theta_neg, out=ratio) > 1.0)
+        negative = torch.gt(torch.div(u, theta_neg, out=ratio), 1.0, out=ratio)
         _sub_scaled(u, negative, theta_neg)
         spike.sub_(negative)
 
@@ -235,7 +235,7 @@ class _ConvNormLIFFunction(torch.autograd.Function):
     def forward(ctx, inputs, conv_weight, conv_bias, conv, steps, u0, weight, running_mean, running_var,
                 training, momentum, eps, n_bn, leak, theta, theta_neg, surrogate):
         ctx.set_materialize_grads(False)
-        x = _time_split(F.conv2d(inputs, conv_weight, conv_bias, *conv), steps)
+        x = time_split(F.conv2d(inputs, conv_weight, conv_bias, *conv), steps)
         spikes, u, mean, invstd, compact = _norm_lif_forward(
             x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn, leak, theta, theta_neg)
         del x
@@ -249,7 +249,7 @@ class _ConvNormLIFFunction(torch.autograd.Function):
     def backward(ctx, grad_spikes, grad_u_end, _):
         inputs, conv_weight, conv_bias, *saved = ctx.saved_tensors
         with torch.no_grad():
-            x = _time_split(F.conv2d(inputs, conv_weight, conv_bias, *ctx.conv), ctx.steps)
+            x = time_split(F.conv2d(inputs, conv_weight, conv_bias, *ctx.conv), ctx.steps)
         grad_x, grad_u0, grad_weight = _norm_lif_backward(x, *saved, grad_spikes, grad_u_end, *ctx.args)
         del x
         stride, padding, dilation = ctx.conv
@@ -261,7 +261,7 @@ class _ConvNormLIFFunction(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None, None)
 
 
-def _time_split(x, steps):
+def time_split(x, steps):
     """``[N*S, C, H, W]`` -> ``[N, S, C, H, W]``."""
     return x.view(x.shape[0] // steps, steps, *x.shape[1:])
 
@@ -392,12 +392,13 @@ class LIF(nn.Module):
         n_bn = 0 if norm is None else norm.steps_normalised(t0, steps)
         grad = torch.is_grad_enabled() and (x.requires_grad or (u0 is not None and u0.requires_grad) or
                                             (conv is not None and conv.weight.requires_grad))
-        if conv is not None and not (grad and n_bn and not torch.is_autocast_enabled(x.device.type)):
-            x, conv = conv(x), None
+        recompute = conv is not None and grad and n_bn and not torch.is_autocast_enabled(x.device.type)
+        if conv is not None and not recompute:
+            x = conv(x)
         theta_neg = None if self.alpha is None else -self.threshold / self.alpha
-        currents = x.view(x.shape[0] // steps, steps, *x.shape[1:])
+        currents = time_split(x, steps)
         neuron = (self.leak, self.threshold, theta_neg, self.surrogate)
-        if grad and conv is not None:
+        if recompute:
             spikes, u, compact = _ConvNormLIFFunction.apply(
                 x, conv.weight, conv.bias, (conv.stride, conv.padding, conv.dilation), steps, u0,
                 *norm.batch_norm_args(t0, n_bn), *neuron)
