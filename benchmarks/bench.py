@@ -104,10 +104,10 @@ def eval_throughput(model, forward, batch, batches, args, device):
 
 
 def per_timestep(model):
-    """The model's forward as the per-timestep reference loop (encoder output reshaped to [T, N, ...])."""
+    """The model's forward as the per-timestep reference loop (encoder output split into [T, N, ...])."""
     def forward(images):
         spikes = model.encoder(images, model.timesteps)
-        frames = time_split(spikes, model.timesteps).transpose(0, 1)
+        frames = time_split(spikes, model.timesteps)
         return per_timestep_forward(model, frames)
     return forward
 

@@ -1,6 +1,6 @@
 """Input encoders: turn a network input into T timesteps of first-layer input.
 
-Every encoder returns a time-folded tensor ``[N*T, C, H, W]`` (sample-major: index n*T + t) so that
+Every encoder returns a time-folded tensor ``[T*N, C, H, W]`` (time-major: index t*N + n) so that
 each layer can run its convolution over all timesteps at once. An ANN is the same network with T = 1.
 """
 import torch
@@ -14,9 +14,7 @@ class PoissonEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: int) -> torch.Tensor:
         _expect_images(x, 'poisson')
-        n = x.shape[0]
-        x = x.unsqueeze(1)
-        fire = torch.rand((n, timesteps, *x.shape[2:]), device=x.device, dtype=x.dtype) <= x.abs()
+        fire = torch.rand((timesteps, *x.shape), device=x.device, dtype=x.dtype) <= x.abs()
         return mark_spikes((fire * torch.sign(x)).flatten(0, 1))
 
 
@@ -25,7 +23,7 @@ class DirectEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: int) -> torch.Tensor:
         _expect_images(x, 'direct')
-        return x.unsqueeze(1).expand(-1, timesteps, *x.shape[1:]).flatten(0, 1)
+        return x.unsqueeze(0).expand(timesteps, *x.shape).flatten(0, 1)
 
 
 class SequenceEncoder(nn.Module):
@@ -35,7 +33,7 @@ class SequenceEncoder(nn.Module):
         if x.dim() != 5 or x.shape[0] != timesteps:
             raise ValueError(f"the 'sequence' encoder expects [T={timesteps}, N, C, H, W] event frames, "
                              f"got a tensor of shape {tuple(x.shape)}")
-        return x.transpose(0, 1).flatten(0, 1)
+        return x.flatten(0, 1)
 
 
 class IdentityEncoder(nn.Module):

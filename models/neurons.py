@@ -199,7 +199,7 @@ class _NormLIFFunction(torch.autograd.Function):
 
     Saving the BN input (4 bytes) and the spikes (1 byte) replaces saving the BN input, the BN output
     and the surrogate slopes (12 bytes): BN and the membrane are recomputed in backward.
-    ``x`` is ``[N, S, C, H, W]``; BN applies to its first ``n_bn`` steps (full propagation's tail passes
+    ``x`` is ``[S, N, C, H, W]``; BN applies to its first ``n_bn`` steps (full propagation's tail passes
     unnormalised), with statistics per (timestep, channel): ``weight`` and the running statistics are
     the ``n_bn * C`` entries of those timesteps. Returns the spikes, the final membrane and the spikes'
     one-byte copy.
@@ -209,8 +209,9 @@ class _NormLIFFunction(torch.autograd.Function):
     def forward(ctx, x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn,
                 leak, theta, theta_neg, surrogate):
         ctx.set_materialize_grads(False)
-        spikes, u, mean, invstd, compact = _norm_lif_forward(
+        spikes, u, mean, invstd = _norm_lif_forward(
             x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn, leak, theta, theta_neg)
+        compact = spikes.to(SPIKE_STORAGE)
         ctx.save_for_backward(x, u0, weight, mean, invstd, compact)
         ctx.mark_non_differentiable(compact)
         ctx.args = training, eps, n_bn, leak, theta, theta_neg, surrogate
@@ -236,9 +237,10 @@ class _ConvNormLIFFunction(torch.autograd.Function):
                 training, momentum, eps, n_bn, leak, theta, theta_neg, surrogate):
         ctx.set_materialize_grads(False)
         x = time_split(F.conv2d(inputs, conv_weight, conv_bias, *conv), steps)
-        spikes, u, mean, invstd, compact = _norm_lif_forward(
+        spikes, u, mean, invstd = _norm_lif_forward(
             x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn, leak, theta, theta_neg)
         del x
+        compact = spikes.to(SPIKE_STORAGE)
         ctx.save_for_backward(inputs, conv_weight, conv_bias, u0, weight, mean, invstd, compact)
         ctx.mark_non_differentiable(compact)
         ctx.conv, ctx.steps = conv, steps
@@ -262,49 +264,61 @@ class _ConvNormLIFFunction(torch.autograd.Function):
 
 
 def time_split(x, steps):
-    """``[N*S, C, H, W]`` -> ``[N, S, C, H, W]``."""
-    return x.view(x.shape[0] // steps, steps, *x.shape[1:])
+    """``[S*N, C, H, W]`` (time-major) -> ``[S, N, C, H, W]``: a view, timestep t is ``[t]``."""
+    return x.view(steps, x.shape[0] // steps, *x.shape[1:])
 
 
 def _norm_lif_forward(x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn,
                       leak, theta, theta_neg):
-    """BN of the first ``n_bn`` steps of ``x`` ``[N, S, C, H, W]``, then LIF: spikes, final membrane,
-    the BN statistics used, and the spikes' one-byte copy."""
-    n, steps, c, h, w = x.shape
-    head = x[:, :n_bn].reshape(n, n_bn * c, h, w)
-    out, mean, invstd = torch.ops.aten.native_batch_norm(
-        head, weight, None, running_mean, running_var, training, momentum, eps)
-    if not training:  # eval-mode BN normalises with the running statistics
+    """BN of the first ``n_bn`` steps of ``x`` ``[S, N, C, H, W]``, then LIF: the spikes, the final
+    membrane and the BN statistics used.
+
+    Timestep by timestep: each step's BN output is a one-step temporary that the neurons consume at
+    once, and each step is one contiguous block (time-major), which BN's channels-last kernel wants.
+    """
+    steps, c = x.shape[0], x.shape[2]
+    theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
+    spikes = torch.empty_like(x)
+    u = _membrane(x, 0, u0)
+    ratio = torch.empty_like(u)
+    means, invstds = [], []
+    for t in range(steps):
+        current = x[t]
+        if t < n_bn:
+            k = slice(t * c, (t + 1) * c)
+            current, mean, invstd = torch.ops.aten.native_batch_norm(
+                current, weight[k], None, running_mean[k], running_var[k], training, momentum, eps)
+            means.append(mean)
+            invstds.append(invstd)
+        _Kernels.fire(u, current, spikes[t], ratio, leak, theta, theta_neg)
+    if training:
+        mean, invstd = torch.cat(means), torch.cat(invstds)
+    else:  # eval-mode BN normalises with the running statistics
         mean, invstd = running_mean.clone(), (running_var + eps).rsqrt()
-    currents = _join_tail(out, x, n_bn)
-    del out
-    spikes, u = _lif_scan(currents, leak, theta, theta_neg, time_dim=1, inplace=True, u0=u0)
-    return spikes, u, mean, invstd, spikes.to(SPIKE_STORAGE)
+    return spikes, u, mean, invstd
 
 
 def _norm_lif_backward(x, u0, weight, mean, invstd, spikes, grad_spikes, grad_u_end,
                        training, eps, n_bn, leak, theta, theta_neg, surrogate):
     """dL/dx, dL/du0 and dL/dweight of ``_norm_lif_forward``, replaying BN and the membrane."""
-    n, c = x.shape[0], x.shape[2]
+    c = x.shape[2]
     # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else is
-    # one timestep in size, which keeps backward's peak memory near the saved tensors'. (One BN
-    # backward over all timesteps is no faster, and needs a second full-size buffer.)
+    # one timestep in size, which keeps backward's peak memory near the saved tensors'.
     buffer = torch.empty_like(x)
-    scale = (invstd * weight).view(n_bn, c, 1, 1)
-    torch.mul(x[:, :n_bn], scale, out=buffer[:, :n_bn])  # BN replayed: x * scale - mean * scale
-    buffer[:, :n_bn].sub_(mean.view(n_bn, c, 1, 1) * scale)
-    buffer[:, n_bn:] = x[:, n_bn:]  # full propagation's unnormalised tail
-    _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 1, u0)
-    grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 1, grad_u_end)
+    scale = (invstd * weight).view(n_bn, 1, c, 1, 1)
+    torch.mul(x[:n_bn], scale, out=buffer[:n_bn])  # BN replayed: x * scale - mean * scale
+    buffer[:n_bn].sub_(mean.view(n_bn, 1, c, 1, 1) * scale)
+    buffer[n_bn:] = x[n_bn:]  # full propagation's unnormalised tail
+    _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 0, u0)
+    grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 0, grad_u_end)
     grad_u0 = _carried_grad(u0, grad_first, leak)  # before the BN backward overwrites the buffer
     grad_weight = torch.empty_like(weight)
     var = invstd.pow(-2) - eps  # read instead of running_var when train=False
     for t in range(n_bn):
         k = slice(t * c, (t + 1) * c)
         grad_x, grad_weight[k], _ = torch.ops.aten.native_batch_norm_backward(
-            buffer[:, t], x[:, t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps,
-            [True, True, False])
-        buffer[:, t].copy_(grad_x)
+            buffer[t], x[t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps, [True, True, False])
+        buffer[t].copy_(grad_x)
     return buffer, grad_u0, grad_weight
 
 
@@ -335,14 +349,6 @@ def compact_spikes():
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
-def _join_tail(head, full, T):
-    """``[N, S, C, H, W]`` from the normalised first T steps and the raw remaining steps of ``full``."""
-    n, steps, c, h, w = full.shape
-    if steps == T:
-        return head.view(n, T, c, h, w)
-    return torch.cat([head.view(n, T, c, h, w), full[:, T:]], 1)
-
-
 def lif_sequence(currents: torch.Tensor, leak: float = 0.99, threshold: Threshold = 1.0,
                  surrogate: Union[str, Surrogate] = 'linear', threshold_neg: Optional[Threshold] = None,
                  time_dim: int = 0, **surrogate_params) -> torch.Tensor:
@@ -360,7 +366,7 @@ def lif_sequence(currents: torch.Tensor, leak: float = 0.99, threshold: Threshol
 
 
 class LIF(nn.Module):
-    """A layer of LIF neurons for time-folded tensors ``[N*T, C, H, W]`` (sample-major: n, then t).
+    """A layer of LIF neurons for time-folded tensors ``[T*N, C, H, W]`` (time-major: t, then n).
 
     ``threshold`` is a buffer so that converted SNNs keep their (layer, channel or neuron-wise)
     thresholds in the ordinary state dict; it may have any shape that broadcasts against ``[C, H, W]``.
@@ -405,10 +411,12 @@ class LIF(nn.Module):
         elif grad and n_bn:
             spikes, u, compact = _NormLIFFunction.apply(currents, u0, *norm.batch_norm_args(t0, n_bn), *neuron)
         elif grad:
-            spikes, u, compact = _LIFFunction.apply(currents, u0, *neuron, 1)
-        else:  # inference: the currents are a temporary (or a copy), spike in place
-            currents = norm(x, steps, t0).view_as(currents) if n_bn else currents.clone()
-            spikes, u = _lif_scan(currents, self.leak, self.threshold, theta_neg, 1, True, u0)
+            spikes, u, compact = _LIFFunction.apply(currents, u0, *neuron, 0)
+        elif n_bn:  # inference
+            spikes, u, _, _ = _norm_lif_forward(currents, u0, *norm.batch_norm_args(t0, n_bn), *neuron[:3])
+            compact = None
+        else:
+            spikes, u = _lif_scan(currents, self.leak, self.threshold, theta_neg, 0, u0=u0)
             compact = None
         if membranes is not None:
             membranes[self] = u
@@ -418,8 +426,8 @@ class LIF(nn.Module):
 
     def _record(self, spikes):
         self.spike_count += spikes.detach().abs().sum().double()
-        self.images += spikes.shape[0]
-        self.steps = spikes.shape[1]
+        self.images += spikes.shape[1]
+        self.steps = spikes.shape[0]
         self.neurons = spikes[0, 0].numel()
 
     def reset_spike_stats(self):

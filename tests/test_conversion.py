@@ -115,7 +115,7 @@ def _rate_error(ann, x, timesteps):
         hook.remove()
     errors = []
     for activation, (lif, spikes) in zip(ann_out, snn_out):
-        rate = spikes.view(x.shape[0], timesteps, *spikes.shape[1:]).mean(1)
+        rate = spikes.view(timesteps, x.shape[0], *spikes.shape[1:]).mean(0)  # time-major
         errors.append(float((rate * lif.threshold - activation).abs().mean() / activation.abs().mean()))
     return float(np.mean(errors))
 

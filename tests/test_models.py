@@ -78,12 +78,12 @@ def test_time_batch_norm_equals_separate_batchnorms():
     bns = [nn.BatchNorm2d(C, eps=1e-4, momentum=0.1) for _ in range(T)]
     for t, bn in enumerate(bns):
         bn.weight.data.copy_(tbn.weight[t]); bn.bias = None
-    x = torch.randn(N, T, C, 6, 7)
+    x = torch.randn(T, N, C, 6, 7)  # time-major
     for training in (True, False):
         tbn.train(training); [bn.train(training) for bn in bns]
-        out = tbn(x.flatten(0, 1), T).view(N, T, C, 6, 7)
+        out = tbn(x.flatten(0, 1), T).view(T, N, C, 6, 7)
         for t, bn in enumerate(bns):
-            torch.testing.assert_close(out[:, t], bn(x[:, t]))
+            torch.testing.assert_close(out[t], bn(x[t]))
     for t, bn in enumerate(bns):
         torch.testing.assert_close(tbn.running_mean[t], bn.running_mean)
         torch.testing.assert_close(tbn.running_var[t], bn.running_var)

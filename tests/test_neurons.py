@@ -132,10 +132,10 @@ def test_unknown_surrogate_lists_choices():
 def test_lif_module_folds_time_and_records_spikes():
     torch.manual_seed(4)
     lif = LIF(leak=0.9, threshold=0.6)
-    currents = torch.rand(2, 5, 3, 4, 4)  # [N, T, C, H, W]
+    currents = torch.rand(5, 2, 3, 4, 4)  # [T, N, C, H, W]: time-major
     lif.recording = True
-    out = lif(currents.flatten(0, 1), steps=5).view(2, 5, 3, 4, 4)
-    expected = hand_loop(currents.transpose(0, 1), 0.9, 0.6).transpose(0, 1)
+    out = lif(currents.flatten(0, 1), steps=5).view(5, 2, 3, 4, 4)
+    expected = hand_loop(currents, 0.9, 0.6)
     assert torch.equal(out, expected)
     stats = lif.spike_stats()
     assert stats['spikes'] == expected.sum().item() and stats['neurons'] == 48 and stats['images'] == 2

@@ -243,7 +243,7 @@ class OpCounter:
         if module is self.readout_conv or not self.spiking:
             active = samples * (self.steps if module is self.readout_conv else 1)
         else:  # steps whose input is all zero (full propagation's tail) need no work
-            active = int((x.reshape(samples, self.steps, -1) != 0).any(dim=-1).sum())
+            active = int((x.flatten(1) != 0).any(dim=1).sum())  # one row per (timestep, sample)
         layer.macs += float(per_step * active)
 
     # ------------------------------------------------------------------------------------------ summary
