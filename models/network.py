@@ -17,6 +17,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
+from .convolution import Conv2d
 from .encoders import IdentityEncoder, build_encoder
 from .neurons import LIF, compact_spikes, mark_spikes, time_split
 
@@ -102,16 +103,24 @@ class Rectifier(nn.Module):
 
 
 class ConvUnit(nn.Module):
-    """conv -> (BN | BNTT) -> (ReLU | LIF): one layer of the backbone."""
+    """conv -> (BN | BNTT) -> (ReLU | LIF): one layer of the backbone.
+
+    ``recompute``: a spiking unit keeps only its input (spikes, one byte) for backward and recomputes
+    its convolution there, instead of keeping the convolution's output (4 bytes per neuron and step).
+    The network sets it on its full-resolution units, whose outputs are the largest and whose
+    convolutions (few input channels) the cheapest; memory-saving mode recomputes every unit.
+    """
 
     def __init__(self, conv: nn.Conv2d, norm, act):
         super().__init__()
         self.conv, self.norm, self.act = conv, norm, act
+        self.recompute = False
 
     def forward(self, x, steps, t0=0, membranes=None, recompute=False):
         if isinstance(self.act, LIF):
-            # BNTT is fused into the neurons' backward; with ``recompute`` the convolution is too.
-            if recompute:
+            # BNTT is fused into the neurons' backward; with recompute the convolution is too. (Only
+            # when a backward may follow: otherwise the neurons' input is the currents, as hooks expect.)
+            if (recompute or self.recompute) and torch.is_grad_enabled():
                 return self.act(x, steps, self.norm, t0, membranes, conv=self.conv)
             return self.act(self.conv(x), steps, self.norm, t0, membranes)
         x = self.conv(x)
@@ -190,6 +199,8 @@ class SegmentationNet(nn.Module):
                 elif isinstance(token, Output):
                     self.output = nn.Conv2d(channels, classes, kernel_size=1, bias=False)
                     conv_layers += 1
+        for unit in self._full_resolution_units():
+            unit.recompute = True
         self.decoder = nn.ModuleList()
         if self.fcn:
             stages = sum(isinstance(m, SkipScore) for m in self.body) - 1
@@ -200,11 +211,21 @@ class SegmentationNet(nn.Module):
         # so that the last input reaches the output (counted as in the paper's code).
         self.extra_steps = conv_layers if (self.spiking and cfg.get('full_prop')) else 0
 
+    def _full_resolution_units(self):
+        """The conv units before the first pooling."""
+        units = []
+        for layer in self.body:
+            if isinstance(layer, nn.AvgPool2d):
+                break
+            if isinstance(layer, ConvUnit):
+                units.append(layer)
+        return units
+
     def _part(self, part):
         return [self.body[i] for i in self.part_units[part]]
 
     def _conv_unit(self, cfg, in_channels, token: Conv, name):
-        conv = nn.Conv2d(in_channels, token.channels, token.kernel, padding=token.padding,
+        conv = Conv2d(in_channels, token.channels, token.kernel, padding=token.padding,
                          dilation=token.dilation, bias=bool(cfg.get('conv_bias', False)))
         norm = None
         if cfg['bn']:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .convolution import conv_backward
 from .surrogates import Surrogate, get_surrogate
 
 Threshold = Union[float, torch.Tensor]
@@ -254,10 +255,8 @@ class _ConvNormLIFFunction(torch.autograd.Function):
             x = time_split(F.conv2d(inputs, conv_weight, conv_bias, *ctx.conv), ctx.steps)
         grad_x, grad_u0, grad_weight = _norm_lif_backward(x, *saved, grad_spikes, grad_u_end, *ctx.args)
         del x
-        stride, padding, dilation = ctx.conv
-        bias_sizes = None if conv_bias is None else list(conv_bias.shape)
-        grad_inputs, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
-            grad_x.flatten(0, 1), inputs, conv_weight, bias_sizes, stride, padding, dilation, False, [0, 0], 1,
+        grad_inputs, grad_conv_weight, grad_conv_bias = conv_backward(
+            grad_x.flatten(0, 1), inputs, conv_weight, conv_bias, *ctx.conv, 1,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], conv_bias is not None and ctx.needs_input_grad[2]])
         return (grad_inputs, grad_conv_weight, grad_conv_bias, None, None, grad_u0, grad_weight,
                 None, None, None, None, None, None, None, None, None, None)
