@@ -132,7 +132,7 @@ def train(args, dist_info: dict):
     rank, world_size = dist_info["rank"], dist_info["world_size"]
     is_main = rank == 0
     device = setup.resolve_device(cfg, dist_info["local_rank"])
-    set_cpu_malloc(cfg["cpu_malloc"])
+    set_cpu_malloc(cfg["cpu_malloc"], cfg["memory_saving"])
     run_dir = Path(cfg["model_dir"]) / cfg["name"]
 
     setup.seed_everything(cfg["seed"])

@@ -55,7 +55,8 @@ def get_args_parser():
     p.add_argument('--compile', action='store_true', help="fuse the neurons' elementwise steps with torch.compile")
     p.add_argument('--path', default='multistep', choices=['multistep', 'per-timestep'],
                    help='the multi-step network, or the per-timestep reference loop')
-    p.add_argument('--cpu_malloc', default='default', choices=POLICIES, help='C heap policy (utils/allocator.py)')
+    p.add_argument('--cpu_malloc', default='auto', choices=POLICIES,
+                   help='C heap policy (utils/allocator.py); auto: release with --memory_saving, else default')
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     p.add_argument('--no_floor', action='store_true', help='skip the ANN floor measurement')
@@ -123,7 +124,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    set_cpu_malloc(args.cpu_malloc)
+    args.cpu_malloc = set_cpu_malloc(args.cpu_malloc, args.memory_saving)  # report the concrete policy
     device = torch.device(args.device)
     torch.manual_seed(0)
     n, t, size = args.batch_size, args.timesteps, args.img_size

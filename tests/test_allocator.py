@@ -23,7 +23,7 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
-set_cpu_malloc(sys.argv[1])
+set_cpu_malloc(sys.argv[1], memory_saving=sys.argv[2] == 'memory_saving')
 before = libc.mallinfo2().hblkhd
 mapped = lambda: libc.mallinfo2().hblkhd - before
 big = torch.ones(4 * 2**20)       # 16 MB: by default glibc maps a block this large on its own
@@ -34,8 +34,8 @@ print(json.dumps({'big_mapped': big_mapped, 'small_mapped': mapped()}))
 '''
 
 
-def probe(policy):
-    out = subprocess.run([sys.executable, '-c', PROBE, policy], cwd=ROOT, capture_output=True, text=True,
+def probe(policy, mode='normal'):
+    out = subprocess.run([sys.executable, '-c', PROBE, policy, mode], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -55,8 +55,11 @@ def test_policies_change_how_glibc_places_blocks():
     assert default['big_mapped'] >= 16 * mb and default['small_mapped'] < 2 * mb
     assert keep['big_mapped'] < mb  # served from the heap, kept after free: no new page faults next time
     assert release['small_mapped'] >= 2 * mb  # mapped (so freed back to the kernel) despite the 16 MB free
+    # auto: release in memory-saving mode, glibc's default otherwise
+    assert probe('auto', 'memory_saving')['small_mapped'] >= 2 * mb
+    assert probe('auto')['small_mapped'] < 2 * mb
 
 
 def test_unknown_policy_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"cpu_malloc must be one of \['default', 'keep', 'release'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"cpu_malloc must be one of \['auto', 'default', 'keep', 'release'\], got 'fast'"):
         set_cpu_malloc('fast')

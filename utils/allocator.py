@@ -10,7 +10,11 @@ project's 2-core CPU. The policies (``--cpu_malloc``):
   trim threshold at its maximum): after the first step no page is faulted again. About 25 % faster
   steps, for a peak resident memory some 200 MB higher (README.md, Performance).
 - ``release``: map every block over 1 MB separately so that freed memory goes back to the kernel at
-  once (``M_MMAP_THRESHOLD = 1 MB``): the lowest peak memory, for about 30 % slower steps.
+  once (``M_MMAP_THRESHOLD = 1 MB``): the lowest peak memory, for about 50 % slower steps. With
+  glibc's default, the heap keeps 150-350 MB more than the live tensors (freed blocks of 4-32 MB it
+  cannot return), which grows over the first steps; ``release`` keeps it near 60 MB.
+- ``auto`` (the default): ``release`` in memory-saving mode, whose user has chosen memory over time,
+  else ``default``.
 
 mallopt is process-wide and only exists in glibc; elsewhere a policy other than ``default`` is
 refused with an error rather than ignored. Python has no binding for it, hence ctypes.
@@ -18,7 +22,7 @@ refused with an error rather than ignored. Python has no binding for it, hence c
 import ctypes
 import ctypes.util
 
-POLICIES = ('default', 'keep', 'release')
+POLICIES = ('auto', 'default', 'keep', 'release')
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
@@ -40,13 +44,22 @@ def _libc():
         return None
 
 
-def set_cpu_malloc(policy: str) -> None:
-    """Apply one of ``POLICIES`` to this process's C heap (call it before the first training step)."""
+def resolve_cpu_malloc(policy: str, memory_saving: bool = False) -> str:
+    """The concrete policy ``policy`` stands for ('auto' depends on ``memory_saving``)."""
     if policy not in POLICIES:
         raise ValueError(f"cpu_malloc must be one of {list(POLICIES)}, got '{policy}'")
+    if policy == 'auto':
+        return 'release' if memory_saving else 'default'
+    return policy
+
+
+def set_cpu_malloc(policy: str, memory_saving: bool = False) -> str:
+    """Apply one of ``POLICIES`` to this process's C heap (call it before the first training step);
+    returns the concrete policy applied."""
+    policy = resolve_cpu_malloc(policy, memory_saving)
     settings = _SETTINGS[policy]
     if not settings:
-        return
+        return policy
     libc = _libc()
     if libc is None:
         raise RuntimeError(f"cpu_malloc '{policy}' needs glibc's mallopt, which this C library lacks; "
@@ -54,3 +67,4 @@ def set_cpu_malloc(policy: str) -> None:
     for param, value in settings:
         if libc.mallopt(param, value) != 1:
             raise RuntimeError(f"cpu_malloc '{policy}': mallopt({param}, {value}) was refused by the C library")
+    return policy

@@ -42,7 +42,7 @@ TRAIN_DEFAULTS = {
     "see_model": False,
     "wandb": False,
     "amp": False,
-    "cpu_malloc": "default",
+    "cpu_malloc": "auto",
 }
 
 CHOICES = {
@@ -72,7 +72,8 @@ HELP = {
     "amp": "bfloat16 autocast for the convolutions (CPU and GPU); membranes stay float32",
     "memory_saving": "replay blocks of memory_block timesteps in backward, recomputing each spiking conv",
     "compile": "fuse the neurons' elementwise steps with torch.compile",
-    "cpu_malloc": "C heap policy: default, keep (faster CPU steps, more memory) or release (less memory, slower)",
+    "cpu_malloc": "C heap policy: auto (release with memory_saving, else default), default, keep (faster CPU "
+                  "steps, more memory) or release (less memory, slower)",
 }
 
 
