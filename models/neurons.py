@@ -304,9 +304,11 @@ def _norm_lif_backward(x, u0, weight, mean, invstd, spikes, grad_spikes, grad_u_
     # One full-size buffer carries currents -> slopes -> dL/dcurrents -> dL/dx; everything else is
     # one timestep in size, which keeps backward's peak memory near the saved tensors'.
     buffer = torch.empty_like(x)
+    # BN replayed: x * scale - mean * scale, in x's dtype (under bf16 autocast a float32 factor that
+    # varies along the channels-last inner dimension costs 25-50x more than a bf16 one).
     scale = (invstd * weight).view(n_bn, 1, c, 1, 1)
-    torch.mul(x[:n_bn], scale, out=buffer[:n_bn])  # BN replayed: x * scale - mean * scale
-    buffer[:n_bn].sub_(mean.view(n_bn, 1, c, 1, 1) * scale)
+    torch.mul(x[:n_bn], scale.to(x.dtype), out=buffer[:n_bn])
+    buffer[:n_bn].sub_((mean.view(n_bn, 1, c, 1, 1) * scale).to(x.dtype))
     buffer[n_bn:] = x[n_bn:]  # full propagation's unnormalised tail
     _slopes_inplace(buffer, spikes, leak, theta, theta_neg, surrogate, 0, u0)
     grad_first = _reverse_scan_inplace(_grad_or_zeros(grad_spikes, buffer), buffer, leak, 0, grad_u_end)
