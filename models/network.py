@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
 from .convolution import Conv2d
 from .encoders import IdentityEncoder, build_encoder
-from .neurons import LIF, compact_spikes, mark_spikes, time_split
+from .neurons import LIF, compact_spikes, mark_spikes, time_split, time_sum
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
 
@@ -307,7 +307,7 @@ class SegmentationNet(nn.Module):
             h = skips[-1]
             for stage, skip in zip(self.decoder, reversed(skips[:-1])):
                 h = stage(h, skip, steps, t0, membranes)
-        total = h if steps == 1 else time_split(h, steps).sum(0)
+        total = h if steps == 1 else time_sum(h, steps)
         return (total, *[membranes[lif] for lif in neurons])
 
     # -------------------------------------------------------------------------------------- analysis

@@ -267,6 +267,19 @@ def time_split(x, steps):
     return x.view(steps, x.shape[0] // steps, *x.shape[1:])
 
 
+def time_sum(x, steps):
+    """Sum over the timesteps of a time-folded tensor, ``[N, C, H, W]``.
+
+    A neuron layer's output is summed as the ``[S, N, ...]`` spikes it came from: backward then hands
+    the neurons the sum's gradient broadcast over time (no memory), where summing the time-folded
+    view would make autograd write out all S copies of it (4 bytes per neuron and step).
+    """
+    per_step = getattr(x, 'per_step', None)
+    if per_step is None or per_step.shape[0] != steps:
+        per_step = time_split(x, steps)
+    return per_step.sum(0)
+
+
 def _norm_lif_forward(x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn,
                       leak, theta, theta_neg):
     """BN of the first ``n_bn`` steps of ``x`` ``[S, N, C, H, W]``, then LIF: the spikes, the final
@@ -423,7 +436,9 @@ class LIF(nn.Module):
             membranes[self] = u
         if self.recording:
             self._record(spikes)
-        return mark_spikes(spikes.flatten(0, 1), None if compact is None else compact.flatten(0, 1))
+        out = mark_spikes(spikes.flatten(0, 1), None if compact is None else compact.flatten(0, 1))
+        out.per_step = spikes  # for time_sum
+        return out
 
     def _record(self, spikes):
         self.spike_count += spikes.detach().abs().sum().double()

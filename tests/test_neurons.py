@@ -170,3 +170,20 @@ def test_compiled_kernels_fire_identical_spikes_and_matching_gradients():
         compile_neuron_kernels(False)
     assert torch.equal(eager, fused)
     torch.testing.assert_close(g_eager, g_fused)
+
+
+def test_time_sum_of_a_neuron_layer_sums_its_spikes_directly():
+    """The readout's sum over time: same values and gradients as summing the time-folded view, taken on
+    the neurons' own [S, N, ...] output so that their backward gets a broadcast (uncopied) gradient."""
+    from models.neurons import time_split, time_sum
+    torch.manual_seed(5)
+    currents = torch.randn(4 * 2, 3, 5, 5, requires_grad=True)  # [T*N, C, H, W], T=4, N=2
+    spikes = LIF(leak=0.9, threshold=0.5)(currents * 2, steps=4)
+    total, plain = time_sum(spikes, 4), time_split(spikes, 4).sum(0)
+    assert torch.equal(total, plain)
+    weights = torch.randn_like(total)
+    grad, = torch.autograd.grad((total * weights).sum(), currents, retain_graph=True)
+    expected, = torch.autograd.grad((plain * weights).sum(), currents)
+    assert torch.equal(grad, expected)
+    node = total.grad_fn.next_functions[0][0]  # SumBackward's input: the neurons' own backward
+    assert type(node).__name__ == '_LIFFunctionBackward'
