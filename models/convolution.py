@@ -1,4 +1,9 @@
-"""Convolutions, with one special case in backward: atrous kernels wider than their input.
+"""Convolution and pooling layers with backward passes of our own, where PyTorch's cost memory.
+
+``AvgPool2d`` keeps nothing for backward (its gradient depends only on the input's shape; PyTorch
+keeps the input, which memory-saving mode's replay would store as float spikes).
+
+``Conv2d`` has one special case in backward: atrous kernels wider than their input.
 
 DeepLab's atrous layer (3x3, dilation 12) runs on a 16x16 map at 64x64 input: its dilated kernel spans
 25 pixels, more than the map, so most of each outer tap lands in the padding. For such a convolution
@@ -14,6 +19,8 @@ compares the two against each other where both apply).
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .storage import restored, storable
 
 
 def kernel_exceeds_input(weight: torch.Tensor, dilation, in_hw) -> bool:
@@ -69,13 +76,15 @@ class _Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(inputs, weight, bias)
+        stored_inputs, ctx.input_dtype = storable(inputs)  # spikes in one byte
+        ctx.save_for_backward(stored_inputs, weight, bias)
         ctx.conv = stride, padding, dilation, groups
         return F.conv2d(inputs, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs, weight, bias = ctx.saved_tensors
+        stored_inputs, weight, bias = ctx.saved_tensors
+        inputs = restored(stored_inputs, ctx.input_dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         return (*conv_backward(grad_out, inputs, weight, bias, *ctx.conv, mask), None, None, None, None)
 
@@ -93,4 +102,32 @@ class Conv2d(nn.Conv2d):
                 and _by_taps(self.weight, self.stride, self.groups, self.dilation, x.shape[-2:])):
             return _Conv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                          self.groups)
+        return super().forward(x)
+
+
+class _AvgPool2dFunction(torch.autograd.Function):
+    """``F.avg_pool2d`` (zero padding counted, floor mode) that keeps only its input's shape and layout."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding):
+        ctx.shape, ctx.args = x.shape, (kernel, stride, padding)
+        ctx.layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                      and not x.is_contiguous() else torch.contiguous_format)
+        return F.avg_pool2d(x, kernel, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        shape_only = torch.empty(ctx.shape, dtype=grad_out.dtype, device=grad_out.device,
+                                 memory_format=ctx.layout)  # read for its size and layout, never its values
+        grad = torch.ops.aten.avg_pool2d_backward(grad_out, shape_only, *ctx.args, False, True, None)
+        return grad, None, None, None
+
+
+class AvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` whose backward keeps no activations (for the default options the network uses)."""
+
+    def forward(self, x):
+        if (torch.is_grad_enabled() and x.requires_grad and not self.ceil_mode and self.count_include_pad
+                and self.divisor_override is None):
+            return _AvgPool2dFunction.apply(x, self.kernel_size, self.stride, self.padding)
         return super().forward(x)

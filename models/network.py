@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
-from .convolution import Conv2d
+from .convolution import AvgPool2d, Conv2d
 from .encoders import IdentityEncoder, build_encoder
 from .neurons import LIF, compact_spikes, mark_spikes, time_split, time_sum
 
@@ -193,7 +193,7 @@ class SegmentationNet(nn.Module):
                     channels = token.channels
                     conv_layers += 1
                 elif isinstance(token, Pool):
-                    self.body.append(nn.AvgPool2d(3, stride=token.stride, padding=1))
+                    self.body.append(AvgPool2d(3, stride=token.stride, padding=1))
                 elif isinstance(token, Score):
                     self.body.append(SkipScore(channels, classes, kernel_size=1))
                 elif isinstance(token, Output):
@@ -274,7 +274,8 @@ class SegmentationNet(nn.Module):
                 # Memory-saving mode: keep only the block's input and the membranes at its start;
                 # backward replays the block (BN statistics are not updated twice).
                 out = torch.utils.checkpoint.checkpoint(
-                    self._run_block, part, t0, k, *carries, recompute=True, use_reentrant=False,
+                    self._run_block, part, t0, k, *carries, recompute=True, spikes_in=getattr(part, 'holds_spikes', False),
+                    use_reentrant=False,
                     context_fn=lambda: (contextlib.nullcontext(), _replaying()))
             else:
                 out = self._run_block(part, t0, k, *carries)
@@ -287,10 +288,14 @@ class SegmentationNet(nn.Module):
             out = F.interpolate(out, size=out_size, mode='bilinear', align_corners=True)
         return out
 
-    def _run_block(self, h, t0, steps, *carries, recompute=False):
+    def _run_block(self, h, t0, steps, *carries, recompute=False, spikes_in=False):
         """Timesteps t0 .. t0+steps-1 through every layer; returns the sum over these steps of what
         feeds the readout, and each neuron layer's final membrane. ``recompute``: spiking conv units keep
-        only their input and recompute their convolution in backward."""
+        only their input and recompute their convolution in backward. ``spikes_in``: ``h`` holds spikes
+        (checkpoint's replay passes a copy of ``h`` that has lost the mark, and must store what the
+        first pass stored)."""
+        if spikes_in:
+            h = mark_spikes(h)
         neurons = self.neuron_layers()
         # Each layer's membrane, carried in and out. A local dict, not module state: memory-saving mode's
         # replay in backward may stop early, and state left on the modules would keep its graph alive.

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .convolution import conv_backward
+from .storage import SPIKE_STORAGE, restored, storable
 from .surrogates import Surrogate, get_surrogate
 
 Threshold = Union[float, torch.Tensor]
@@ -156,10 +157,6 @@ def _reverse_scan_inplace(grad_spikes, slopes, leak, time_dim, grad_u_end=None):
     return grad_u
 
 
-# Spikes are {-1, 0, 1}: kept for backward in one byte instead of four.
-SPIKE_STORAGE = torch.int8
-
-
 def _carried_grad(u0, grad_first, leak):
     """dL/du0 = leak * dL/dI[0] for a membrane carried in from earlier timesteps; None without one."""
     return None if u0 is None else grad_first * leak
@@ -242,7 +239,8 @@ class _ConvNormLIFFunction(torch.autograd.Function):
             x, u0, weight, running_mean, running_var, training, momentum, eps, n_bn, leak, theta, theta_neg)
         del x
         compact = spikes.to(SPIKE_STORAGE)
-        ctx.save_for_backward(inputs, conv_weight, conv_bias, u0, weight, mean, invstd, compact)
+        stored_inputs, ctx.input_dtype = storable(inputs)
+        ctx.save_for_backward(stored_inputs, conv_weight, conv_bias, u0, weight, mean, invstd, compact)
         ctx.mark_non_differentiable(compact)
         ctx.conv, ctx.steps = conv, steps
         ctx.args = training, eps, n_bn, leak, theta, theta_neg, surrogate
@@ -250,7 +248,8 @@ class _ConvNormLIFFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spikes, grad_u_end, _):
-        inputs, conv_weight, conv_bias, *saved = ctx.saved_tensors
+        stored_inputs, conv_weight, conv_bias, *saved = ctx.saved_tensors
+        inputs = restored(stored_inputs, ctx.input_dtype)
         with torch.no_grad():
             x = time_split(F.conv2d(inputs, conv_weight, conv_bias, *ctx.conv), ctx.steps)
         grad_x, grad_u0, grad_weight = _norm_lif_backward(x, *saved, grad_spikes, grad_u_end, *ctx.args)
@@ -348,14 +347,12 @@ def mark_spikes(tensor: torch.Tensor, compact: Optional[torch.Tensor] = None) ->
 
 
 def _pack(tensor):
-    if getattr(tensor, 'holds_spikes', False):
-        compact = tensor.compact if tensor.compact is not None else tensor.to(SPIKE_STORAGE)
-        return compact, tensor.dtype
-    return tensor
+    stored, dtype = storable(tensor)
+    return stored if dtype is None else (stored, dtype)
 
 
 def _unpack(packed):
-    return packed[0].to(packed[1]) if isinstance(packed, tuple) else packed
+    return restored(*packed) if isinstance(packed, tuple) else packed
 
 
 def compact_spikes():

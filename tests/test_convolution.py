@@ -66,3 +66,35 @@ def test_full_resolution_units_recompute_their_convolution():
     assert [unit.recompute for unit in model.conv_units()] == [True, True] + [False] * 6
     fcn = build_model(dict(arch='fcn-vgg9', timesteps=2))
     assert [unit.recompute for unit in fcn.conv_units()][:3] == [True, True, False]
+
+
+def saved_by(fn):
+    """The tensors autograd keeps for backward while ``fn`` runs (outside any spike-compacting hook)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_avg_pool_keeps_nothing_and_has_pytorchs_gradient(stride):
+    from models.convolution import AvgPool2d
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 9, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out, saved = saved_by(lambda: AvgPool2d(3, stride=stride, padding=1)(x))
+    assert saved == []
+    grad_out = torch.randn_like(out)
+    got, = torch.autograd.grad(out, x, grad_out)
+    x_ref = x.detach().requires_grad_()
+    expected, = torch.autograd.grad(nn.functional.avg_pool2d(x_ref, 3, stride, 1), x_ref, grad_out)
+    assert torch.equal(got, expected) and got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_atrous_conv_keeps_its_spike_input_in_one_byte():
+    """Even where no compact_spikes hook is active (memory-saving mode's replay stores through checkpoint's)."""
+    from models.neurons import mark_spikes
+    conv = Conv2d(4, 6, 3, padding=5, dilation=5)
+    spikes = mark_spikes((torch.rand(2, 4, 6, 6) < 0.3).float().requires_grad_())
+    _, saved = saved_by(lambda: conv(spikes))
+    inputs = [t for t in saved if t.shape == spikes.shape]
+    assert len(inputs) == 1 and inputs[0].dtype == torch.int8 and torch.equal(inputs[0].float(), spikes)

@@ -302,3 +302,18 @@ def test_memory_saving_under_autocast_keeps_the_convolution_outputs_instead(monk
         out.float().square().mean().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         assert bool(used) == (not amp)
+
+
+def test_memory_saving_mode_with_poisson_spikes_gives_identical_gradients():
+    """Poisson input is tagged as spikes: the replay must store it as the first pass did (one byte)."""
+    results = []
+    for saving in (False, True):
+        torch.manual_seed(5)
+        model = build_model(dict(arch='dl-vgg9', timesteps=4, num_classes=3, encoder='poisson', def_threshold=0.5,
+                                 memory_saving=saving, memory_block=2)).double()
+        out = model(torch.rand(2, 3, 12, 12, dtype=torch.float64) * 2 - 1)
+        results.append((out, torch.autograd.grad(out.square().sum(), list(model.parameters()))))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b)
