@@ -284,29 +284,38 @@ def _norm_lif_forward(x, u0, weight, running_mean, running_var, training, moment
     """BN of the first ``n_bn`` steps of ``x`` ``[S, N, C, H, W]``, then LIF: the spikes, the final
     membrane and the BN statistics used.
 
-    Timestep by timestep: each step's BN output is a one-step temporary that the neurons consume at
-    once, and each step is one contiguous block (time-major), which BN's channels-last kernel wants.
+    Timestep by timestep: each step's BN output goes to one reused timestep-sized buffer that the
+    neurons consume at once, and each step is one contiguous block (time-major), which BN's
+    channels-last kernel wants. (Reusing buffers in the loops, here and in backward, instead of
+    allocating a block per step keeps the C heap from fragmenting: see utils/allocator.py.)
     """
     steps, c = x.shape[0], x.shape[2]
     theta, theta_neg = _as_scalar(theta), _as_scalar(theta_neg)
     spikes = torch.empty_like(x)
     u = _membrane(x, 0, u0)
-    ratio = torch.empty_like(u)
-    means, invstds = [], []
+    ratio, normed = torch.empty_like(u), torch.empty_like(x[0])
+    mean, invstd = _bn_statistics(x, n_bn * c, training)
     for t in range(steps):
         current = x[t]
         if t < n_bn:
             k = slice(t * c, (t + 1) * c)
-            current, mean, invstd = torch.ops.aten.native_batch_norm(
-                current, weight[k], None, running_mean[k], running_var[k], training, momentum, eps)
-            means.append(mean)
-            invstds.append(invstd)
+            torch.ops.aten.native_batch_norm.out(
+                current, weight[k], None, running_mean[k], running_var[k], training, momentum, eps,
+                out=normed, save_mean=mean[k] if training else x.new_empty(0),
+                save_invstd=invstd[k] if training else x.new_empty(0))
+            current = normed
         _Kernels.fire(u, current, spikes[t], ratio, leak, theta, theta_neg)
-    if training:
-        mean, invstd = torch.cat(means), torch.cat(invstds)
-    else:  # eval-mode BN normalises with the running statistics
+    if not training:  # eval-mode BN normalises with the running statistics
         mean, invstd = running_mean.clone(), (running_var + eps).rsqrt()
     return spikes, u, mean, invstd
+
+
+def _bn_statistics(x, size, training):
+    """Buffers for the per-(timestep, channel) mean and 1/std that training-mode BN writes."""
+    if not training:
+        return None, None
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(size, dtype=dtype), x.new_empty(size, dtype=dtype)
 
 
 def _norm_lif_backward(x, u0, weight, mean, invstd, spikes, grad_spikes, grad_u_end,
@@ -327,10 +336,12 @@ def _norm_lif_backward(x, u0, weight, mean, invstd, spikes, grad_spikes, grad_u_
     grad_u0 = _carried_grad(u0, grad_first, leak)  # before the BN backward overwrites the buffer
     grad_weight = torch.empty_like(weight)
     var = invstd.pow(-2) - eps  # read instead of running_var when train=False
+    grad_x, grad_shift = torch.empty_like(x[0]), torch.empty_like(weight[:c])  # reused; the shift's is unused
     for t in range(n_bn):
         k = slice(t * c, (t + 1) * c)
-        grad_x, grad_weight[k], _ = torch.ops.aten.native_batch_norm_backward(
-            buffer[t], x[t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps, [True, True, False])
+        torch.ops.aten.native_batch_norm_backward.out(
+            buffer[t], x[t], weight[k], mean[k], var[k], mean[k], invstd[k], training, eps, [True, True, True],
+            out0=grad_x, out1=grad_weight[k], out2=grad_shift)
         buffer[t].copy_(grad_x)
     return buffer, grad_u0, grad_weight
 
