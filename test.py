@@ -76,7 +76,8 @@ def get_args_parser(add_help: bool = True, plugins=()) -> argparse.ArgumentParse
     overrides.add_argument("--num_workers", "--num-workers", type=int)
     parser.add_argument("--device", type=str, default="auto")
     parser.add_argument("--cpu_malloc", "--cpu-malloc", default="auto", choices=POLICIES,
-                        help="C heap policy (utils/allocator.py): keep is faster on CPU, release uses less memory")
+                        help="C heap policy (utils/allocator.py): auto (balanced), keep is faster on CPU, "
+                             "release uses less memory")
     parser.add_argument("--seed", type=int, default=0, help="seed for the Poisson spike encoding")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     for plugin in plugins:

@@ -56,7 +56,7 @@ def get_args_parser():
     p.add_argument('--path', default='multistep', choices=['multistep', 'per-timestep'],
                    help='the multi-step network, or the per-timestep reference loop')
     p.add_argument('--cpu_malloc', default='auto', choices=POLICIES,
-                   help='C heap policy (utils/allocator.py); auto: release with --memory_saving, else default')
+                   help='C heap policy (utils/allocator.py); auto: release with --memory_saving, else balanced')
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: leave the default)')
     p.add_argument('--no_floor', action='store_true', help='skip the ANN floor measurement')

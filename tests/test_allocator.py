@@ -30,7 +30,9 @@ big = torch.ones(4 * 2**20)       # 16 MB: by default glibc maps a block this la
 big_mapped = mapped()
 del big                           # by default, freeing it raises glibc's threshold for mapping to 16 MB
 small = torch.ones(2**19)         # 2 MB
-print(json.dumps({'big_mapped': big_mapped, 'small_mapped': mapped()}))
+small_mapped = mapped()
+medium = torch.ones(10 * 2**18)   # 10 MB
+print(json.dumps({'big_mapped': big_mapped, 'small_mapped': small_mapped, 'medium_mapped': mapped() - small_mapped}))
 '''
 
 
@@ -51,15 +53,27 @@ def glibc():
 @pytest.mark.skipif(not glibc(), reason='mallinfo2 is glibc-only')
 def test_policies_change_how_glibc_places_blocks():
     mb = 2**20
-    default, keep, release = probe('default'), probe('keep'), probe('release')
+    default, keep, release, balanced = probe('default'), probe('keep'), probe('release'), probe('balanced')
     assert default['big_mapped'] >= 16 * mb and default['small_mapped'] < 2 * mb
+    assert default['medium_mapped'] < mb  # after the 16 MB free, glibc's default keeps 10 MB in its heap
     assert keep['big_mapped'] < mb  # served from the heap, kept after free: no new page faults next time
     assert release['small_mapped'] >= 2 * mb  # mapped (so freed back to the kernel) despite the 16 MB free
-    # auto: release in memory-saving mode, glibc's default otherwise
+    # balanced: over 8 MB mapped (and returned at free) whatever was freed before; smaller from the heap
+    assert balanced['medium_mapped'] >= 10 * mb and balanced['small_mapped'] < 2 * mb
+    # auto: release in memory-saving mode, balanced otherwise
     assert probe('auto', 'memory_saving')['small_mapped'] >= 2 * mb
-    assert probe('auto')['small_mapped'] < 2 * mb
+    auto = probe('auto')
+    assert auto['medium_mapped'] >= 10 * mb and auto['small_mapped'] < 2 * mb
 
 
 def test_unknown_policy_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match=r"cpu_malloc must be one of \['auto', 'default', 'keep', 'release'\], got 'fast'"):
+    with pytest.raises(ValueError, match=r"cpu_malloc must be one of \['auto', 'balanced', 'default', 'keep', 'release'\], got 'fast'"):
         set_cpu_malloc('fast')
+
+
+def test_without_mallopt_auto_falls_back_and_explicit_policies_are_refused(monkeypatch):
+    import utils.allocator as allocator
+    monkeypatch.setattr(allocator, '_libc', lambda: None)
+    assert allocator.set_cpu_malloc('auto') == 'default'
+    with pytest.raises(RuntimeError, match="cpu_malloc 'balanced' needs glibc's mallopt"):
+        allocator.set_cpu_malloc('balanced')

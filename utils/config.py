@@ -72,8 +72,8 @@ HELP = {
     "amp": "bfloat16 autocast for the convolutions (CPU and GPU); membranes stay float32",
     "memory_saving": "replay blocks of memory_block timesteps in backward, recomputing each spiking conv",
     "compile": "fuse the neurons' elementwise steps with torch.compile",
-    "cpu_malloc": "C heap policy: auto (release with memory_saving, else default), default, keep (faster CPU "
-                  "steps, more memory) or release (less memory, slower)",
+    "cpu_malloc": "C heap policy on CPU: auto (release with memory_saving, else balanced), balanced, default "
+                  "(glibc's), keep (fastest, most memory) or release (least memory, slowest)",
 }
 
 
