@@ -301,8 +301,7 @@ def _norm_lif_forward(x, u0, weight, running_mean, running_var, training, moment
             k = slice(t * c, (t + 1) * c)
             torch.ops.aten.native_batch_norm.out(
                 current, weight[k], None, running_mean[k], running_var[k], training, momentum, eps,
-                out=normed, save_mean=mean[k] if training else x.new_empty(0),
-                save_invstd=invstd[k] if training else x.new_empty(0))
+                out=normed, save_mean=mean[k], save_invstd=invstd[k])
             current = normed
         _Kernels.fire(u, current, spikes[t], ratio, leak, theta, theta_neg)
     if not training:  # eval-mode BN normalises with the running statistics
@@ -311,10 +310,10 @@ def _norm_lif_forward(x, u0, weight, running_mean, running_var, training, moment
 
 
 def _bn_statistics(x, size, training):
-    """Buffers for the per-(timestep, channel) mean and 1/std that training-mode BN writes."""
-    if not training:
-        return None, None
+    """Buffers for the per-(timestep, channel) mean and 1/std that training-mode BN writes (at least
+    float32, as BN computes them; eval-mode BN writes none, and gets empty ones)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
+    size = size if training else 0
     return x.new_empty(size, dtype=dtype), x.new_empty(size, dtype=dtype)
 
 

@@ -287,6 +287,13 @@ def test_bf16_autocast_fires_like_float32_and_trains(arch):
         final[amp] = loss.item()
         assert final[amp] < 0.9 * first
     assert final[True] == pytest.approx(final[False], rel=0.05)
+    model.eval()  # inference (BN with running statistics) under autocast too
+    with torch.no_grad():
+        exact = model.body[0](inputs, 3)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            mixed = model.body[0](inputs, 3)
+            assert torch.isfinite(model(x).float()).all()
+    assert (exact != mixed).float().mean() < 5e-3
 
 
 def test_memory_saving_under_autocast_keeps_the_convolution_outputs_instead(monkeypatch):
