@@ -8,7 +8,7 @@ MB beyond the live tensors after 20 steps. The policies (``--cpu_malloc``; READM
 
 - ``balanced``: map every block over 8 MB on its own (``M_MMAP_THRESHOLD = 8 MB``, which also stops
   glibc from raising that threshold as blocks are freed): freed large blocks go back to the kernel,
-  the heap stays small. 1.05 GB instead of 1.18 GB after 20 steps, for ~12 % slower steps.
+  the heap stays small. 1.04 GB instead of 1.17 GB after 20 steps, for 15-25 % slower steps.
 - ``default``: glibc as it is.
 - ``keep``: serve every block from the heap and never hand freed memory back (``M_MMAP_MAX = 0``,
   trim threshold at its maximum): after the first step no page is faulted again. The fastest steps,
