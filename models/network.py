@@ -2,8 +2,8 @@
 
 Tensors flow time-folded, ``[T*N, C, H, W]`` (time-major: each timestep one contiguous block) and
 channels-last. A convolution or a pooling layer does not care about time, so it runs over all timesteps
-at once; only BNTT (one BN per timestep) and the LIF neurons look at the time axis. The ANN is the same network with T = 1, ordinary BN and ReLU, so the two
-variants of an architecture cannot drift apart.
+at once; only BNTT (one BN per timestep) and the LIF neurons look at the time axis. The ANN is the same
+network with T = 1, ordinary BN and ReLU, so the two variants of an architecture cannot drift apart.
 
 Differences from a per-timestep loop are only in the order of floating-point sums: the network is
 feed-forward, so running layer by layer over all timesteps computes the same spikes as running timestep
@@ -274,8 +274,8 @@ class SegmentationNet(nn.Module):
                 # Memory-saving mode: keep only the block's input and the membranes at its start;
                 # backward replays the block (BN statistics are not updated twice).
                 out = torch.utils.checkpoint.checkpoint(
-                    self._run_block, part, t0, k, *carries, recompute=True, spikes_in=getattr(part, 'holds_spikes', False),
-                    use_reentrant=False,
+                    self._run_block, part, t0, k, *carries, recompute=True,
+                    spikes_in=getattr(part, 'holds_spikes', False), use_reentrant=False,
                     context_fn=lambda: (contextlib.nullcontext(), _replaying()))
             else:
                 out = self._run_block(part, t0, k, *carries)
