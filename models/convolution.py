@@ -37,7 +37,8 @@ padding fills, then copies; counted in ``tests/test_convolution.py``); and the c
 phases for backward (2.25x / 1.32x the bf16 input autocast's convolution would keep). On CPU, where
 step 2 is off by default, oneDNN's bf16 weight gradient over the many small phase images is ~2 % off
 (batch 2) to 8 % (batch 32), against ~0.3-0.7 % for the dilated convolution: its reduction over the
-batch is not fp32. Whether cuDNN's is must be checked with the speed.
+batch is not fp32. Whether cuDNN's is must be checked with the speed: ``tests/test_convolution.py``'s
+CUDA test (skipped without a GPU, never run yet) checks both the kernels and the errors at the two shapes.
 
 cuDNN's algorithm choice: ``torch.backends.cudnn.benchmark`` is not turned on, here or anywhere (it is
 PyTorch's default, off). Benchmark mode times the algorithms for every new shape; in the measurement at
