@@ -68,10 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-try:
-    from .spikes import restored, storable
-except ImportError:  # before the spike protocol moved out of storage.py
-    from .storage import restored, storable
+from .spikes import restored, storable
 
 # Where dilated convolutions run as dense ones over their phases (step 2), keyed by device type, with
 # '-lowp' for bf16 / fp16 (autocast's dtype where it is on). A missing key is off.

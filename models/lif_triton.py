@@ -446,6 +446,10 @@ def _bn_grad_kernel(g_ptr, x_ptr, gx_ptr, mean_ptr, invstd_ptr, weight_ptr, sums
 
 # The environment variable is read when the kernels are decorated (at import), not at launch.
 _INTERPRETED = type(_lif_forward_kernel).__name__ == 'InterpretedFunction'
+if _INTERPRETED:
+    # The interpreter runs each program as numpy calls on whole tiles: few, large tiles are what is fast
+    # there (the tests' networks would take minutes with the GPU's tile sizes).
+    _TILE, _MIN_PROGRAMS, _MAX_BLOCK_C, _FINISH_BLOCK_K = 1 << 15, 1, 1 << 12, 1 << 12
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""The two neuron backends run the same model: the Triton kernels (through Triton's interpreter on CPU
+tensors, as ``tests/conftest.py`` sets it up) against the torch loops and the per-timestep reference.
+
+Whole networks in float64, where a spike flip between two correct implementations is practically
+impossible: spikes must agree exactly, logits and every gradient to float64 rounding.
+"""
+import pytest
+import torch
+
+import models.neurons as neurons
+from models import build_model, lif_sequence, lif_torch
+from models.surrogates import SURROGATES
+from tests.reference_snn import per_timestep_forward
+
+triton_backend = pytest.importorskip('models.lif_triton', reason='triton is not installed')
+torch.set_num_threads(2)
+
+
+def twin_models(**cfg):
+    """The same float64 SNN twice, on the torch and the triton backend (same weights, same buffers)."""
+    base = dict(arch='dl-vgg9', timesteps=3, num_classes=3, in_channels=3, encoder='direct', def_threshold=0.4)
+    base.update(cfg)
+    torch.manual_seed(0)
+    models = [build_model({**base, 'neuron_backend': name}).double() for name in ('torch', 'triton')]
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+def record_inputs(model):
+    """Each neuron layer's input shape, from one forward (for threshold maps of the right shape)."""
+    shapes = {}
+    def remember(module, args):
+        shapes.setdefault(module, args[0].shape[1:])  # returns None: the arguments stay as they are
+
+    hooks = [lif.register_forward_pre_hook(remember) for lif in model.neuron_layers()]
+    with torch.no_grad():
+        model.eval()(torch.rand(2, 3, 8, 8, dtype=torch.float64))  # eval: the running statistics stay
+    model.train()
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def set_thresholds(models, kind):
+    torch.manual_seed(1)
+    shapes = record_inputs(models[0])
+    for lifs in zip(*(m.neuron_layers() for m in models)):
+        c, h, w = shapes[lifs[0]]
+        theta = torch.rand(c, 1, 1) * 0.6 + 0.2 if kind == 'channel' else torch.rand(c, h, w) * 0.6 + 0.2
+        for lif in lifs:
+            lif.set_threshold(theta.double())
+
+
+def run(model, x, target):
+    """Logits, loss, every parameter's gradient and the spike count of every layer."""
+    model.zero_grad()
+    model.record_spikes(True)
+    model.reset_spike_stats()
+    torch.manual_seed(7)  # the same Poisson draws for both models
+    out = model(x)
+    loss = torch.nn.functional.cross_entropy(out, target)
+    loss.backward()
+    model.record_spikes(False)
+    grads = [p.grad.clone() for p in model.parameters()]
+    return out.detach(), grads, [s['spikes'] for s in model.spike_stats()]
+
+
+def assert_same_run(models, size=8):
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, size, size, dtype=torch.float64) * 2 - 1
+    target = torch.randint(0, 3, (2, size, size))
+    (out_a, grads_a, spikes_a), (out_b, grads_b, spikes_b) = (run(m, x, target) for m in models)
+    assert spikes_a == spikes_b and sum(spikes_a) > 0
+    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in grads_a)
+    for a, b in zip(models[0].buffers(), models[1].buffers()):  # BN's running statistics
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('arch', ['dl-vgg9', 'fcn-vgg9'])
+def test_triton_backend_trains_like_the_torch_backend(arch):
+    models = twin_models(arch=arch)
+    assert [m.neuron_backend for m in models] == ['torch', 'triton']
+    assert_same_run(models)
+
+
+@pytest.mark.parametrize('surrogate', sorted(SURROGATES))
+def test_every_surrogate_through_lif_sequence(surrogate):
+    """Each surrogate's slope on both backends (the whole networks below use the default one)."""
+    torch.manual_seed(3)
+    currents = (torch.rand(5, 2, 3, 4, 4, dtype=torch.float64) * 1.5 - 0.3).requires_grad_()
+    theta = torch.rand(3, 1, 1, dtype=torch.float64) + 0.5
+    weights = torch.randn_like(currents)
+    results = []
+    for backend in ('torch', 'triton'):
+        spikes = lif_sequence(currents, 0.9, theta, surrogate, threshold_neg=-theta / 0.5, backend=backend)
+        results.append((spikes, *torch.autograd.grad((spikes * weights).sum(), currents)))
+    (spikes_a, grad_a), (spikes_b, grad_b) = results
+    assert torch.equal(spikes_a, spikes_b) and spikes_a.abs().sum() > 0
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-10, atol=1e-12)
+    assert grad_a.abs().sum() > 0
+
+
+@pytest.mark.parametrize('kind', ['channel', 'neuron'])
+def test_channel_and_neuron_thresholds(kind):
+    models = twin_models()
+    set_thresholds(models, kind)
+    assert_same_run(models)
+
+
+def test_imbalanced_negative_threshold_and_full_propagation():
+    assert_same_run(twin_models(arch='fcn-vgg9', leaky=True, alpha=0.5, full_prop=True, encoder='poisson'))
+
+
+def test_memory_saving_blocks_carry_the_membrane():
+    assert_same_run(twin_models(memory_saving=True, memory_block=2, timesteps=4))
+
+
+def test_eval_mode_uses_running_statistics():
+    models = twin_models()
+    assert_same_run(models)  # one training forward moves the running statistics off their initial values
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        out_a, out_b = (m.eval()(x) for m in models)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
+
+
+def test_triton_backend_matches_the_per_timestep_reference():
+    """The independent twin: every layer once per timestep, autograd through time (tests/reference_snn.py)."""
+    model = twin_models(encoder='direct')[1]
+    frames = (torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1).expand(3, -1, -1, -1, -1)
+    out = model(frames[0])
+    reference = per_timestep_forward(model, frames)
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+    weights = [u.conv.weight for u in model.conv_units()]
+    grads = torch.autograd.grad(out.square().sum(), weights)
+    expected = torch.autograd.grad(reference.square().sum(), weights)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_backend_is_not_part_of_the_checkpoint():
+    """A model trained on one backend evaluates unchanged on the other: same state dict keys and tensors."""
+    torch_model, triton_model = twin_models()
+    assert_same_run([torch_model, triton_model])
+    state = triton_model.state_dict()
+    assert list(state) == list(torch_model.state_dict())
+    fresh = build_model(dict(torch_model.config, neuron_backend='torch')).double()
+    fresh.load_state_dict(state)
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), triton_model.eval()(x), rtol=1e-10, atol=1e-12)
+
+
+def test_backend_choice_is_made_in_one_place(monkeypatch):
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert neurons.backend_for('torch', cuda) is lif_torch
+    assert neurons.backend_for('auto', cpu) is lif_torch
+    assert neurons.backend_for('auto', cuda) is triton_backend
+    assert neurons.backend_for('triton', cpu) is triton_backend  # the interpreter is on in the tests
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    with pytest.warns(UserWarning, match="runs on CUDA tensors"):
+        neurons._warn_triton_fallback.cache_clear()
+        assert neurons.backend_for('triton', cpu) is lif_torch
+    with pytest.raises(ValueError, match="unknown neuron_backend 'cuda'"):
+        build_model(dict(arch='dl-vgg9', timesteps=2, neuron_backend='cuda'))
+
+
+def test_switching_backends_keeps_the_weights():
+    model = twin_models()[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_neuron_backend('triton')
+    assert model.neuron_backend == 'triton' and model.config['neuron_backend'] == 'triton'
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
