@@ -284,19 +284,22 @@ def tap_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, kernel, paddin
     return grad_weight.permute(0, 3, 1, 2)  # [C_out, C_in, kh, kw], channels-last like the weight's
 
 
-def _by_taps(weight, stride, groups, dilation, in_hw):
-    return tuple(stride) == (1, 1) and groups == 1 and kernel_exceeds_input(weight, dilation, in_hw)
+def _by_taps(weight, stride, groups, dilation, inputs):
+    """Whether the weight's gradient is ``tap_weight_grad``'s: on the CPU only, where it replaces oneDNN's
+    generic path (on CUDA it would be ~30 small kernels where cuDNN runs one)."""
+    return (inputs.device.type == 'cpu' and tuple(stride) == (1, 1) and groups == 1
+            and kernel_exceeds_input(weight, dilation, inputs.shape[-2:]))
 
 
 def conv_backward(grad_out, inputs, weight, bias, stride, padding, dilation, groups, mask):
     """(dL/dinput, dL/dweight, dL/dbias) of ``F.conv2d``; ``mask`` says which are wanted (else None).
 
-    The weight's gradient by ``tap_weight_grad`` where the kernel is wider than the input; the rest by
+    The weight's gradient by ``tap_weight_grad`` where the kernel is wider than the input (CPU); the rest by
     PyTorch's backward of the convolution over the overlapping taps (step 1; no step 2 here).
     """
     wants_input, wants_weight, wants_bias = mask
     grad_weight = None
-    if wants_weight and _by_taps(weight, stride, groups, dilation, inputs.shape[-2:]):
+    if wants_weight and _by_taps(weight, stride, groups, dilation, inputs):
         grad_weight, wants_weight = tap_weight_grad(grad_out, inputs, weight.shape[-2:], padding, dilation), False
     if not (wants_input or wants_weight or wants_bias):
         return None, grad_weight, None
@@ -342,7 +345,7 @@ class Conv2d(nn.Conv2d):
             return super().forward(x)
         if (torch.is_grad_enabled() and isinstance(self.padding, tuple)
                 and not torch.is_autocast_enabled(x.device.type) and dilated_strategy(x) == 'dilated'
-                and _by_taps(self.weight, self.stride, self.groups, self.dilation, x.shape[-2:])):
+                and _by_taps(self.weight, self.stride, self.groups, self.dilation, x)):
             return _Conv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                          self.groups)
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

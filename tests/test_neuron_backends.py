@@ -174,3 +174,58 @@ def test_switching_backends_keeps_the_weights():
     model.set_neuron_backend('triton')
     assert model.neuron_backend == 'triton' and model.config['neuron_backend'] == 'triton'
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def work_per_training_step(timesteps, backend):
+    """Operations that launch work in one SGD step of dl-vgg9: aten ops (views and allocations aside) plus
+    Triton kernel launches; what the interpreter itself does with the kernels' arguments (absent on a GPU)
+    is not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.interpreter import InterpretedFunction
+
+    free = {'view', 'as_strided', 'select', 'slice', 'permute', 't', 'expand', 'reshape', '_unsafe_view', 'alias',
+            'unsqueeze', 'squeeze', 'detach', 'transpose', 'empty', 'empty_like', 'empty_strided', 'new_empty',
+            'new_empty_strided', 'promote_types', 'result_type', '_record_function_enter_new',
+            '_record_function_exit', 'set_'}
+    counted, interpreting = [], []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not interpreting and func.overloadpacket.__name__ not in free:
+                counted.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def launch(self, *args, **kwargs):
+        counted.append(self.fn.__name__)
+        interpreting.append(True)
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            interpreting.pop()
+
+    torch.manual_seed(0)
+    model = build_model(dict(arch='dl-vgg9', timesteps=timesteps, num_classes=4, neuron_backend=backend))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+    x, y = torch.rand(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()  # the optimizer's state exists from now on
+    run = InterpretedFunction.run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InterpretedFunction, 'run', launch)
+        with Count():
+            step()
+    return counted
+
+
+def test_triton_backend_work_per_step_does_not_grow_with_timesteps():
+    """The fused kernels loop over time inside: a training step launches as much work at T=4 as at T=2
+    (the torch backend launches a few ops per timestep and layer), and stays well under 300."""
+    short, long = work_per_training_step(2, 'triton'), work_per_training_step(4, 'triton')
+    assert sorted(short) == sorted(long) and len(long) < 300
+    assert long.count('_lif_forward_kernel') == long.count('_lif_backward_kernel') == 8  # one per layer
+    assert len(work_per_training_step(4, 'torch')) > 1.5 * len(work_per_training_step(2, 'torch'))
