@@ -302,7 +302,7 @@ class LIF(nn.Module):
         return value
 
     def _record(self, spikes):
-        self.spike_count += spikes.detach().abs().sum().double()
+        self.spike_count += spikes.detach().abs().sum(dtype=torch.float64)  # exact for bf16 spikes too
         self.images += spikes.shape[1]
         self.steps = spikes.shape[0]
         self.neurons = spikes[0, 0].numel()
