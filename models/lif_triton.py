@@ -374,6 +374,10 @@ def _lif_backward_kernel(x_ptr, compact_ptr, gs_ptr, gu_end_ptr, u0_ptr, gu0_ptr
     for t in range(n_bn, S):
         u = _replay_step(u, _load_step(x_ptr, t, sS, offs, mask, f), compact_ptr, g_ptr, t, sS, offs, mask,
                          leak, theta, theta_neg, p0, p1, KIND, NEG)
+    # The reverse pass reads the slopes this program just wrote. Each element is written and read through
+    # the same offsets (so by the same thread in the same layout); the barrier makes that hold whatever
+    # layout the compiler picks for the two loops (once per program: negligible).
+    tl.debug_barrier()
     # dL/dI[S-1] = dL/ds * slope + dL/du_end: the carried-in gradient enters with factor 1, not leak.
     if HAS_GU_END:
         carry = tl.load(gu_end_ptr + u_offs, mask=mask, other=0.0).to(f)
