@@ -8,7 +8,7 @@ import torch
 
 import setup
 import train
-from tests.conftest import REPO, TINY_ARGS, run_script
+from tests.conftest import REPO, TINY_ARGS, read_jsonl, run_script
 from utils.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from utils.cli import TrainingStopped, run_main
 
@@ -102,7 +102,7 @@ def test_resume_with_another_architecture(capsys, tmp_path):
     data = load_checkpoint(ckpt)
     save_checkpoint(ckpt, {**data, "optimizer": {}, "scheduler": {}, "epoch": 1, "best_miou": 0.0, "rng": {}})
     one_line_error(capsys, train.main, ["--resume", str(ckpt), *TINY_ARGS, "--arch", "fcn-vgg9", "--epochs", "2",
-                                        "--model_dir", str(tmp_path)], "dl.pth", "another architecture")
+                                        "--model_dir", str(tmp_path)], "dl.pth", "arch 'dl-vgg9' -> 'fcn-vgg9'")
 
 
 class FailsLater(torch.nn.Module):
@@ -137,10 +137,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(monkeypatch, capsys, tmp_
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
 
 
-def test_ctrl_c_saves_last_checkpoint(monkeypatch, capsys, tmp_path):
+def test_ctrl_c_keeps_the_epoch_boundary_checkpoint(monkeypatch, capsys, tmp_path):
     real_build = setup.build_model
+    # call 5 is the second training batch of epoch 2: epoch 1 is written, epoch 2 is not
     monkeypatch.setattr(setup, "build_model", lambda cfg, device: FailsLater(real_build(cfg, device), 4, "interrupt"))
     assert run_main(train.main, tiny_train_args(tmp_path, "stop")) == 130
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "last.pth (epoch 1)" in err and "--resume" in err
     saved = load_checkpoint(tmp_path / "stop" / "last.pth")
-    assert saved["interrupted"] is True and saved["epoch"] == 1
+    assert saved["epoch"] == 1 and "interrupted" not in saved  # an epoch boundary, labelled as such
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "stop" / "metrics.jsonl")] == [1]
