@@ -60,7 +60,7 @@ def replace_problem(path: Path) -> str | None:
     """Why `path` must not be replaced (a folder, or a file its owner made read-only), or None."""
     try:
         mode = path.stat().st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     if stat.S_ISDIR(mode):
         return "it is a folder"
