@@ -1,5 +1,4 @@
 """Bad input -> one clear line naming the thing, non-zero exit, no traceback; NaN stop; Ctrl-C save."""
-import importlib.util
 import math
 import os
 
@@ -8,28 +7,9 @@ import torch
 
 import setup
 import train
-from tests.conftest import REPO, TINY_ARGS, read_jsonl, run_script
+from tests.conftest import TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script
 from utils.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from utils.cli import TrainingStopped, run_main
-
-
-def load_test_script():
-    # test.py is loaded by path: `import test` could find the standard library's test package.
-    spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def one_line_error(capsys, main, argv, *expected):
-    code = run_main(main, argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def test_subprocess_exit_code_and_single_line_without_traceback(tmp_path):
@@ -62,11 +42,11 @@ def test_train_bad_yaml(capsys, tmp_path):
     one_line_error(capsys, train.main, ["--config", str(typo)], "typo.yaml", "'batchsize'")
 
 
-def tiny_checkpoint(path, arch="dl-vgg9", config_arch=None):
+def tiny_checkpoint(path, arch="dl-vgg9", config_arch=None, **overrides):
     import models
     cfg = {**models.MODEL_DEFAULTS, "model_type": "ann", "arch": arch, "dataset": "synthetic", "num_classes": 4,
            "in_channels": 3, "img_size": [16, 16], "num_val": 2, "batch_size": 2, "num_workers": 0, "thl": False,
-           "augment": False, "data_root": None, "seed": 0}
+           "augment": False, "data_root": None, "seed": 0, **overrides}
     state = models.build_model(cfg).state_dict()
     save_checkpoint(path, {"format": FORMAT, "config": {**cfg, "arch": config_arch or arch}, "state_dict": state})
     return path

@@ -198,8 +198,9 @@ def parse_size(value):
     if sizes == [NATIVE_SIZE]:
         return None
     if not sizes or len(sizes) > 2 or min(sizes) < 1:
+        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         raise ValueError(f"img_size must be one positive int (square), two (H W), or -1 for the native size, "
-                         f"got {value!r}")
+                         f"got {shown}")
     return sizes * (3 - len(sizes))
 
 
