@@ -19,6 +19,7 @@ from tqdm import tqdm
 from data.ddd17 import DDD17, NUM_EVENT_CHANNELS, frame_name
 from data.voc2012 import VOC2012, find_voc_dir, missing_files, read_ids, split_list_and_masks
 from utils import files
+from utils.cli import ArgumentParser
 
 
 def voc_train_aug_ids(voc_dir: Path):
@@ -74,7 +75,7 @@ def check(dataset, root, split, list_path, deep):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="python -m data.datalists", description=__doc__,
+    parser = ArgumentParser(prog="python -m data.datalists", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=["voc2012", "ddd17"])
     parser.add_argument("--root", required=True, help="dataset root (see README.md, section Data)")

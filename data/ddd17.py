@@ -20,7 +20,6 @@ learning (thl=True) an item is the T frames ending at a target frame; a window n
 crosses a gap or a recording change, so the first T-1 frames of every sequence are
 history only and are not targets (`dropped_targets` counts them).
 """
-import argparse
 import os
 import re
 import sys
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from data.transforms import ddd17_transform, scale_events
 from data.voc2012 import load_mask
 from utils import files
+from utils.cli import ArgumentParser
 
 NUM_CLASSES = 6
 NUM_EVENT_CHANNELS = 6
@@ -279,7 +279,7 @@ def _write_frames(f, frames, split, compression):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data.ddd17", description="DDD17 tools")
+    parser = ArgumentParser(prog="python -m data.ddd17", description="DDD17 tools")
     commands = parser.add_subparsers(dest="command", required=True)
     pack_cmd = commands.add_parser("pack", help="pack a split into one HDF5 file")
     pack_cmd.add_argument("root", help="folder with events/ and labels/ (Ev-SegNet layout)")

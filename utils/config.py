@@ -328,9 +328,11 @@ def add_config_arguments(parser: argparse.ArgumentParser):
         if key.derived:
             continue
         names = [f"--{key.name}"] + ([f"--{key.name.replace('_', '-')}"] if "_" in key.name else [])
-        choices = f"; {', '.join(key.allowed())}" if isinstance(key.choices, tuple) else ""
-        help_text = f"{key.help} (default: {key.default}{choices})"
-        if key.kind is bool:
+        help_text = f"{key.help} (default: {key.default})"
+        if key.choices is not None:
+            group.add_argument(*names, dest=key.name, type=_flag_type(key.name), default=None, help=help_text,
+                               metavar="{" + ",".join(key.allowed()) + "}")
+        elif key.kind is bool:
             group.add_argument(*names, dest=key.name, type=_flag_type(key.name), nargs="?", const=True,
                                default=None, help=help_text)
         elif key.kind in ("size", "intlist"):
