@@ -4,11 +4,13 @@ This is NOT a packaging script: the project is installed with `pip install -r re
 (or `conda env create -f environment.yml`) and run from the repository root. Running
 `python setup.py` says so and exits with a non-zero code.
 
-Import it as a module (`import setup`): config parsing (`add_config_arguments`, `resolve_config`,
-`describe_config`, `check_paths`), then `build_datasets`, `build_loaders`, `build_model`, `build_loss`,
-`build_optimizer`, `build_scheduler`, `resolve_device`, `build_logger`, `seed_everything`.
+Import it as a module (`import setup`): config parsing and checks (`add_config_arguments`,
+`resolve_config`, `describe_config`, `check_inputs`, `check_run`), then `build_datasets`, `build_loaders`,
+`build_model`, `build_loss`, `build_optimizer`, `build_scheduler`, `resolve_device`, `build_logger`,
+`seed_everything`.
 """
 import argparse
+import importlib.util
 import random
 import sys
 from pathlib import Path
@@ -32,8 +34,8 @@ QUICKSTART_CONFIG = QUICKSTART_CONFIGS["snn"]
 LR_DECAY_POINTS = (0.5, 0.8)  # the paper's schedule: x0.1 at 50% and at 80% of the epochs
 POLY_POWER = 0.9
 
-__all__ = ["add_config_arguments", "resolve_config", "describe_config", "check_inputs", "check_paths", "save_config_yaml", "build_datasets", "build_loaders",
-           "build_model", "build_loss", "build_optimizer", "build_scheduler", "lr_factor", "resolve_device",
+__all__ = ["add_config_arguments", "resolve_config", "describe_config", "check_inputs", "check_run", "save_config_yaml",
+           "build_datasets", "build_loaders", "build_model", "build_loss", "build_optimizer", "build_scheduler", "lr_factor", "resolve_device",
            "build_logger", "seed_everything", "QUICKSTART_CONFIG"]
 
 
@@ -99,10 +101,13 @@ def check_inputs(cfg: dict):
                          f"for the layout")
 
 
-def check_paths(cfg: dict):
-    """A training run's inputs exist and its run folder can be written, checked before any work."""
+def check_run(cfg: dict):
+    """Before any work: a training run's inputs exist, its run folder can be written and what it logs
+    to is installed."""
     check_inputs(cfg)
     files.check_output_dir(Path(cfg["model_dir"]) / cfg["name"], "run folder")
+    if cfg["wandb"] and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--wandb was given but the wandb package is not installed (pip install wandb)")
 
 
 def seed_everything(seed: int):

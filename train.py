@@ -29,7 +29,7 @@ from utils.config import SCHEMA
 from utils.distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from utils.evaluation import autocast, evaluate, to_model_input
 from utils.files import WriteError
-from utils.runs import claim_run_dir, holding_interrupts, read_metrics
+from utils.runs import claim_run_dir, holding_interrupts, read_metrics, release_run_dir
 
 
 def get_args_parser(add_help: bool = True) -> ArgumentParser:
@@ -173,7 +173,8 @@ def prepare(args, is_main: bool):
         print(setup.describe_config(args, args.resume), flush=True)
     if resumed is not None:
         check_resume(resumed, args.resume, cfg)
-    setup.check_paths(cfg)
+    setup.check_run(cfg)
+    setup.resolve_device(cfg)  # an unavailable device is refused before the run folder is claimed
     run_dir = Path(cfg["model_dir"]) / cfg["name"]
     resume = (args.resume, int(resumed["epoch"])) if resumed else None
     note = on_main_process(is_main, lambda: claim_run_dir(run_dir, resume, args.overwrite))
@@ -181,9 +182,18 @@ def prepare(args, is_main: bool):
 
 
 def train(args, dist_info: dict):
+    is_main = dist_info["rank"] == 0
+    cfg, resumed, run_dir, note = prepare(args, is_main)
+    try:
+        run(args, dist_info, cfg, resumed, run_dir, note)
+    finally:
+        if is_main:
+            release_run_dir(run_dir)
+
+
+def run(args, dist_info, cfg, resumed, run_dir, note):
     rank, world_size = dist_info["rank"], dist_info["world_size"]
     is_main = rank == 0
-    cfg, resumed, run_dir, note = prepare(args, is_main)
     device = setup.resolve_device(cfg, dist_info["local_rank"])
     set_cpu_malloc(cfg["cpu_malloc"], cfg["memory_saving"])
 

@@ -130,8 +130,7 @@ def test_temp_files_of_killed_writers_are_removed(tmp_path):
     import subprocess
     from utils.files import HOST
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(finished.stdout)  # a process that has ended: its temp file is abandoned
-    dead = tmp_path / f".c.pth.{HOST}.{dead_pid}.0a1b2c3d.tmp"
+    dead = tmp_path / f".c.pth.{HOST}.{int(finished.stdout)}.0a1b2c3d.tmp"  # its writer has ended
     live = tmp_path / f".c.pth.{HOST}.{os.getpid()}.0a1b2c3d.tmp"  # a writer still at work
     legacy = tmp_path / ".c.pth.k3j4h5g6.tmp"  # left by an older version, days ago
     foreign = tmp_path / ".c.pth.otherhost.12.0a1b2c3d.tmp"  # another machine's writer, just now

@@ -18,6 +18,7 @@ from tests.conftest import (REPO, TINY_ARGS, load_test_script, one_line_error, r
 from tests.test_pipeline_errors import tiny_checkpoint
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import run_main
+from utils.files import HOST
 
 ANN = [*TINY_ARGS, "--model_type", "ann"]
 
@@ -33,10 +34,17 @@ def temp_files(folder) -> list:
 
 
 # ----------------------------------------------------------------------------- append-only run folders
+def dead_pid() -> int:
+    return int(run_script("-c", "import os; print(os.getpid())").stdout)  # a process that has ended
+
+
 def test_runs_are_append_only(tmp_path, capsys):
     run = tmp_path / "r"
     args = [*ANN, "--model_dir", str(tmp_path), "--name", "r"]
+    run.mkdir()
+    (run / ".running").write_text(f"{HOST} {dead_pid()}\n")  # left by a killed run: no longer in use
     assert run_main(train.main, [*args, "--epochs", "1"]) == 0
+    assert not (run / ".running").exists()
     shutil.copy(run / "last.pth", run / "epoch1.pth")
     shutil.copy(run / "last.pth", tmp_path / "epoch1-copy.pth")
     first = digest(run)
@@ -69,6 +77,11 @@ def test_runs_are_append_only(tmp_path, capsys):
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
     one_line_error(capsys, train.main, ["--resume", str(run / "last.pth"), "--epochs", "2", "--overwrite"],
                    "cannot be combined with --resume")
+    shell = tmp_path / "shell"  # a run stopped in its first epoch
+    shell.mkdir()
+    (shell / "config.yaml").write_text("epochs: 1\n")
+    one_line_error(capsys, train.main, [*ANN, "--model_dir", str(tmp_path), "--name", "shell"],
+                   "holds a run that was started but completed no epoch", "--overwrite")
 
 
 def test_changing_the_model_on_resume_names_the_settings(tmp_path, capsys):
@@ -82,21 +95,24 @@ def test_changing_the_model_on_resume_names_the_settings(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- interrupts and failed writes
-def wait_for_lines(path, count, proc, timeout=180):
+def wait_for(condition, proc, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if path.is_file() and len(path.read_text().splitlines()) >= count:
+        if condition():
             return
         time.sleep(0.01)
-    raise AssertionError(f"{path} did not reach {count} lines (process exit code {proc.poll()})")
+    raise AssertionError(f"gave up waiting (process exit code {proc.poll()})")
 
 
-def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, capsys):
     snn = [*TINY_ARGS, "--model_type", "snn", "--encoder", "poisson", "--epochs", "3", "--model_dir", tmp_path]
     run_script("train.py", *snn, "--name", "full")
     cut = tmp_path / "cut"
     proc = start_script("train.py", *snn, "--name", "cut")
-    wait_for_lines(cut / "metrics.jsonl", 1, proc)
+    wait_for(lambda: (cut / ".running").is_file(), proc)
+    for extra in ([], ["--overwrite"]):  # a folder in use is refused, whatever the flags
+        one_line_error(capsys, train.main, [*map(str, snn), "--name", "cut", *extra], f"{cut} is in use by a running")
+    wait_for(lambda: (cut / "metrics.jsonl").is_file() and (cut / "metrics.jsonl").read_text().count("\n") >= 1, proc)
     proc.send_signal(signal.SIGINT)  # as Ctrl-C does, during epoch 2 (or while its files are written)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err
@@ -105,7 +121,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert 1 <= last["epoch"] == len(saved) < 3 and "interrupted" not in last  # an epoch boundary, whole
     assert f"last good checkpoint is {cut / 'last.pth'} (epoch {last['epoch']})" in err
     assert f"--resume {cut / 'last.pth'}" in err and "Traceback" not in err
-    assert not temp_files(tmp_path)
+    assert not temp_files(tmp_path) and not (cut / ".running").exists()
 
     run_script("train.py", "--resume", cut / "last.pth", "--epochs", "3")
     full, resumed = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("full", "cut"))

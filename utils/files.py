@@ -27,7 +27,7 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -40,7 +40,7 @@ def _alive(pid: int) -> bool:
 def _is_stale(candidate: Path, prefix: str) -> bool:
     parts = candidate.name[len(prefix):-len(".tmp")].split(".")
     if len(parts) == 3 and parts[0] == HOST and parts[1].isdigit():
-        return not _alive(int(parts[1]))
+        return not process_alive(int(parts[1]))
     try:  # another machine's writer may still be at work: only an old file is surely abandoned
         return time.time() - candidate.stat().st_mtime > STALE_AGE_S
     except FileNotFoundError:
