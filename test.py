@@ -32,7 +32,8 @@ from utils.config import SCHEMA, NATIVE_SIZE, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 
-PLUGIN_MODULES = ("utils.conversion_plugin", "utils.analysis")
+CONVERSION_PLUGIN = "utils.conversion_plugin"
+PLUGIN_MODULES = (CONVERSION_PLUGIN, "utils.analysis")
 
 
 @dataclass
@@ -75,8 +76,9 @@ def get_args_parser(add_help: bool = True, plugins=()) -> ArgumentParser:
     parser.add_argument("--results", type=str, help="write the metrics as JSON to this file")
     overrides = parser.add_argument_group("overrides of the checkpoint's config")
     for name in OVERRIDES:  # read and checked as train.py reads them (utils/config.py)
-        overrides.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, default=None,
-                               nargs="+" if name == "img_size" else None, help=SCHEMA[name].help)
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        overrides.add_argument(*spellings, dest=name, default=None, nargs="+" if name == "img_size" else None,
+                               help=SCHEMA[name].help)
     parser.add_argument("--device", type=str, default="auto")
     parser.add_argument("--cpu_malloc", "--cpu-malloc", default="auto", choices=POLICIES,
                         help="C heap policy (utils/allocator.py): auto (balanced), keep is faster on CPU, "
@@ -188,7 +190,7 @@ def check_flags(args, argv, plugins):
     for plugin in plugins:
         if hasattr(plugin, "check_args"):
             plugin.check_args(args)
-        if plugin.__name__ == "utils.conversion_plugin" and not args.conversion:
+        if plugin.__name__ == CONVERSION_PLUGIN and not args.conversion:
             ignored = given_flags(argv, plugins, [d for d in plugin_flags(plugin) if d != "conversion"])
             if ignored:
                 raise ValueError(f"--{ignored[0]} applies to --conversion (ANN-to-SNN conversion) only; "
@@ -198,8 +200,8 @@ def check_flags(args, argv, plugins):
 def check_conversion(args, cfg, checkpoint):
     """--conversion calibrates on stacked training batches and caches the thresholds in the checkpoint:
     both must be possible before the ANN is evaluated and the layers calibrated."""
-    if not getattr(args, "conversion", False):
-        return
+    if not getattr(args, "conversion", False) or cfg["model_type"] != "ann":
+        return  # the plugin itself refuses an SNN checkpoint
     from models.conversion import cached_thresholds
     from utils.conversion_plugin import calibration_settings
     if cfg["img_size"] == NATIVE_SIZE and cfg["batch_size"] > 1 and cfg["dataset"] == "voc2012":

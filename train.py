@@ -240,7 +240,8 @@ def restore_record(logger, checkpoint):
     """Append the resumed epoch's metrics line if a run killed between the two wrote its checkpoint
     (which keeps the line) but not the line."""
     epoch, record = int(checkpoint["epoch"]), checkpoint.get("record")
-    if record and all(r["epoch"] != epoch for r in read_metrics(logger.jsonl_path)):
+    saved = [r for r in read_metrics(logger.jsonl_path) if r["epoch"] == epoch and "checkpoint_error" not in r]
+    if record and not saved:
         logger.log_epoch(record)
 
 

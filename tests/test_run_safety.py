@@ -19,6 +19,7 @@ from tests.test_pipeline_errors import tiny_checkpoint
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import run_main
 from utils.files import HOST
+from utils.runs import read_metrics
 
 ANN = [*TINY_ARGS, "--model_type", "ann"]
 
@@ -156,6 +157,16 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_the_metrics_line(tmp
     assert [r["epoch"] for r in records] == [1, 2, 2] and "checkpoint_error" not in records[2]
     assert records[2]["loss"] == records[1]["loss"] and load_checkpoint(run / "last.pth")["epoch"] == 2
 
+    # killed after writing last.pth, halfway through epoch 2's line: the line is restored from last.pth
+    text = (run / "metrics.jsonl").read_text()
+    cut = text[:text.rindex("{") + 20]
+    (run / "metrics.jsonl").write_text(cut)
+    assert run_main(train.main, ["--resume", str(run / "last.pth"), "--epochs", "3"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[:3] == cut.splitlines()  # nothing that was written is rewritten
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 2, 3]
+    assert read_metrics(run / "metrics.jsonl")[2] == records[2]
+
 
 # ----------------------------------------------------------------------------- values checked before any work
 NONSENSE = [
@@ -272,15 +283,15 @@ def test_voc_at_native_size_in_batches(tmp_path):
     (voc_dir / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\n2007_000033\n")
     ckpt = tiny_checkpoint(tmp_path / "voc.pth", dataset="voc2012", num_classes=21, num_val=None)
     results = tmp_path / "r.json"
-    run_script("test.py", "--model_path", ckpt, "--data_root", voc, "--img_size", "-1", "--batch_size", "2",
-               "--results", results)
+    assert run_main(load_test_script().main, ["--model_path", str(ckpt), "--data_root", str(voc), "--img_size", "-1",
+                                              "--batch_size", "2", "--results", str(results)]) == 0
     masks = [np.array(Image.open(voc_dir / "SegmentationClass" / f"{n}.png")) for n in ("2007_000032", "2007_000033")]
     # two sizes in one batch: padding is labelled void, so exactly the images' own labelled pixels count
     assert json.loads(results.read_text())["num_pixels"] == sum(int((m != 255).sum()) for m in masks)
 
 
-def test_broken_pipe_ends_quietly(tiny_ann_run):
-    proc = start_script("test.py", "--list", "--model_dir", tiny_ann_run.parent)
+def test_broken_pipe_ends_quietly(tmp_path):
+    proc = start_script("test.py", "--list", "--model_dir", tmp_path)
     proc.stdout.close()  # the reader is gone before anything is written, as with `| head -0`
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and err == ""
