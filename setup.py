@@ -34,8 +34,9 @@ QUICKSTART_CONFIG = QUICKSTART_CONFIGS["snn"]
 LR_DECAY_POINTS = (0.5, 0.8)  # the paper's schedule: x0.1 at 50% and at 80% of the epochs
 POLY_POWER = 0.9
 
-__all__ = ["add_config_arguments", "resolve_config", "describe_config", "check_inputs", "check_run", "save_config_yaml",
-           "build_datasets", "build_loaders", "build_model", "build_loss", "build_optimizer", "build_scheduler", "lr_factor", "resolve_device",
+__all__ = ["add_config_arguments", "resolve_config", "describe_config", "check_inputs", "check_run",
+           "save_config_yaml", "build_datasets", "build_loaders", "build_model", "build_loss", "build_optimizer",
+           "build_scheduler", "lr_factor", "resolve_device",
            "build_logger", "seed_everything", "QUICKSTART_CONFIG"]
 
 

@@ -115,7 +115,8 @@ def test_quickstart_is_the_base_without_config_dataset_or_resume():
     quick = resolve(["--config", str(setup.QUICKSTART_CONFIG)])
     assert snn == {**quick, "epochs": 1, "timesteps": 2}
     ann = resolve(["--model_type", "ann"])  # the ANN twin has its own quickstart config
-    assert ann == resolve(["--config", str(REPO / "configs" / "quickstart-ann.yaml")]) and ann["name"] == "quickstart-ann"
+    assert ann == resolve(["--config", str(REPO / "configs" / "quickstart-ann.yaml")])
+    assert ann["name"] == "quickstart-ann"
     paper = resolve(["--dataset", "synthetic"])  # --dataset: a paper experiment from the paper's defaults
     assert (paper["optimizer"], paper["epochs"], paper["batch_size"]) == ("sgd", 60, 16)
     args = train.get_args_parser().parse_args(["--epochs", "1"])
@@ -128,7 +129,8 @@ def test_schema_declares_every_key_once():
     import models
     from utils import config
     assert models.MODEL_DEFAULTS == config.defaults("model") and models.MODEL_DEFAULTS["neuron_backend"] == "auto"
-    assert config.SCHEMA["neuron_backend"].execution and config.SCHEMA["neuron_backend"].allowed() == ("auto", "torch", "triton")
+    backend = config.SCHEMA["neuron_backend"]
+    assert backend.execution and backend.allowed() == ("auto", "torch", "triton")
     assert not hasattr(data, "DATA_DEFAULTS")
     flags = {a.dest for a in train.get_args_parser()._actions}
     assert {k for k, key in config.SCHEMA.items() if not key.derived} <= flags
@@ -142,7 +144,8 @@ def test_one_size_parser_and_one_ignore_index():
     from data.transforms import IGNORE_INDEX, parse_size
     from utils.config import parse_size as config_parse_size
     assert parse_size is config_parse_size
-    assert [parse_size(v) for v in (None, -1, [-1], 8, [8], (6, 9), "12")] == [None, None, None, [8, 8], [8, 8], [6, 9], [12, 12]]
+    assert [parse_size(v) for v in (None, -1, [-1], 8, [8], (6, 9), "12")] == [None, None, None, [8, 8], [8, 8],
+                                                                                [6, 9], [12, 12]]
     for bad in (0, -2, [0, 4], [1, 2, 3], "big", []):
         with pytest.raises(ValueError, match="img_size must be one positive int"):
             parse_size(bad)

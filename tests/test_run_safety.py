@@ -199,7 +199,7 @@ NONSENSE = [
     (["--num_train", "100"], "num_train applies to synthetic and synthetic-events only; dataset is 'voc2012'"),
     (["--datalist", "x.txt"], "datalist applies to ddd17 only"),
     (["--dataset", "ddd17", "--channels", "0", "7"], "channels: event channels must be distinct indices in 0..5"),
-    (["--dataset", "ddd17", "--thl", "--model_type", "ann"], "thl feeds one frame per timestep and needs model_type snn"),
+    (["--dataset", "ddd17", "--thl", "--model_type", "ann"], "thl feeds one frame per timestep and needs model_type"),
     (["--name", "../elsewhere"], "name must be a folder name inside model_dir"),
 ]
 
@@ -235,7 +235,8 @@ def test_flags_without_config_refine_the_quickstart(tmp_path):
     assert first.startswith("config: configs/quickstart.yaml (the quickstart") and "flags override" in first
     cfg = load_checkpoint(tmp_path / "quickstart-snn" / "last.pth")["config"]
     # the quickstart's recipe (synthetic set, Adam, poly) with the flags' sizes
-    assert (cfg["dataset"], cfg["optimizer"], cfg["scheduler"], cfg["encoder"]) == ("synthetic", "adam", "poly", "direct")
+    recipe = (cfg["dataset"], cfg["optimizer"], cfg["scheduler"], cfg["encoder"])
+    assert recipe == ("synthetic", "adam", "poly", "direct")
     assert (cfg["epochs"], cfg["timesteps"], cfg["img_size"], cfg["num_train"]) == (1, 2, [16, 16], 16)
     assert [r["epoch"] for r in read_jsonl(tmp_path / "quickstart-snn" / "metrics.jsonl")] == [1]
 
