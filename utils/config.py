@@ -201,7 +201,7 @@ def parse_size(value):
         shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         raise ValueError(f"img_size must be one positive int (square), two (H W), or -1 for the native size, "
                          f"got {shown}")
-    return sizes * (3 - len(sizes))
+    return sizes * 2 if len(sizes) == 1 else sizes  # one number: a square
 
 
 def _to_int(value) -> int:
