@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.baseline import per_timestep_forward  # noqa: E402
 from models import ARCHITECTURES, build_model, convolution  # noqa: E402
+from data.transforms import IGNORE_INDEX  # noqa: E402
 from utils.allocator import POLICIES, set_cpu_malloc  # noqa: E402
+from utils.config import parse_size  # noqa: E402
 
 # What each --shape feeds; explicit flags override single entries.
 SHAPES = {
@@ -101,10 +103,12 @@ def parse_args(argv=None):
     for key, value in SHAPES[args.shape].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if len(args.img_size) == 1:
-        args.img_size = args.img_size * 2
-    if len(args.img_size) != 2:
-        parser.error('--img_size takes one size (square) or two (H W)')
+    try:
+        args.img_size = parse_size(args.img_size)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.img_size is None:
+        parser.error('--img_size: the benchmark needs a fixed size (S or H W), not the native one')
     if args.baseline and args.path == 'per-timestep':
         parser.error('--baseline compares against the multi-step path: leave --path at multistep')
     return args
@@ -177,7 +181,7 @@ def make_train_step(model, opt, forward, inputs, labels, args, device):
         sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = F.cross_entropy(forward(inputs), labels, ignore_index=255)
+            loss = F.cross_entropy(forward(inputs), labels, ignore_index=IGNORE_INDEX)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore
+from utils.config import parse_size
 
 THRESHOLD_TYPES = ('layer', 'channel', 'neuron')
 CONVERSION_ENCODERS = ('poisson', 'direct')
@@ -249,12 +250,8 @@ def check_thresholds(thresholds, snn: SegmentationNet, threshold_type: str, sour
 
 def _image_size(snn: SegmentationNet):
     """(H, W) of the configured input, or None for native (varying) sizes."""
-    size = snn.config.get('img_size')
-    if isinstance(size, int):
-        size = [size, size]
-    if isinstance(size, (list, tuple)) and len(size) == 2 and min(size) > 0:
-        return int(size[0]), int(size[1])
-    return None
+    size = parse_size(snn.config.get('img_size'))
+    return None if size is None else tuple(size)
 
 
 @torch.no_grad()
