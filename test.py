@@ -3,17 +3,14 @@
     python test.py --model_path trained_models/quickstart-snn/best.pth --results results.json
     python test.py --list --model_dir trained_models
 
-Extra analyses plug in without editing this file: a module listed in PLUGIN_MODULES (if it exists) may
-define any of
+Besides the evaluation, test.py runs the steps in STEPS: ANN-to-SNN conversion (utils/conversion_plugin.py)
+and the analyses (utils/analysis.py). Each step module defines any of
     add_test_args(parser)            add its flags (e.g. --conversion, --count_spikes, --attack)
     prepare_model(ctx) -> model      replace the model before evaluation (e.g. ANN -> SNN conversion)
     analyze(ctx, results)            run after the clean evaluation; add its entries to `results`
 where `ctx` is an EvalContext (args, cfg, checkpoint, model, loader, device, class names, evaluate).
 """
 import argparse
-import importlib
-import importlib.util
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import setup
+from utils import analysis, conversion_plugin
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.cli import run_main
@@ -29,7 +27,8 @@ from utils.config import normalize_size
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 
-PLUGIN_MODULES = ("utils.conversion_plugin", "utils.analysis")
+# In this order: the conversion may replace the model that the analyses then look at.
+STEPS = (conversion_plugin, analysis)
 
 
 @dataclass
@@ -47,18 +46,6 @@ class EvalContext:
         """Evaluate (another) model/config on this split; returns the metrics dict."""
         return evaluate(model or self.model, self.loader, cfg or self.cfg, self.device, input_transform=input_transform,
                         desc=desc)
-
-
-def load_plugins() -> list:
-    plugins = []
-    for name in PLUGIN_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            plugins.append(importlib.import_module(name))
-    return plugins
 
 
 def get_args_parser(add_help: bool = True, plugins=()) -> argparse.ArgumentParser:
@@ -160,7 +147,7 @@ def list_checkpoints(model_dir) -> list[str]:
 
 
 def main(argv=None):
-    plugins = load_plugins()
+    plugins = STEPS
     args = get_args_parser(plugins=plugins).parse_args(argv)
     if args.list:
         rows = list_checkpoints(args.model_dir)
