@@ -12,7 +12,7 @@ import sys
 
 
 from utils.checkpoint import FORMAT, save_checkpoint, validate_checkpoint
-from utils.cli import run_main
+from utils.cli import ArgumentParser, run_main
 from utils.paper_import import (conv_weights_only, import_paper_checkpoint, is_paper_checkpoint,
                                 read_weights_only)
 
@@ -20,8 +20,8 @@ THRESHOLD_TYPES = ('layer', 'channel', 'neuron')
 BUFFER_SUFFIXES = ('running_mean', 'running_var', 'num_batches_tracked', 'threshold')
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description='Inspect and rewrite SNN segmentation checkpoints.')
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser(description='Inspect and rewrite SNN segmentation checkpoints.')
     parser.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 

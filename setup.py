@@ -4,11 +4,13 @@ This is NOT a packaging script: the project is installed with `pip install -r re
 (or `conda env create -f environment.yml`) and run from the repository root. Running
 `python setup.py` says so and exits with a non-zero code.
 
-Import it as a module (`import setup`): config parsing (`add_config_arguments`, `resolve_config`),
-then `build_datasets`, `build_loaders`, `build_model`, `build_loss`, `build_optimizer`,
-`build_scheduler`, `resolve_device`, `build_logger`, `seed_everything`.
+Import it as a module (`import setup`): config parsing and checks (`add_config_arguments`,
+`resolve_config`, `describe_config`, `check_inputs`, `check_run`), then `build_datasets`, `build_loaders`,
+`build_model`, `build_loss`, `build_optimizer`, `build_scheduler`, `resolve_device`, `build_logger`,
+`seed_everything`.
 """
 import argparse
+import importlib.util
 import random
 import sys
 from pathlib import Path
@@ -18,18 +20,23 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from utils.config import (add_config_arguments as _add_keys, all_defaults, cli_values, load_yaml_config,
-                          merge_config, save_config_yaml, validate_and_derive)
+from data.transforms import IGNORE_INDEX
+from utils import files
+from utils.config import (add_config_arguments as _add_keys, cli_values, load_yaml_config, merge_config,
+                          read_config_layer, save_config_yaml, validate_and_derive)
 from utils.logging import RunLogger
 
 REPO_ROOT = Path(__file__).resolve().parent
-QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
-IGNORE_INDEX = 255
+# The base config of a run given neither --config, --dataset nor --resume, by --model_type.
+QUICKSTART_CONFIGS = {"snn": REPO_ROOT / "configs" / "quickstart.yaml",
+                      "ann": REPO_ROOT / "configs" / "quickstart-ann.yaml"}
+QUICKSTART_CONFIG = QUICKSTART_CONFIGS["snn"]
 LR_DECAY_POINTS = (0.5, 0.8)  # the paper's schedule: x0.1 at 50% and at 80% of the epochs
 POLY_POWER = 0.9
 
-__all__ = ["add_config_arguments", "resolve_config", "save_config_yaml", "build_datasets", "build_loaders",
-           "build_model", "build_loss", "build_optimizer", "build_scheduler", "lr_factor", "resolve_device",
+__all__ = ["add_config_arguments", "resolve_config", "describe_config", "check_inputs", "check_run",
+           "save_config_yaml", "build_datasets", "build_loaders", "build_model", "build_loss", "build_optimizer",
+           "build_scheduler", "lr_factor", "resolve_device",
            "build_logger", "seed_everything", "QUICKSTART_CONFIG"]
 
 
@@ -37,17 +44,71 @@ __all__ = ["add_config_arguments", "resolve_config", "save_config_yaml", "build_
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--config, --debug and one flag per config key (paper names, dashed spellings too)."""
     parser.add_argument("--config", type=str, default=None,
-                        help="YAML file whose values become the defaults (flags override them)")
+                        help="YAML file whose values become the defaults (flags override them); without it, "
+                             "--dataset or --resume: the quickstart (configs/quickstart.yaml, or "
+                             "quickstart-ann.yaml with --model_type ann)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    _add_keys(parser, all_defaults())
+    _add_keys(parser)
     return parser
 
 
-def resolve_config(args: argparse.Namespace, base: dict | None = None) -> dict:
-    """defaults < base (e.g. a resumed checkpoint's config) < --config YAML < flags -> one flat dict."""
-    defaults = all_defaults()
-    from_file = load_yaml_config(args.config, defaults) if getattr(args, "config", None) else {}
-    return validate_and_derive(merge_config(defaults, base or {}, from_file, cli_values(args, defaults)))
+def base_config_file(args: argparse.Namespace, resuming: bool = False) -> Path | None:
+    """--config; else the quickstart's config unless --dataset (a paper experiment from the built-in
+    paper defaults) or a resumed checkpoint's config says what to train."""
+    if getattr(args, "config", None):
+        return Path(args.config)
+    if resuming or getattr(args, "dataset", None) is not None:
+        return None
+    return QUICKSTART_CONFIGS.get(getattr(args, "model_type", None) or "snn", QUICKSTART_CONFIG)
+
+
+def resolve_config(args: argparse.Namespace, base: dict | None = None, base_source="the checkpoint") -> dict:
+    """defaults < base (a resumed checkpoint's config) < --config YAML (or the quickstart's) < flags
+    -> one flat dict, every value checked. Nothing here reads data."""
+    layers = [read_config_layer(base, base_source, strict=False)] if base else []
+    config_file = base_config_file(args, resuming=base is not None)
+    if config_file is not None:
+        layers.append(load_yaml_config(config_file))
+    layers.append(cli_values(args))
+    return validate_and_derive(merge_config(*layers))
+
+
+def describe_config(args: argparse.Namespace, resume_path=None) -> str:
+    """Where a run's settings come from, for its first output line."""
+    config_file = base_config_file(args, resuming=resume_path is not None)
+    if config_file is not None and not getattr(args, "config", None):
+        base = f"{_shown(config_file)} (the quickstart: no --config, --dataset or --resume given)"
+    elif config_file is not None:
+        base = str(config_file)
+    else:
+        base = "the built-in paper defaults"
+    if resume_path is not None:
+        base = f"{resume_path} (resumed)" + ("" if config_file is None else f", then {base}")
+    flags = sorted(cli_values(args))
+    return f"config: {base}" + (f"; flags override {', '.join(flags)}" if flags else "")
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def check_inputs(cfg: dict):
+    """Input files and folders that must exist, checked before any work."""
+    for key in ("data_root", "datalist", "pretrained"):
+        if cfg.get(key) and not Path(cfg[key]).exists():
+            raise FileNotFoundError(f"{key} {cfg[key]} does not exist")
+    if cfg["dataset"] in ("voc2012", "ddd17") and not cfg.get("data_root"):
+        raise ValueError(f"dataset {cfg['dataset']!r} needs data_root (a local folder); see README.md, section Data, "
+                         f"for the layout")
+
+
+def check_run(cfg: dict):
+    """Before any work: a training run's inputs exist, its run folder can be written and what it logs
+    to is installed."""
+    check_inputs(cfg)
+    files.check_output_dir(Path(cfg["model_dir"]) / cfg["name"], "run folder")
+    if cfg["wandb"] and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--wandb was given but the wandb package is not installed (pip install wandb)")
 
 
 def seed_everything(seed: int):
@@ -71,9 +132,11 @@ def _seed_numpy_in_worker(worker_id):
 def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int = 1):
     """(train loader, val loader, train generator). With several processes the training set is split by
     a DistributedSampler (call set_epoch each epoch) and the validation set is dealt round-robin without
-    padding, so all-reduced metrics cover every validation image exactly once."""
+    padding, so all-reduced metrics cover every validation image exactly once. Images of different sizes
+    are padded to the largest of their batch (data.collate)."""
+    import data
     common = dict(batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], worker_init_fn=_seed_numpy_in_worker,
-                  pin_memory=torch.cuda.is_available())
+                  pin_memory=torch.cuda.is_available(), collate_fn=data.collate)
     generator = torch.Generator().manual_seed(cfg["seed"])  # its state is checkpointed for exact resume
     if world_size > 1:
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["seed"])

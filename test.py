@@ -6,9 +6,12 @@
 Besides the evaluation, test.py runs the steps in STEPS: ANN-to-SNN conversion (utils/conversion_plugin.py)
 and the analyses (utils/analysis.py). Each step module defines any of
     add_test_args(parser)            add its flags (e.g. --conversion, --count_spikes, --attack)
+    check_args(args)                 refuse bad flag values, called before any work
     prepare_model(ctx) -> model      replace the model before evaluation (e.g. ANN -> SNN conversion)
     analyze(ctx, results)            run after the clean evaluation; add its entries to `results`
 where `ctx` is an EvalContext (args, cfg, checkpoint, model, loader, device, class names, evaluate).
+Every flag is checked before the checkpoint is evaluated: an output that cannot be written, a value out of
+range or a flag that does nothing without another is one line, not a failure after a long evaluation.
 """
 import argparse
 import sys
@@ -19,11 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import setup
-from utils import analysis, conversion_plugin
+from utils import analysis, conversion_plugin, files
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
-from utils.cli import run_main
-from utils.config import normalize_size
+from utils.cli import ArgumentParser, run_main
+from utils.config import SCHEMA, NATIVE_SIZE, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 
@@ -48,19 +51,20 @@ class EvalContext:
                         desc=desc)
 
 
-def get_args_parser(add_help: bool = True, plugins=()) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint (mIoU and more).",
-                                     add_help=add_help)
+OVERRIDES = ("data_root", "dataset", "img_size", "batch_size", "num_workers", "neuron_backend")
+
+
+def get_args_parser(add_help: bool = True, plugins=()) -> ArgumentParser:
+    parser = ArgumentParser(description="Evaluate a segmentation checkpoint (mIoU and more).", add_help=add_help)
     parser.add_argument("--model_path", "--model-path", type=str, help="checkpoint to evaluate (.pth)")
     parser.add_argument("--list", action="store_true", help="list the checkpoints under --model_dir and exit")
     parser.add_argument("--model_dir", "--model-dir", type=str, default="trained_models")
     parser.add_argument("--results", type=str, help="write the metrics as JSON to this file")
     overrides = parser.add_argument_group("overrides of the checkpoint's config")
-    overrides.add_argument("--data_root", "--data-root", type=str)
-    overrides.add_argument("--dataset", type=str)
-    overrides.add_argument("--img_size", "--img-size", type=int, nargs="+")
-    overrides.add_argument("--batch_size", "--batch-size", type=int)
-    overrides.add_argument("--num_workers", "--num-workers", type=int)
+    for name in OVERRIDES:  # read and checked as train.py reads them (utils/config.py)
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        overrides.add_argument(*spellings, dest=name, default=None, nargs="+" if name == "img_size" else None,
+                               help=SCHEMA[name].help)
     parser.add_argument("--device", type=str, default="auto")
     parser.add_argument("--cpu_malloc", "--cpu-malloc", default="auto", choices=POLICIES,
                         help="C heap policy (utils/allocator.py): auto (balanced), keep is faster on CPU, "
@@ -82,18 +86,21 @@ def eval_config(checkpoint_cfg: dict, args, source) -> dict:
     """The checkpoint's config with the command-line overrides, checked against the model."""
     import data
     cfg = dict(checkpoint_cfg)
-    for key in ("data_root", "dataset", "batch_size", "num_workers"):
+    for key in OVERRIDES:
         if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    if args.img_size is not None:
-        cfg["img_size"] = normalize_size(args.img_size)
-    if cfg["dataset"] not in data.DATASETS:
-        raise ValueError(f"unknown dataset {cfg['dataset']!r}; choices: {', '.join(data.DATASETS)}")
+            try:
+                cfg[key] = coerce(key, getattr(args, key))
+                check_value(key, cfg[key])
+            except ValueError as err:
+                raise ValueError(f"--{key}: {err}") from None
+    check_value("dataset", cfg["dataset"])
     info = data.dataset_info(cfg["dataset"], cfg)
     if int(info["num_classes"]) != int(cfg["num_classes"]) or int(info["in_channels"]) != int(cfg["in_channels"]):
         raise ValueError(f"{source} was trained for {cfg['num_classes']} classes / {cfg['in_channels']} input channels; "
                          f"dataset {cfg['dataset']!r} has {info['num_classes']} / {info['in_channels']}")
     cfg["device"] = args.device
+    cfg["pretrained"] = None  # the checkpoint holds the weights; the file they once started from may be gone
+    setup.check_inputs(cfg)
     return cfg
 
 
@@ -105,7 +112,8 @@ def class_names_for(cfg: dict) -> list:
 def build_val_loader(cfg: dict) -> DataLoader:
     import data
     val_set = data.build_dataset(cfg, "val")
-    return DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg.get("num_workers", 0))
+    return DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg.get("num_workers", 0),
+                      collate_fn=data.collate)
 
 
 def results_dict(metrics: dict, cfg: dict, class_names: list, model_path) -> dict:
@@ -146,7 +154,57 @@ def list_checkpoints(model_dir) -> list[str]:
     return rows
 
 
+def given_flags(argv, plugins, dests) -> list:
+    """Which of `dests` the command line sets (a value equal to the default counts too)."""
+    unset = object()  # argparse fills in a default only where the namespace has no value yet
+    parsed = get_args_parser(plugins=plugins).parse_args(argv, argparse.Namespace(**{d: unset for d in dests}))
+    return [dest for dest in dests if getattr(parsed, dest) is not unset]
+
+
+def plugin_flags(plugin) -> list:
+    """The dests of the flags a plugin adds."""
+    probe = argparse.ArgumentParser(add_help=False)
+    plugin.add_test_args(probe)
+    return list(vars(probe.parse_args([])))
+
+
+def check_flags(args, argv, plugins):
+    """Flags that cannot work, before any work: outputs that cannot be written, plugin values out of
+    range, and conversion settings given without --conversion (they would be ignored)."""
+    if args.results:
+        files.check_output(args.results, "--results")
+    for plugin in plugins:
+        if hasattr(plugin, "check_args"):
+            plugin.check_args(args)
+        if plugin is conversion_plugin and not args.conversion:
+            ignored = given_flags(argv, plugins, [d for d in plugin_flags(plugin) if d != "conversion"])
+            if ignored:
+                raise ValueError(f"--{ignored[0]} applies to --conversion (ANN-to-SNN conversion) only; "
+                                 f"add --conversion or drop it")
+
+
+def check_conversion(args, cfg, checkpoint):
+    """--conversion calibrates on stacked training batches and caches the thresholds in the checkpoint:
+    both must be possible before the ANN is evaluated and the layers calibrated."""
+    if not getattr(args, "conversion", False) or cfg["model_type"] != "ann":
+        return  # the plugin itself refuses an SNN checkpoint
+    from models.conversion import cached_thresholds
+    if cfg["img_size"] == NATIVE_SIZE and cfg["batch_size"] > 1 and cfg["dataset"] == "voc2012":
+        raise ValueError("--conversion calibrates on batches of native-size VOC images, which cannot be stacked: "
+                         "pass --img_size H W or --batch_size 1")
+    settings = conversion_plugin.calibration_settings(args, cfg)
+    cached = all(cached_thresholds(checkpoint, kind, steps, settings) is not None
+                 for kind in args.threshold_type for steps in args.timesteps)
+    problem = None if cached and not args.reset_thresholds else files.output_problem(args.model_path)
+    if problem:
+        copy = Path(args.model_path).with_name(Path(args.model_path).stem + "-thresholds.pth")
+        raise ValueError(f"--conversion caches the thresholds it calibrates in {args.model_path}, which cannot be "
+                         f"written ({problem}): copy it (cp {args.model_path} {copy.name}) to a writable folder "
+                         f"and pass the copy as --model_path")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     plugins = STEPS
     args = get_args_parser(plugins=plugins).parse_args(argv)
     if args.list:
@@ -155,8 +213,10 @@ def main(argv=None):
         return
     if not args.model_path:
         raise ValueError("give a checkpoint with --model_path PATH (or --list to see those in --model_dir)")
+    check_flags(args, argv, plugins)
     checkpoint = load_checkpoint(args.model_path)
     cfg = eval_config(checkpoint["config"], args, args.model_path)
+    check_conversion(args, cfg, checkpoint)
     device = setup.resolve_device(cfg)
     set_cpu_malloc(args.cpu_malloc)
     torch.manual_seed(args.seed)
@@ -173,8 +233,7 @@ def main(argv=None):
         if hasattr(plugin, "analyze"):
             plugin.analyze(ctx, results)
     if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(to_json(results, indent=2) + "\n")
+        files.atomic_write_bytes(args.results, (to_json(results, indent=2) + "\n").encode())
         print(f"wrote {args.results}")
 
 

@@ -1,13 +1,15 @@
 """Train an ANN or a spiking FCN/DeepLab network for semantic segmentation.
 
     python train.py                                   # quickstart: configs/quickstart.yaml (synthetic data)
+    python train.py --epochs 1 --timesteps 2          # the quickstart, refined by flags
     python train.py --config configs/voc2012-snn-deeplab.yaml --data_root /data/voc
     python train.py --resume trained_models/<name>/last.pth --epochs 80
     torchrun --nproc_per_node=2 train.py --config ...  # several processes / GPUs / nodes
 
-A run writes <model_dir>/<name>/: config.yaml, metrics.jsonl, last.pth (every epoch), best.pth (best val mIoU).
+A run writes <model_dir>/<name>/: config.yaml, metrics.jsonl (appended, one line per epoch), last.pth
+(every completed epoch), best.pth (best val mIoU). A folder that holds a run is never overwritten unless
+--overwrite is given; docs/runs.md has the rules for resuming, interrupts and failed writes.
 """
-import argparse
 import math
 import random
 import sys
@@ -19,20 +21,27 @@ import torch
 from tqdm import tqdm
 
 import setup
+from models import resolve_model_config
 from utils.allocator import set_cpu_malloc
 from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoint
-from utils.cli import TrainingStopped, run_main
-from utils.distributed import (all_reduce_sum, broadcast_buffers, cleanup, get_rank, init_distributed,
-                               is_distributed)
+from utils.cli import ArgumentParser, TrainingStopped, run_main
+from utils.config import SCHEMA
+from utils.distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from utils.evaluation import autocast, evaluate, to_model_input
+from utils.files import WriteError
+from utils.runs import claim_run_dir, holding_interrupts, read_metrics, release_run_dir
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train an ANN or SNN for semantic segmentation. Without any flag: the quickstart "
-                    f"({setup.QUICKSTART_CONFIG.relative_to(setup.REPO_ROOT)}).", add_help=add_help)
+def get_args_parser(add_help: bool = True) -> ArgumentParser:
+    parser = ArgumentParser(
+        description="Train an ANN or SNN for semantic segmentation. Without --config, --dataset or --resume: "
+                    f"the quickstart ({setup.QUICKSTART_CONFIG.relative_to(setup.REPO_ROOT)}), refined by "
+                    "any flags.", add_help=add_help)
     parser.add_argument("--resume", type=str, default=None,
                         help="continue from a checkpoint (last.pth); its config is the base, flags override")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run folder that holds a run (the old folder is renamed, "
+                             "not deleted)")
     return setup.add_config_arguments(parser)
 
 
@@ -94,11 +103,34 @@ def make_checkpoint(model, optimizer, scheduler, cfg, epochs_done, best_miou, ge
             "rng": rng_state(generator), **extra}
 
 
-def resume_from(checkpoint, path, model, optimizer, scheduler, generator, cfg) -> tuple[int, float]:
-    """Restore a training checkpoint; returns (first epoch to run, best val mIoU so far)."""
+# Settings a resumed run keeps: those that define the model (not how it executes) and the dataset.
+RESUME_FIXED = [name for name, key in SCHEMA.items()
+                if key.section == "model" and not key.execution and name != "pretrained"] + ["dataset"]
+
+
+def check_resume(checkpoint, path, cfg):
+    """Before any work: the checkpoint is a training checkpoint at an epoch boundary, --epochs goes further
+    and the model settings are the checkpoint's (a run's epochs all train one model)."""
     for key in ("optimizer", "scheduler", "epoch", "best_miou", "rng"):
         if key not in checkpoint:
             raise ValueError(f"{path}: cannot resume: the checkpoint has no {key!r} (not a training checkpoint)")
+    if checkpoint.get("interrupted"):  # written by older versions on Ctrl-C: part of an epoch, mislabelled
+        raise ValueError(f"{path} holds an interrupted epoch, not an epoch boundary; resume from a checkpoint "
+                         f"written at the end of an epoch")
+    old = resolve_model_config({k: v for k, v in checkpoint["config"].items() if k in SCHEMA})
+    ann = old["model_type"] == cfg["model_type"] == "ann"
+    changed = [f"{k} {old[k]!r} -> {cfg[k]!r}" for k in RESUME_FIXED
+               if old.get(k) != cfg[k] and not (ann and SCHEMA[k].snn_only)]
+    if changed:
+        raise ValueError(f"{path}: a resumed run keeps the checkpoint's model; these settings differ: "
+                         f"{'; '.join(changed)}. Drop those flags, or start a new run")
+    if int(checkpoint["epoch"]) >= cfg["epochs"]:
+        raise ValueError(f"{path} has already trained {checkpoint['epoch']} epochs; pass --epochs larger than that "
+                         f"to go on")
+
+
+def resume_from(checkpoint, path, model, optimizer, scheduler, generator, cfg) -> tuple[int, float]:
+    """Restore a training checkpoint; returns (first epoch to run, best val mIoU so far)."""
     load_state(model, checkpoint["state_dict"], path, cfg)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
@@ -107,17 +139,24 @@ def resume_from(checkpoint, path, model, optimizer, scheduler, generator, cfg) -
     for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base_lr * setup.lr_factor(start_epoch, cfg)
     restore_rng_state(checkpoint["rng"], generator)
-    if start_epoch >= cfg["epochs"]:
-        raise ValueError(f"{path} has already trained {start_epoch} epochs; pass --epochs larger than that to go on")
     return start_epoch, float(checkpoint["best_miou"])
+
+
+def on_main_process(is_main: bool, action):
+    """Run `action` on process 0 only; if it fails, every process stops (the others would wait forever)."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = action()
+        except (ValueError, OSError) as err:
+            error = err
+    if all_reduce_sum([1.0 if error else 0.0])[0]:
+        raise error or ValueError("process 0 could not start the run (its error says why)")
+    return result
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        print(f"no flags given: running the quickstart ({setup.QUICKSTART_CONFIG})")
-        argv = ["--config", str(setup.QUICKSTART_CONFIG)]
     args = get_args_parser().parse_args(argv)
     dist_info = init_distributed(args.device or "auto")
     try:
@@ -126,14 +165,37 @@ def main(argv=None):
         cleanup()
 
 
+def prepare(args, is_main: bool):
+    """Everything that can refuse the run, before any work: (config, resumed checkpoint, run folder, note)."""
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    cfg = setup.resolve_config(args, base=resumed["config"] if resumed else None, base_source=args.resume)
+    if is_main:
+        print(setup.describe_config(args, args.resume), flush=True)
+    if resumed is not None:
+        check_resume(resumed, args.resume, cfg)
+    setup.check_run(cfg)
+    setup.resolve_device(cfg)  # an unavailable device is refused before the run folder is claimed
+    run_dir = Path(cfg["model_dir"]) / cfg["name"]
+    resume = (args.resume, int(resumed["epoch"])) if resumed else None
+    note = on_main_process(is_main, lambda: claim_run_dir(run_dir, resume, args.overwrite))
+    return cfg, resumed, run_dir, note
+
+
 def train(args, dist_info: dict):
-    resume_checkpoint = load_checkpoint(args.resume) if args.resume else None
-    cfg = setup.resolve_config(args, base=resume_checkpoint["config"] if resume_checkpoint else None)
+    is_main = dist_info["rank"] == 0
+    cfg, resumed, run_dir, note = prepare(args, is_main)
+    try:
+        run(args, dist_info, cfg, resumed, run_dir, note)
+    finally:
+        if is_main:
+            release_run_dir(run_dir)
+
+
+def run(args, dist_info, cfg, resumed, run_dir, note):
     rank, world_size = dist_info["rank"], dist_info["world_size"]
     is_main = rank == 0
     device = setup.resolve_device(cfg, dist_info["local_rank"])
     set_cpu_malloc(cfg["cpu_malloc"], cfg["memory_saving"])
-    run_dir = Path(cfg["model_dir"]) / cfg["name"]
 
     setup.seed_everything(cfg["seed"])
     train_set, val_set = setup.build_datasets(cfg)
@@ -142,9 +204,9 @@ def train(args, dist_info: dict):
     criterion = setup.build_loss()
     optimizer = setup.build_optimizer(cfg, model)
     scheduler = setup.build_scheduler(cfg, optimizer)
-    start_epoch, best_miou, best_epoch = 0, -1.0, None
-    if resume_checkpoint is not None:
-        start_epoch, best_miou = resume_from(resume_checkpoint, args.resume, model, optimizer, scheduler, generator, cfg)
+    start_epoch, best_miou = 0, -1.0
+    if resumed is not None:
+        start_epoch, best_miou = resume_from(resumed, args.resume, model, optimizer, scheduler, generator, cfg)
     elif world_size > 1:
         setup.seed_everything(cfg["seed"] + rank)  # the same initial weights everywhere, different spikes per process
     if cfg["see_model"] and is_main:
@@ -157,63 +219,108 @@ def train(args, dist_info: dict):
 
     logger = setup.build_logger(cfg, run_dir, enabled=is_main)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_checkpoint is None and logger.jsonl_path.exists():
-            logger.jsonl_path.unlink()  # a fresh run replaces an older run of the same name
         setup.save_config_yaml(cfg, run_dir / "config.yaml")
+        if resumed is not None and Path(args.resume).resolve().parent == run_dir.resolve():
+            restore_record(logger, resumed)
         logger.info(f"run {cfg['name']}: {cfg['model_type']} {cfg['arch']} on {cfg['dataset']} "
                     f"({len(train_set)} train / {len(val_set)} val images), device {device}, "
-                    f"{world_size} process(es), epochs {start_epoch + 1}..{cfg['epochs']}, files in {run_dir}")
+                    f"{world_size} process(es), epochs {start_epoch + 1}..{cfg['epochs']}, files in {run_dir}"
+                    + (f"; {note}" if note else ""))
+    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, generator=generator,
+                 run_dir=run_dir, logger=logger, is_main=is_main)
+    try:
+        best_miou = run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, best_miou, state)
+    finally:
+        logger.close()
+    if is_main:
+        report_done(run_dir, best_miou)
 
-    def save(name, epochs_done, **extra):
-        if is_main:
-            save_checkpoint(run_dir / name, make_checkpoint(model, optimizer, scheduler, cfg, epochs_done, best_miou,
-                                                            generator, **extra))
 
-    epoch = start_epoch
-    epochs_done = start_epoch
+def restore_record(logger, checkpoint):
+    """Append the resumed epoch's metrics line if a run killed between the two wrote its checkpoint
+    (which keeps the line) but not the line."""
+    epoch, record = int(checkpoint["epoch"]), checkpoint.get("record")
+    saved = [r for r in read_metrics(logger.jsonl_path) if r["epoch"] == epoch and "checkpoint_error" not in r]
+    if record and not saved:
+        logger.log_epoch(record)
+
+
+def run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, best_miou, state) -> float:
+    cfg, run_dir, is_main = state["cfg"], state["run_dir"], state["is_main"]
+    done = start_epoch  # epochs whose boundary is written
     try:
         for epoch in tqdm(range(start_epoch, cfg["epochs"]), desc="epochs", initial=start_epoch, total=cfg["epochs"],
                           disable=not is_main, dynamic_ncols=True):
             started = time.time()
             if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            loss = train_one_epoch(net, train_loader, criterion, optimizer, device, epoch, cfg, show_bar=is_main)
-            scheduler.step()
+            lr = state["optimizer"].param_groups[0]["lr"]
+            loss = train_one_epoch(net, train_loader, criterion, state["optimizer"], device, epoch, cfg,
+                                   show_bar=is_main)
+            state["scheduler"].step()
             record = {"epoch": epoch + 1, "loss": loss, "lr": lr}
+            improved = False
             if (epoch + 1) % cfg["test_display"] == 0 or epoch + 1 == cfg["epochs"]:
-                broadcast_buffers(model)  # BN statistics of rank 0 everywhere: evaluation matches a single process
+                broadcast_buffers(state["model"])  # BN statistics of rank 0 everywhere: evaluation matches one process
                 metrics = evaluate(net, val_loader, cfg, device, show_bar=is_main)
                 record.update({"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
                                "val_mean_acc": metrics["mean_acc"], "val_fwiou": metrics["fwiou"],
                                "val_pixels": metrics["num_pixels"]})
-                if metrics["miou"] > best_miou:
-                    best_miou, best_epoch = metrics["miou"], epoch + 1
-                    save("best.pth", epoch + 1, metrics=metrics)
-            epochs_done = epoch + 1
-            save("last.pth", epochs_done)
+                improved = metrics["miou"] > best_miou
+                best_miou = metrics["miou"] if improved else best_miou
             record["time"] = round(time.time() - started, 3)
-            logger.log_epoch(record)
-            logger.info(f"epoch {epoch + 1}/{cfg['epochs']}: loss {loss:.4f}, lr {lr:.3g}"
-                        + (f", val mIoU {record['val_miou']:.4f}" if "val_miou" in record else "")
-                        + f", {record['time']:.1f}s")
+            with holding_interrupts():  # Ctrl-C waits until the epoch boundary is written whole
+                if is_main:
+                    commit_epoch(state, record, best_miou, improved)
+                done = epoch + 1
+            state["logger"].info(f"epoch {epoch + 1}/{cfg['epochs']}: loss {loss:.4f}, lr {lr:.3g}"
+                                 + (f", val mIoU {record['val_miou']:.4f}" if "val_miou" in record else "")
+                                 + f", {record['time']:.1f}s")
     except TrainingStopped as err:
-        kept = f"the last good checkpoint is {run_dir / 'last.pth'} (epoch {epochs_done})" if epochs_done else \
-            "no checkpoint was written"
-        raise TrainingStopped(f"{err}; training stopped, {kept}. Try a lower --lr.") from None
+        raise TrainingStopped(f"{err}; training stopped, {kept(run_dir, done)}. Try a lower --lr.") from None
     except KeyboardInterrupt:
-        save("last.pth", epochs_done, interrupted=True)
-        if is_main:
-            print(f"\ninterrupted during epoch {epoch + 1}: saved {run_dir / 'last.pth'}; continue with "
-                  f"`python train.py --resume {run_dir / 'last.pth'}`", file=sys.stderr)
+        if is_main:  # nothing is written now: last.pth stays the boundary of the last completed epoch
+            print(f"\ninterrupted; {kept(run_dir, done)}" + (
+                f": continue with `python train.py --resume {run_dir / 'last.pth'}`, which repeats the "
+                f"unfinished epoch from its start" if done else ""), file=sys.stderr)
         raise
-    finally:
-        logger.close()
-    if is_main:
-        best = f"best val mIoU {best_miou:.4f} (epoch {best_epoch})" if best_epoch else f"best val mIoU {best_miou:.4f}"
-        print(f"done: {best}. Files in {run_dir.resolve()}: config.yaml, metrics.jsonl, last.pth, best.pth\n"
-              f"evaluate with: python test.py --model_path {run_dir / 'best.pth'}")
+    return best_miou
+
+
+def kept(run_dir: Path, epochs_done: int) -> str:
+    return (f"the last good checkpoint is {run_dir / 'last.pth'} (epoch {epochs_done})" if epochs_done
+            else "no epoch was completed, so no checkpoint was written")
+
+
+def commit_epoch(state, record: dict, best_miou: float, improved: bool):
+    """Write the epoch boundary: best.pth if the mIoU improved, last.pth, then the metrics line. If a
+    checkpoint cannot be written, the line is still appended (marked) and training stops."""
+    epoch = record["epoch"]
+
+    def save(name, **extra):
+        save_checkpoint(state["run_dir"] / name, make_checkpoint(
+            state["model"], state["optimizer"], state["scheduler"], state["cfg"], epoch, best_miou,
+            state["generator"], **extra))
+
+    try:
+        if improved:
+            save("best.pth", metrics={k: v for k, v in record.items() if k.startswith("val_")})
+        save("last.pth", record=record)
+    except WriteError as err:
+        state["logger"].log_epoch({**record, "checkpoint_error": str(err)})
+        raise WriteError(f"{err}. Epoch {epoch}'s metrics are in {state['logger'].jsonl_path}; once the cause is "
+                         f"fixed, continue with `python train.py --resume {state['run_dir'] / 'last.pth'}`") from None
+    state["logger"].log_epoch(record)
+
+
+def report_done(run_dir: Path, best_miou: float):
+    present = [name for name in ("config.yaml", "metrics.jsonl", "last.pth", "best.pth") if (run_dir / name).exists()]
+    best_epoch = next((r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("val_miou") == best_miou),
+                      None)
+    best = f"best val mIoU {best_miou:.4f}" + (f" (epoch {best_epoch})" if best_epoch else "")
+    print(f"done: {best}. Files in {run_dir.resolve()}: {', '.join(present)}")
+    if "best.pth" in present:
+        print(f"evaluate with: python test.py --model_path {run_dir / 'best.pth'}")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,22 @@
     build_dataset(cfg, split) -> torch Dataset of (x float32 [C, H, W] or [T, C, H, W], y int64 [H, W])
     dataset_info(name, cfg=None) -> dict(num_classes, in_channels, class_names, ignore_index, palette)
 
-cfg is the flat run config; keys read here (defaults in DATA_DEFAULTS): dataset, data_root,
-img_size, augment, thl, timesteps, channels, seed, num_train, num_val, seq_len,
-train_split, void_to_background, datalist.
+    collate(batch) -> (x, y): stacks items, padding those of different sizes (see collate)
+
+cfg is the flat run config; keys read here: dataset, data_root, img_size, augment, thl, timesteps,
+channels, seed, num_train, num_val, seq_len, train_split, void_to_background, datalist; a key
+missing from cfg takes its default from the configuration schema (utils/config.py).
 split is 'train' or 'val' (ddd17 'val' reads its 'test' folder; voc2012 'train' reads
 cfg['train_split'], e.g. 'train_aug').
 """
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
 from data.palettes import DDD17_PALETTE, SYNTHETIC_PALETTE, VOC_PALETTE
 from data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES, SyntheticEvents, SyntheticShapes
-
-DATA_DEFAULTS = dict(dataset="synthetic", data_root=None, img_size=None, augment=False, thl=False,
-                     timesteps=20, channels=[0, 1], seed=0, num_train=None, num_val=None, seq_len=20,
-                     train_split="train", void_to_background=False, datalist=None)
+from data.transforms import IGNORE_INDEX
+from utils import config as config_schema
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -23,9 +27,7 @@ DDD17_CLASSES = ("flat", "construction+sky", "object", "nature", "human", "vehic
 
 
 def _resolved(cfg):
-    merged = dict(DATA_DEFAULTS)
-    merged.update({k: v for k, v in (cfg or {}).items() if v is not None or k not in DATA_DEFAULTS})
-    return merged
+    return {**config_schema.defaults(), **(cfg or {})}
 
 
 def _check_split(split):
@@ -107,4 +109,20 @@ def dataset_info(name: str, cfg: dict = None) -> dict:
     if in_channels is None:
         in_channels = len(_resolved(cfg)["channels"])
     return dict(num_classes=len(class_names), in_channels=in_channels, class_names=list(class_names),
-                ignore_index=255, palette=[tuple(c) for c in palette])
+                ignore_index=IGNORE_INDEX, palette=[tuple(c) for c in palette])
+
+
+def collate(batch):
+    """Stack (x, y) items into a batch. Items of different sizes (VOC2012 at its native size) are padded
+    at the bottom and right to the batch's largest height and width: inputs with 0 (the mean colour /
+    no events), labels with IGNORE_INDEX, so padding counts in neither the loss nor the metrics."""
+    sizes = {tuple(y.shape[-2:]) for _, y in batch}
+    if len(sizes) == 1:
+        return default_collate(batch)
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+
+    def pad(tensor, value):
+        return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]), value=value)
+
+    return (torch.stack([pad(x, 0.0) for x, _ in batch]),
+            torch.stack([pad(y, IGNORE_INDEX) for _, y in batch]))

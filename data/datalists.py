@@ -4,7 +4,7 @@
     # SBD train_aug list (every SegmentationClassAug mask with an image, minus the val ids)
     python -m data.datalists --dataset voc2012 --root VOC --split train_aug
     python -m data.datalists --dataset voc2012 --root VOC --split train --out my_train.txt
-    # validate a list (files exist; --deep also decodes every image/mask and checks labels)
+    # validate a list (files exist; --deep also decodes every image/mask and checks labels and events)
     python -m data.datalists --dataset voc2012 --root VOC --check my_train.txt --deep
     # DDD17: frame names in (recording, frame) order; --timesteps T keeps only THL targets
     python -m data.datalists --dataset ddd17 --root DDD17 --split train --out train.txt --timesteps 10
@@ -16,8 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.ddd17 import DDD17, frame_name
+from data.ddd17 import DDD17, NUM_EVENT_CHANNELS, frame_name
 from data.voc2012 import VOC2012, find_voc_dir, missing_files, read_ids, split_list_and_masks
+from utils import files
+from utils.cli import ArgumentParser
 
 
 def voc_train_aug_ids(voc_dir: Path):
@@ -56,8 +58,7 @@ def _write(out, names):
     if not names:
         raise ValueError(f"no entries to write to {out}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(f"{n}\n" for n in names))
+    files.atomic_write_bytes(out, "".join(f"{n}\n" for n in names).encode())
     return out, len(names)
 
 
@@ -66,7 +67,7 @@ def check(dataset, root, split, list_path, deep):
     if dataset == "voc2012":
         ds = VOC2012(root, str(list_path))
     else:
-        ds = DDD17(root, split, datalist=list_path)
+        ds = DDD17(root, split, datalist=list_path, channels=range(NUM_EVENT_CHANNELS))  # --deep: all channels
     if deep:
         for i in tqdm(range(len(ds)), desc=f"checking {list_path}", unit="item"):
             ds[i]
@@ -74,7 +75,7 @@ def check(dataset, root, split, list_path, deep):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(prog="python -m data.datalists", description=__doc__,
+    parser = ArgumentParser(prog="python -m data.datalists", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=["voc2012", "ddd17"])
     parser.add_argument("--root", required=True, help="dataset root (see README.md, section Data)")
@@ -98,7 +99,7 @@ def main(argv=None):
         else:
             out, n = write_ddd17(args.root, args.split, args.out, args.timesteps)
             print(f"wrote {n} frames to {out}")
-    except (FileNotFoundError, ValueError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,6 @@ learning (thl=True) an item is the T frames ending at a target frame; a window n
 crosses a gap or a recording change, so the first T-1 frames of every sequence are
 history only and are not targets (`dropped_targets` counts them).
 """
-import argparse
 import os
 import re
 import sys
@@ -33,10 +32,13 @@ from tqdm import tqdm
 
 from data.transforms import ddd17_transform, scale_events
 from data.voc2012 import load_mask
+from utils import files
+from utils.cli import ArgumentParser
 
 NUM_CLASSES = 6
 NUM_EVENT_CHANNELS = 6
 FORMAT = "snnseg-ddd17-1"
+NPY_MAGIC = b"\x93NUMPY"
 NAME = re.compile(r"^rec(\d+)_export_(\d+)$")
 LAYOUT = ("<root>/events/<split>/rec<recording>_export_<frame>.npy and "
           "<root>/labels/<split>/rec<recording>_export_<frame>.png (Ev-SegNet DDD17), "
@@ -46,7 +48,7 @@ LAYOUT = ("<root>/events/<split>/rec<recording>_export_<frame>.npy and "
 def check_channels(channels):
     channels = tuple(int(c) for c in channels)
     if not channels or any(not 0 <= c < NUM_EVENT_CHANNELS for c in channels) or len(set(channels)) != len(channels):
-        raise ValueError(f"event channels must be distinct indices in 0..5, got {list(channels)}")
+        raise ValueError(f"channels: event channels must be distinct indices in 0..5, got {list(channels)}")
     return channels
 
 
@@ -61,13 +63,28 @@ def frame_name(key):
 
 
 def load_events(path) -> np.ndarray:
-    """float32 (H, W, 6) event frame; names the file when unreadable or of the wrong shape."""
+    """float32 (H, W, 6) event frame; names the file when unreadable, not a .npy array, of the wrong
+    shape or holding NaN/inf (which min-max scaling would silently turn into a blank channel)."""
     try:
-        array = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        array = np.load(path, allow_pickle=False) if magic == NPY_MAGIC else None
     except (OSError, ValueError, EOFError) as err:
         raise ValueError(f"cannot read event file {path}: {err}") from err
+    if array is None:  # np.load takes any other content for a pickle and would advise allow_pickle
+        raise ValueError(f"event file {path} is not a NumPy .npy array (it does not start with the .npy header)")
     check_event_shape(array, path)
+    check_finite(array, path)
     return array.astype(np.float32, copy=False)
+
+
+def check_finite(array, source):
+    """Non-finite event values are corrupt data: an error naming the frame and the channels."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        channels = sorted(set(np.nonzero(~finite)[-1].tolist()))
+        raise ValueError(f"event file {source} holds {int((~finite).sum())} NaN/inf values (channels "
+                         f"{channels}); re-export the frame or leave it out with a datalist")
 
 
 def check_event_shape(array, path):
@@ -138,9 +155,11 @@ class HDF5Frames:
     def events(self, i, channels=None):
         data = self._open()["events"]
         if channels is None:
-            return data[i]
-        # Channel by channel: chunks hold one channel, so unchosen channels are never decompressed.
-        return np.stack([data[i, :, :, c] for c in channels], axis=-1)
+            array = data[i]
+        else:  # channel by channel: chunks hold one channel, so unchosen channels are never decompressed
+            array = np.stack([data[i, :, :, c] for c in channels], axis=-1)
+        check_finite(array, self.source(i))  # files packed before packing checked them
+        return array
 
     def label(self, i):
         return torch.from_numpy(self._open()["labels"][i].astype(np.int64))
@@ -231,34 +250,36 @@ class DDD17(torch.utils.data.Dataset):
 
 def pack(root, split, out, compression="gzip"):
     """Pack a split of the folder tree into one chunked, compressed HDF5 file (written atomically)."""
+    files.check_output(out, "output file")  # before reading a single frame
     frames = FolderFrames(Path(root), split)
+    with files.atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        _write_frames(f, frames, split, compression)
+    return len(frames.keys)
+
+
+def _write_frames(f, frames, split, compression):
     first = frames.events(0)
     height, width = first.shape[:2]
     n = len(frames.keys)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(format=FORMAT, split=split)
-        f["recording"] = np.array([k[0] for k in frames.keys], dtype=np.int64)
-        f["frame"] = np.array([k[1] for k in frames.keys], dtype=np.int64)
-        # One chunk per frame and channel: reading channels 0-1 touches a third of the data.
-        events = f.create_dataset("events", (n, height, width, NUM_EVENT_CHANNELS), dtype="float32",
-                                  chunks=(1, height, width, 1), compression=compression,
-                                  shuffle=compression is not None)
-        labels = f.create_dataset("labels", (n, height, width), dtype="uint8",
-                                  chunks=(1, height, width), compression=compression)
-        for i in tqdm(range(n), desc=f"packing {split}", unit="frame"):
-            label = frames.label(i)
-            array = frames.events(i)
-            check_same_size(array, label, frames.source(i))
-            events[i] = array
-            labels[i] = label.numpy().astype(np.uint8)
-    os.replace(tmp, out)
-    return n
+    f.attrs.update(format=FORMAT, split=split)
+    f["recording"] = np.array([k[0] for k in frames.keys], dtype=np.int64)
+    f["frame"] = np.array([k[1] for k in frames.keys], dtype=np.int64)
+    # One chunk per frame and channel: reading channels 0-1 touches a third of the data.
+    events = f.create_dataset("events", (n, height, width, NUM_EVENT_CHANNELS), dtype="float32",
+                              chunks=(1, height, width, 1), compression=compression,
+                              shuffle=compression is not None)
+    labels = f.create_dataset("labels", (n, height, width), dtype="uint8",
+                              chunks=(1, height, width), compression=compression)
+    for i in tqdm(range(n), desc=f"packing {split}", unit="frame"):
+        label = frames.label(i)
+        array = frames.events(i)
+        check_same_size(array, label, frames.source(i))
+        events[i] = array
+        labels[i] = label.numpy().astype(np.uint8)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data.ddd17", description="DDD17 tools")
+    parser = ArgumentParser(prog="python -m data.ddd17", description="DDD17 tools")
     commands = parser.add_subparsers(dest="command", required=True)
     pack_cmd = commands.add_parser("pack", help="pack a split into one HDF5 file")
     pack_cmd.add_argument("root", help="folder with events/ and labels/ (Ev-SegNet layout)")
@@ -269,7 +290,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         n = pack(args.root, args.split, args.out, None if args.compression == "none" else args.compression)
-    except (FileNotFoundError, ValueError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"packed {n} frames of {args.split} into {args.out}")

@@ -13,9 +13,11 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from utils.config import parse_size  # the one reader of img_size; re-exported for the datasets
+
 # Caffe VGG mean in BGR order on the 0-255 scale (the paper's code uses these).
 MEAN_BGR = (104.00699, 116.66877, 122.67892)
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the label of pixels counted in neither the loss nor the metrics (VOC's void)
 
 
 def normalize_image(rgb: torch.Tensor) -> torch.Tensor:
@@ -43,20 +45,6 @@ def scale_events(x: torch.Tensor) -> torch.Tensor:
     span = hi - lo
     scaled = (x - lo) / torch.where(span > 0, span, torch.ones_like(span)) - 0.5
     return torch.where(span > 0, scaled, torch.zeros_like(scaled))
-
-
-def parse_size(img_size):
-    """None, -1, int or (h, w) -> None (native) or [h, w]."""
-    if img_size is None:
-        return None
-    if isinstance(img_size, int):
-        return None if img_size <= 0 else [img_size, img_size]
-    size = [int(s) for s in img_size]
-    if len(size) == 1:
-        return parse_size(size[0])
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"img_size must be None, -1, an int or [h, w] of positive ints, got {img_size!r}")
-    return size
 
 
 class PairedTransform:

@@ -6,7 +6,7 @@ each layer can run its convolution over all timesteps at once. An ANN is the sam
 import torch
 import torch.nn as nn
 
-from .neurons import mark_spikes
+from . import spikes
 
 
 class PoissonEncoder(nn.Module):
@@ -15,7 +15,7 @@ class PoissonEncoder(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: int) -> torch.Tensor:
         _expect_images(x, 'poisson')
         fire = torch.rand((timesteps, *x.shape), device=x.device, dtype=x.dtype) <= x.abs()
-        return mark_spikes((fire * torch.sign(x)).flatten(0, 1))
+        return spikes.mark((fire * torch.sign(x)).flatten(0, 1))
 
 
 class DirectEncoder(nn.Module):

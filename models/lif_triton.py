@@ -374,6 +374,10 @@ def _lif_backward_kernel(x_ptr, compact_ptr, gs_ptr, gu_end_ptr, u0_ptr, gu0_ptr
     for t in range(n_bn, S):
         u = _replay_step(u, _load_step(x_ptr, t, sS, offs, mask, f), compact_ptr, g_ptr, t, sS, offs, mask,
                          leak, theta, theta_neg, p0, p1, KIND, NEG)
+    # The reverse pass reads the slopes this program just wrote. Each element is written and read through
+    # the same offsets (so by the same thread in the same layout); the barrier makes that hold whatever
+    # layout the compiler picks for the two loops (once per program: negligible).
+    tl.debug_barrier()
     # dL/dI[S-1] = dL/ds * slope + dL/du_end: the carried-in gradient enters with factor 1, not leak.
     if HAS_GU_END:
         carry = tl.load(gu_end_ptr + u_offs, mask=mask, other=0.0).to(f)
@@ -446,6 +450,10 @@ def _bn_grad_kernel(g_ptr, x_ptr, gx_ptr, mean_ptr, invstd_ptr, weight_ptr, sums
 
 # The environment variable is read when the kernels are decorated (at import), not at launch.
 _INTERPRETED = type(_lif_forward_kernel).__name__ == 'InterpretedFunction'
+if _INTERPRETED:
+    # The interpreter runs each program as numpy calls on whole tiles: few, large tiles are what is fast
+    # there (the tests' networks would take minutes with the GPU's tile sizes).
+    _TILE, _MIN_PROGRAMS, _MAX_BLOCK_C, _FINISH_BLOCK_K = 1 << 15, 1, 1 << 12, 1 << 12
 
 
 # ---------------------------------------------------------------------------------------------------

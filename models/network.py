@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
 from .convolution import AvgPool2d, Conv2d
 from .encoders import IdentityEncoder, build_encoder
-from .neurons import LIF, compact_spikes, mark_spikes, time_split, time_sum
+from . import spikes as spike_protocol
+from .neurons import LIF, TimeBN, backend_for, backend_name, check_backend, time_split, time_sum
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
 
@@ -59,13 +60,16 @@ class TimeBatchNorm(nn.Module):
         """How many of the timesteps t0 .. t0+steps-1 get BN (those before T; full propagation's do not)."""
         return max(0, min(steps, self.timesteps - t0))
 
-    def batch_norm_args(self, t0: int, n_bn: int):
-        """(weight, running_mean, running_var, training, momentum, eps, n_bn) of timesteps t0..t0+n_bn-1,
-        for a fused BN + LIF. The running statistics are views: batch_norm updates them in place."""
+    def time_bn(self, t0: int, steps: int):
+        """The TimeBN of timesteps t0 .. t0+steps-1 for the fused BN + LIF, or None when none of them is
+        normalised. The running statistics are views: training-mode BN updates them in place."""
+        n_bn = self.steps_normalised(t0, steps)
+        if n_bn == 0:
+            return None
         rows = slice(t0, t0 + n_bn)
         momentum = self._count_batch(t0)
-        return (self.weight[rows].reshape(-1), self.running_mean[rows].view(-1), self.running_var[rows].view(-1),
-                self.training, momentum, BN_EPS, n_bn)
+        return TimeBN(self.weight[rows].reshape(-1), self.running_mean[rows].view(-1),
+                      self.running_var[rows].view(-1), self.training, momentum, BN_EPS, n_bn)
 
     def _count_batch(self, t0):
         """Count a training batch once (at its first timestep); return the momentum to use: none
@@ -118,9 +122,8 @@ class ConvUnit(nn.Module):
 
     def forward(self, x, steps, t0=0, membranes=None, recompute=False):
         if isinstance(self.act, LIF):
-            # BNTT is fused into the neurons' backward; with recompute the convolution is too. (Only
-            # when a backward may follow: otherwise the neurons' input is the currents, as hooks expect.)
-            if (recompute or self.recompute) and torch.is_grad_enabled():
+            # BNTT is fused into the neurons' backward; the neurons decide whether the convolution is too.
+            if self.act.recomputes_conv(x, self.norm, recompute or self.recompute):
                 return self.act(x, steps, self.norm, t0, membranes, conv=self.conv)
             return self.act(self.conv(x), steps, self.norm, t0, membranes)
         x = self.conv(x)
@@ -149,15 +152,10 @@ class DecoderStage(nn.Module):
         return x if self.act is None else self.act(x, steps, None, t0, membranes)
 
 
-def _keep_mark(source, tensor):
-    """``tensor`` marked as spikes if ``source`` was (a copy of spikes is spikes)."""
-    return mark_spikes(tensor) if getattr(source, 'holds_spikes', False) else tensor
-
-
 def _time_slice(h, steps, t0, k):
     """Timesteps t0 .. t0+k-1 of a time-folded tensor, time-folded again (a view: time-major)."""
     n = h.shape[0] // steps
-    return _keep_mark(h, h[t0 * n:(t0 + k) * n])
+    return spike_protocol.like(h, h[t0 * n:(t0 + k) * n])
 
 
 class SegmentationNet(nn.Module):
@@ -239,7 +237,7 @@ class SegmentationNet(nn.Module):
     def _neuron(self, cfg, name):
         alpha = float(cfg['alpha']) if cfg.get('leaky') else None
         return LIF(cfg['leak_mem'], cfg['def_threshold'], cfg['surrogate'], cfg.get('surrogate_params'),
-                   alpha=alpha, name=name)
+                   alpha=alpha, name=name, backend=cfg.get('neuron_backend', 'auto'))
 
     def _init_weights(self):
         for m in self.modules():
@@ -250,7 +248,7 @@ class SegmentationNet(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with compact_spikes():
+        with spike_protocol.compact_spikes():
             return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,10 +257,10 @@ class SegmentationNet(nn.Module):
         steps = self.timesteps + self.extra_steps
         if self.extra_steps:
             n = h.shape[0] // self.timesteps
-            h = _keep_mark(h, torch.cat([h, h.new_zeros((self.extra_steps * n, *h.shape[1:]))]))
+            h = spike_protocol.like(h, torch.cat([h, h.new_zeros((self.extra_steps * n, *h.shape[1:]))]))
         # Channels-last: oneDNN's (and cuDNN's) native layout, which saves the convolutions ~20 % of
         # their time and the reorders' temporary copies; each timestep's BN uses the channels-last kernel.
-        h = _keep_mark(h, h.contiguous(memory_format=torch.channels_last))
+        h = spike_protocol.like(h, h.contiguous(memory_format=torch.channels_last))
         replay = self.memory_saving and self.training and torch.is_grad_enabled()
         block = min(self.memory_block, steps) if replay else steps
         neurons = self.neuron_layers()
@@ -275,7 +273,7 @@ class SegmentationNet(nn.Module):
                 # backward replays the block (BN statistics are not updated twice).
                 out = torch.utils.checkpoint.checkpoint(
                     self._run_block, part, t0, k, *carries, recompute=True,
-                    spikes_in=getattr(part, 'holds_spikes', False), use_reentrant=False,
+                    spikes_in=spike_protocol.holds_spikes(part), use_reentrant=False,
                     context_fn=lambda: (contextlib.nullcontext(), _replaying()))
             else:
                 out = self._run_block(part, t0, k, *carries)
@@ -295,7 +293,7 @@ class SegmentationNet(nn.Module):
         (checkpoint's replay passes a copy of ``h`` that has lost the mark, and must store what the
         first pass stored)."""
         if spikes_in:
-            h = mark_spikes(h)
+            h = spike_protocol.mark(h)
         neurons = self.neuron_layers()
         # Each layer's membrane, carried in and out. A local dict, not module state: memory-saving mode's
         # replay in backward may stop early, and state left on the modules would keep its graph alive.
@@ -319,6 +317,22 @@ class SegmentationNet(nn.Module):
     def neuron_layers(self):
         """The LIF layers in the order the signal reaches them."""
         return [m for m in self.modules() if isinstance(m, LIF)]
+
+    def set_neuron_backend(self, name: str):
+        """Run the neurons on backend ``name`` ('auto', 'torch' or 'triton'); the weights are unchanged."""
+        check_backend(name)
+        for lif in self.neuron_layers():
+            lif.backend = name
+        self.config['neuron_backend'] = name
+
+    @property
+    def neuron_backend(self) -> str:
+        """The backend the neurons run on, on the device the model is on now ('torch' or 'triton'; '' for an ANN)."""
+        layers = self.neuron_layers()
+        if not layers:
+            return ''
+        device = next(self.parameters()).device
+        return backend_name(backend_for(layers[0].backend, device))
 
     def conv_units(self):
         return [m for m in self.body if isinstance(m, ConvUnit)]

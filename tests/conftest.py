@@ -1,4 +1,5 @@
 """Shared helpers for the pipeline tests: run the repository's scripts as a user would."""
+import importlib.util
 import json
 import os
 import signal
@@ -20,12 +21,17 @@ TINY_ARGS = ["--dataset", "synthetic", "--arch", "dl-vgg9", "--img_size", "16", 
              "--optimizer", "adam", "--lr", "1e-3", "--seed", "3", "--device", "cpu"]
 
 
-def run_script(*args, check=True, timeout=240, cwd=REPO):
-    """Run `python <args>` from the repository root; returns the CompletedProcess."""
+def start_script(*args, cwd=REPO, **popen_kwargs) -> subprocess.Popen:
+    """Start `python <args>` from the repository root, its output piped."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     # A session of its own, so that a timeout also ends the children (torchrun's workers).
-    popen = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen_kwargs)
+
+
+def run_script(*args, check=True, timeout=240, cwd=REPO, **popen_kwargs):
+    """Run `python <args>` from the repository root; returns the CompletedProcess."""
+    popen = start_script(*args, cwd=cwd, **popen_kwargs)
     try:
         stdout, stderr = popen.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -36,6 +42,27 @@ def run_script(*args, check=True, timeout=240, cwd=REPO):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def load_test_script():
+    # test.py is loaded by path: `import test` could find the standard library's test package.
+    spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_line_error(capsys, main, argv, *expected):
+    """main(argv) through run_main fails with exit code 2 and one `error:` line holding each of `expected`."""
+    from utils.cli import run_main
+    code = run_main(main, argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
 
 
 def read_jsonl(path):

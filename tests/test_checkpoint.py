@@ -113,3 +113,44 @@ def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="another architecture") as err:
         load_model(tmp_path / "x.pth")
     assert "x.pth" in str(err.value) and "dl-vgg9" in str(err.value)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_new_checkpoints_get_the_umask_permissions(tmp_path, umask, mode):
+    _, ckpt = small_checkpoint()
+    previous = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "c.pth", ckpt)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "c.pth").stat().st_mode & 0o777 == mode
+
+
+def test_temp_files_of_killed_writers_are_removed(tmp_path):
+    import subprocess
+    from utils.files import HOST
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".c.pth.{HOST}.{int(finished.stdout)}.0a1b2c3d.tmp"  # its writer has ended
+    live = tmp_path / f".c.pth.{HOST}.{os.getpid()}.0a1b2c3d.tmp"  # a writer still at work
+    legacy = tmp_path / ".c.pth.k3j4h5g6.tmp"  # left by an older version, days ago
+    foreign = tmp_path / ".c.pth.otherhost.12.0a1b2c3d.tmp"  # another machine's writer, just now
+    for path in (dead, live, legacy, foreign):
+        path.write_bytes(b"partial")
+    os.utime(legacy, (0, 0))
+    _, ckpt = small_checkpoint()
+    save_checkpoint(tmp_path / "c.pth", ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c.pth", live.name, foreign.name])
+
+
+def test_read_only_checkpoints_are_not_replaced(tmp_path):
+    from utils.files import WriteError
+    path = tmp_path / "kept.pth"
+    _, ckpt = small_checkpoint()
+    save_checkpoint(path, ckpt)
+    before = path.read_bytes()
+    path.chmod(0o444)
+    with pytest.raises(WriteError, match=r"cannot write .*kept.pth: it is read-only \(mode 0444\)"):
+        save_checkpoint(path, {**ckpt, "epoch": 2})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["kept.pth"]
+    with pytest.raises(WriteError, match="it is a folder"):
+        save_checkpoint(tmp_path, ckpt)

@@ -212,3 +212,68 @@ def test_error_paths(tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="cannot read HDF5 file .*bad.h5"):
         DDD17(tmp_path / "bad.h5", "train")
+
+
+def test_non_finite_events_are_named_never_blanked(tmp_path, capsys):
+    write_tree(tmp_path, "train", [(1, 1), (1, 2)])
+    bad = tmp_path / "events" / "train" / "rec1_export_2.npy"
+    events = np.load(bad)
+    events[5, 7, 3] = np.nan  # channel 3 is not among the trained channels (0, 1): still corrupt data
+    events[0, 0, 1] = np.inf
+    np.save(bad, events)
+    ds = DDD17(tmp_path, "train")
+    ds[0]  # the clean frame reads as before
+    with pytest.raises(ValueError, match=r"rec1_export_2.npy holds 2 NaN/inf values \(channels \[1, 3\]\)"):
+        ds[1]
+    listed = tmp_path / "all.txt"
+    listed.write_text("rec1_export_1\nrec1_export_2\n")
+    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(listed)]) == 0
+    capsys.readouterr()
+    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(listed), "--deep"]) == 1
+    assert "rec1_export_2.npy holds 2 NaN/inf" in capsys.readouterr().err
+    assert ddd17_main(["pack", str(tmp_path), "train", str(tmp_path / "p.h5")]) == 1
+    assert "rec1_export_2.npy holds 2 NaN/inf" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.txt", "events", "labels"]  # no file, no temp file
+
+
+def test_packed_file_with_non_finite_events_is_named(tmp_path):
+    write_tree(tmp_path, "train", [(1, 1), (1, 2)])
+    out = tmp_path / "train.h5"
+    pack(tmp_path, "train", out)
+    import h5py
+    with h5py.File(out, "r+") as f:  # as a file packed before packing checked its frames
+        frame = f["events"][1]
+        frame[2, 2, 0] = np.nan
+        f["events"][1] = frame
+    packed = DDD17(out, "train", channels=(0, 1))
+    packed[0]
+    with pytest.raises(ValueError, match=r"train.h5\[1\] \(rec1_export_2\) holds 1 NaN/inf values \(channels \[0\]\)"):
+        packed[1]
+
+
+def test_events_that_are_not_npy_arrays(tmp_path):
+    write_tree(tmp_path, "train", [(1, 1)])
+    npy = tmp_path / "events" / "train" / "rec1_export_1.npy"
+    npy.write_text("0.1, 0.2, 0.3\n")
+    with pytest.raises(ValueError, match="rec1_export_1.npy is not a NumPy .npy array") as err:
+        DDD17(tmp_path, "train")[0]
+    assert "allow_pickle" not in str(err.value)
+    pickle.dump({"events": [1, 2]}, npy.open("wb"))
+    with pytest.raises(ValueError, match="is not a NumPy .npy array"):
+        DDD17(tmp_path, "train")[0]
+
+
+def test_pack_output_folders(tmp_path, capsys):
+    write_tree(tmp_path / "root", "train", [(1, 1)])
+    out = tmp_path / "new" / "folder" / "train.h5"  # a missing folder is created
+    assert ddd17_main(["pack", str(tmp_path / "root"), "train", str(out)]) == 0
+    assert len(DDD17(out, "train")) == 1
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where a folder would be")
+    capsys.readouterr()
+    assert ddd17_main(["pack", str(tmp_path / "root"), "train", str(blocker / "train.h5")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"output file {blocker / 'train.h5'} cannot be written: {blocker} is not a folder" in err
+    assert ddd17_main(["pack", str(tmp_path / "root"), "train", str(tmp_path)]) == 1  # a folder as output
+    assert "it is a folder" in capsys.readouterr().err

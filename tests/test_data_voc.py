@@ -138,3 +138,19 @@ def test_list_entries_without_files_are_named(voc_copy):
     listed.write_text("\n")
     with pytest.raises(ValueError, match="names no images"):
         VOC2012(voc_copy, "train")
+
+
+def test_native_size_batches_are_padded_with_the_ignore_label():
+    ds = VOC2012(FIXTURE, "trainval", img_size=-1)
+    items = [ds[0], ds[1]]
+    assert items[0][1].shape != items[1][1].shape  # 281x500 and 366x500: default collation would fail
+    x, y = data.collate(items)
+    assert x.shape == (2, 3, 366, 500) and y.shape == (2, 366, 500)
+    for i, (xi, yi) in enumerate(items):
+        h, w = yi.shape
+        assert torch.equal(x[i, :, :h, :w], xi) and torch.equal(y[i, :h, :w], yi)
+        assert (x[i, :, h:] == 0).all() and (y[i, h:] == 255).all()  # 0: the mean colour; 255: not counted
+    counted = sum(int((np.array(Image.open(VOC_DIR / "SegmentationClass" / f"{n}.png")) != 255).sum()) for n in IDS)
+    assert int((y != 255).sum()) == counted
+    same = [ds[1], ds[1]]
+    assert all(torch.equal(a, b) for a, b in zip(data.collate(same), torch.utils.data.default_collate(same)))

@@ -301,8 +301,9 @@ def test_memory_saving_under_autocast_keeps_the_convolution_outputs_instead(monk
     import models.neurons as neurons
     torch.manual_seed(11)
     model = tiny(model_type='snn', timesteps=4, memory_saving=True, memory_block=2)
-    used, original = [], neurons._ConvNormLIFFunction.apply
-    monkeypatch.setattr(neurons._ConvNormLIFFunction, 'apply', lambda *args: used.append(1) or original(*args))
+    used, original = [], neurons._SpikingLayer.apply
+    monkeypatch.setattr(neurons._SpikingLayer, 'apply',
+                        lambda *args: (args[-1].conv is not None and used.append(1)) or original(*args))
     for amp in (True, False):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
             out = model(torch.randn(2, 3, 12, 12))

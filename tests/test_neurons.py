@@ -186,4 +186,4 @@ def test_time_sum_of_a_neuron_layer_sums_its_spikes_directly():
     expected, = torch.autograd.grad((plain * weights).sum(), currents)
     assert torch.equal(grad, expected)
     node = total.grad_fn.next_functions[0][0]  # SumBackward's input: the neurons' own backward
-    assert type(node).__name__ == '_LIFFunctionBackward'
+    assert type(node).__name__ == '_SpikingLayerBackward'

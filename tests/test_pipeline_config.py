@@ -108,3 +108,61 @@ def test_environment_yml_lists_the_requirements_pins():
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
     assert pip_section == requirements
+
+
+def test_quickstart_is_the_base_without_config_dataset_or_resume():
+    snn = resolve(["--epochs", "1", "--timesteps", "2"])
+    quick = resolve(["--config", str(setup.QUICKSTART_CONFIG)])
+    assert snn == {**quick, "epochs": 1, "timesteps": 2}
+    ann = resolve(["--model_type", "ann"])  # the ANN twin has its own quickstart config
+    assert ann == resolve(["--config", str(REPO / "configs" / "quickstart-ann.yaml")])
+    assert ann["name"] == "quickstart-ann"
+    paper = resolve(["--dataset", "synthetic"])  # --dataset: a paper experiment from the paper's defaults
+    assert (paper["optimizer"], paper["epochs"], paper["batch_size"]) == ("sgd", 60, 16)
+    args = train.get_args_parser().parse_args(["--epochs", "1"])
+    assert setup.describe_config(args).startswith("config: configs/quickstart.yaml (the quickstart")
+    assert setup.describe_config(args, "run/last.pth") == "config: run/last.pth (resumed); flags override epochs"
+
+
+def test_schema_declares_every_key_once():
+    import data
+    import models
+    from utils import config
+    assert models.MODEL_DEFAULTS == config.defaults("model") and models.MODEL_DEFAULTS["neuron_backend"] == "auto"
+    backend = config.SCHEMA["neuron_backend"]
+    assert backend.execution and backend.allowed() == ("auto", "torch", "triton")
+    assert not hasattr(data, "DATA_DEFAULTS")
+    flags = {a.dest for a in train.get_args_parser()._actions}
+    assert {k for k, key in config.SCHEMA.items() if not key.derived} <= flags
+    for key in config.SCHEMA.values():
+        assert key.section in ("model", "data", "train") and key.help
+        if not key.optional:  # every default passes its own checks
+            config.check_value(key.name, config.coerce(key.name, key.default))
+
+
+def test_one_size_parser_and_one_ignore_index():
+    from data.transforms import IGNORE_INDEX, parse_size
+    from utils.config import parse_size as config_parse_size
+    assert parse_size is config_parse_size
+    assert [parse_size(v) for v in (None, -1, [-1], 8, [8], (6, 9), "12")] == [None, None, None, [8, 8], [8, 8],
+                                                                                [6, 9], [12, 12]]
+    for bad in (0, -2, [0, 4], [1, 2, 3], "big", []):
+        with pytest.raises(ValueError, match="img_size must be one positive int"):
+            parse_size(bad)
+    assert setup.build_loss().ignore_index == IGNORE_INDEX and data_info_ignore() == IGNORE_INDEX
+
+
+def data_info_ignore():
+    import data
+    return data.dataset_info("voc2012")["ignore_index"]
+
+
+def test_build_model_refuses_keys_of_no_section():
+    import models
+    with pytest.raises(ValueError, match=r"unknown config key\(s\): 'leak_mme' \(did you mean 'leak_mem'\?\)"):
+        models.build_model({"leak_mme": 0.5})
+    with pytest.raises(ValueError, match="unknown neuron_backend 'cuda'; choices: auto, torch, triton"):
+        models.build_model({"neuron_backend": "cuda"})
+    # keys of the other sections pass: build_model takes a run's whole flat config
+    cfg = models.resolve_model_config({"model_type": "ann", "num_classes": 4, "dataset": "synthetic", "lr": 0.1})
+    assert cfg["lr"] == 0.1 and cfg["neuron_backend"] == "auto"

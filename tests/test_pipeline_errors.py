@@ -1,5 +1,4 @@
 """Bad input -> one clear line naming the thing, non-zero exit, no traceback; NaN stop; Ctrl-C save."""
-import importlib.util
 import math
 import os
 
@@ -8,28 +7,9 @@ import torch
 
 import setup
 import train
-from tests.conftest import REPO, TINY_ARGS, run_script
+from tests.conftest import TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script
 from utils.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from utils.cli import TrainingStopped, run_main
-
-
-def load_test_script():
-    # test.py is loaded by path: `import test` could find the standard library's test package.
-    spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def one_line_error(capsys, main, argv, *expected):
-    code = run_main(main, argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 def test_subprocess_exit_code_and_single_line_without_traceback(tmp_path):
@@ -62,11 +42,11 @@ def test_train_bad_yaml(capsys, tmp_path):
     one_line_error(capsys, train.main, ["--config", str(typo)], "typo.yaml", "'batchsize'")
 
 
-def tiny_checkpoint(path, arch="dl-vgg9", config_arch=None):
+def tiny_checkpoint(path, arch="dl-vgg9", config_arch=None, **overrides):
     import models
     cfg = {**models.MODEL_DEFAULTS, "model_type": "ann", "arch": arch, "dataset": "synthetic", "num_classes": 4,
            "in_channels": 3, "img_size": [16, 16], "num_val": 2, "batch_size": 2, "num_workers": 0, "thl": False,
-           "augment": False, "data_root": None, "seed": 0}
+           "augment": False, "data_root": None, "seed": 0, **overrides}
     state = models.build_model(cfg).state_dict()
     save_checkpoint(path, {"format": FORMAT, "config": {**cfg, "arch": config_arch or arch}, "state_dict": state})
     return path
@@ -102,7 +82,7 @@ def test_resume_with_another_architecture(capsys, tmp_path):
     data = load_checkpoint(ckpt)
     save_checkpoint(ckpt, {**data, "optimizer": {}, "scheduler": {}, "epoch": 1, "best_miou": 0.0, "rng": {}})
     one_line_error(capsys, train.main, ["--resume", str(ckpt), *TINY_ARGS, "--arch", "fcn-vgg9", "--epochs", "2",
-                                        "--model_dir", str(tmp_path)], "dl.pth", "another architecture")
+                                        "--model_dir", str(tmp_path)], "dl.pth", "arch 'dl-vgg9' -> 'fcn-vgg9'")
 
 
 class FailsLater(torch.nn.Module):
@@ -137,10 +117,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(monkeypatch, capsys, tmp_
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
 
 
-def test_ctrl_c_saves_last_checkpoint(monkeypatch, capsys, tmp_path):
+def test_ctrl_c_keeps_the_epoch_boundary_checkpoint(monkeypatch, capsys, tmp_path):
     real_build = setup.build_model
+    # call 5 is the second training batch of epoch 2: epoch 1 is written, epoch 2 is not
     monkeypatch.setattr(setup, "build_model", lambda cfg, device: FailsLater(real_build(cfg, device), 4, "interrupt"))
     assert run_main(train.main, tiny_train_args(tmp_path, "stop")) == 130
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "last.pth (epoch 1)" in err and "--resume" in err
     saved = load_checkpoint(tmp_path / "stop" / "last.pth")
-    assert saved["interrupted"] is True and saved["epoch"] == 1
+    assert saved["epoch"] == 1 and "interrupted" not in saved  # an epoch boundary, labelled as such
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "stop" / "metrics.jsonl")] == [1]

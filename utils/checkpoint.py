@@ -3,16 +3,17 @@
 A checkpoint is a dict that loads with `torch.load(path, weights_only=True)`:
   format='snnseg-1', config (full resolved flat config), state_dict, and for training runs
   optimizer, scheduler, epoch, best_miou, rng; conversion adds thresholds[type][str(T)].
-Writes are atomic (temp file in the same folder, then os.replace), so a crash or Ctrl-C never
-leaves a half-written checkpoint behind. Loading never unpickles code: weights_only=True only.
+Writes are atomic (temp file in the same folder, then os.replace; utils/files.py), so a crash or Ctrl-C
+never leaves a half-written checkpoint behind; new files get the umask's permissions. Loading never
+unpickles code: weights_only=True only.
 """
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from utils.files import atomic_write
 
 FORMAT = "snnseg-1"
 REQUIRED_KEYS = ("format", "config", "state_dict")
@@ -23,21 +24,38 @@ class CheckpointError(ValueError):
     """A file that is not a usable checkpoint; the message names the file and the problem."""
 
 
-def save_checkpoint(path, checkpoint: dict):
-    """Write `checkpoint` to `path` atomically (readers see the old file or the new one, never half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class _WriteRecorder:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports it as a RuntimeError of
+    its zip writer ('unexpected pos ...') that does not say why."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def _torch_save(checkpoint: dict, file):
+    recorder = _WriteRecorder(file)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        torch.save(checkpoint, recorder)
+    except RuntimeError:
+        if recorder.error is not None:
+            raise recorder.error from None
         raise
+
+
+def save_checkpoint(path, checkpoint: dict):
+    """Write `checkpoint` to `path` atomically (utils/files.py): readers see the old file or the new one,
+    never half; a failed write is a WriteError naming the path, the old file left as it was."""
+    atomic_write(path, lambda file: _torch_save(checkpoint, file))
 
 
 def _read_file(path: Path, map_location):
@@ -116,8 +134,10 @@ def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
 def build_model_from_checkpoint(checkpoint: dict, source, overrides: dict | None = None) -> torch.nn.Module:
     """Rebuild the model from the checkpoint's config (plus overrides) and load its weights."""
     from models import build_model  # imported here so that utils does not need models at import time
-    config = {**checkpoint["config"], **(overrides or {})}
-    model = build_model(config)
+    from utils.config import SCHEMA
+    # Keys of older versions are dropped; the weights come from the checkpoint, not from 'pretrained'.
+    config = {k: v for k, v in {**checkpoint["config"], **(overrides or {})}.items() if k in SCHEMA}
+    model = build_model({**config, "pretrained": None})
     load_state(model, checkpoint["state_dict"], source, config)
     return model.eval()
 

@@ -2,6 +2,7 @@
 import torch
 from tqdm import tqdm
 
+from data.transforms import IGNORE_INDEX
 from utils.metrics import ConfusionMatrix
 
 
@@ -25,7 +26,7 @@ def evaluate(model, loader, cfg: dict, device, show_bar: bool = True, desc: str 
     fwiou, per_class_iou, num_pixels. `input_transform(x, y)` (optional) changes each input batch before
     the model sees it, e.g. a corruption for robustness tests."""
     model.eval()
-    matrix = ConfusionMatrix(cfg["num_classes"], ignore_index=255)
+    matrix = ConfusionMatrix(cfg["num_classes"], ignore_index=IGNORE_INDEX)
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not show_bar, dynamic_ncols=True):
         x = x.to(device, non_blocking=True)
         if input_transform is not None:

@@ -50,11 +50,18 @@ class RunLogger:
             tqdm.write(message)
 
     def log_epoch(self, record: dict):
-        """Append one epoch's record to metrics.jsonl and mirror its numbers to TensorBoard/wandb."""
+        """Append one epoch's record to metrics.jsonl (lines are only ever appended) and mirror its
+        numbers to TensorBoard/wandb."""
         if not self.enabled:
             return
-        with open(self.jsonl_path, "a") as f:
-            f.write(to_json(record) + "\n")
+        try:
+            with open(self.jsonl_path, "a+b") as f:  # appends go to the end whatever the position
+                size = f.seek(0, 2)
+                cut_short = size > 0 and f.seek(size - 1) >= 0 and f.read(1) != b"\n"
+                # A line cut short by a killed write stays as it was; the record starts a line of its own.
+                f.write((b"\n" if cut_short else b"") + (to_json(record) + "\n").encode())
+        except OSError as err:
+            raise OSError(f"cannot append to {self.jsonl_path}: {err.strerror or err}") from None
         step = record.get("epoch", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
         if self.tensorboard is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint import FORMAT
+from utils.config import NATIVE_SIZE, parse_size
 
 PAPER_SCORE_PREFIXES = ('scores_', 'skips_')  # the paper's code writes scores_*; skips_* is accepted too
 
@@ -117,11 +118,12 @@ def translate_config(paper: dict, path) -> dict:
 
 
 def _size(value, path):
-    if isinstance(value, int):
-        return [value, value]
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return [int(value[0]), int(value[1])]
-    raise ValueError(f"{path}: config img_size must be an int or (H, W), got {value!r}")
+    try:
+        if value is None:
+            raise ValueError("img_size is missing")
+        return parse_size(value) or NATIVE_SIZE
+    except ValueError as err:
+        raise ValueError(f"{path}: config {err}") from None
 
 
 # -------------------------------------------------------------------------------------- state dict

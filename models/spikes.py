@@ -1,0 +1,81 @@
+"""The spike protocol: how a tensor says that it holds spikes, and how spikes are kept for backward.
+
+Spikes are {-1, 0, 1}, exact in one byte. A layer that produces spikes marks its output with ``mark``;
+layers that save their input for backward (convolutions) then keep its one-byte copy instead of the
+float tensor (``storable`` / ``restored``), and the readout sums a neuron layer's ``[S, N, ...]`` output
+directly (``per_step``).
+
+The mark is one attribute holding a ``SpikeInfo``, set and read only here. A tensor op returns a new,
+unmarked tensor: code that copies or slices spikes and wants to keep the mark says so with ``like``.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SPIKE_STORAGE = torch.int8
+_ATTRIBUTE = "_spike_info"
+
+
+@dataclass(frozen=True)
+class SpikeInfo:
+    """What is known about a spike tensor: its one-byte copy if one exists already (the neurons keep one
+    for their own backward, and the next layer then shares it), and the ``[S, N, ...]`` tensor it is the
+    time-folded view of (a neuron layer's output)."""
+
+    compact: Optional[torch.Tensor] = None
+    per_step: Optional[torch.Tensor] = None
+
+
+def mark(tensor: torch.Tensor, compact: Optional[torch.Tensor] = None,
+         per_step: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Tag ``tensor`` (values in {-1, 0, 1}) as spikes; returns it."""
+    setattr(tensor, _ATTRIBUTE, SpikeInfo(compact, per_step))
+    return tensor
+
+
+def info(tensor: torch.Tensor) -> Optional[SpikeInfo]:
+    """The tensor's SpikeInfo, or None when it is not marked as spikes."""
+    return getattr(tensor, _ATTRIBUTE, None)
+
+
+def holds_spikes(tensor: torch.Tensor) -> bool:
+    return info(tensor) is not None
+
+
+def like(source: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` marked as spikes if ``source`` was (a copy or a slice of spikes is spikes)."""
+    return mark(tensor) if holds_spikes(source) else tensor
+
+
+def storable(tensor: torch.Tensor):
+    """(what to keep of ``tensor`` for backward, its dtype if that is a one-byte spikes copy else None).
+
+    Autograd functions that save a convolution's input call this themselves rather than rely on
+    ``compact_spikes``: memory-saving mode's replay stores what it recomputes through checkpoint's own
+    hooks, which would keep float spikes (4 bytes) there.
+    """
+    spike_info = info(tensor)
+    if spike_info is None:
+        return tensor, None
+    compact = spike_info.compact if spike_info.compact is not None else tensor.to(SPIKE_STORAGE)
+    return compact, tensor.dtype
+
+
+def restored(stored: torch.Tensor, dtype) -> torch.Tensor:
+    """The tensor ``storable`` was given back."""
+    return stored if dtype is None else stored.to(dtype)
+
+
+def _pack(tensor):
+    stored, dtype = storable(tensor)
+    return stored if dtype is None else (stored, dtype)
+
+
+def _unpack(packed):
+    return restored(*packed) if isinstance(packed, tuple) else packed
+
+
+def compact_spikes():
+    """Context in which autograd stores marked spike tensors (e.g. a conv's input) in one byte."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)

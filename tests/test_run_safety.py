@@ -1,0 +1,298 @@
+"""Run safety through the scripts: append-only run folders, Ctrl-C and failed writes at epoch boundaries,
+nonsense values refused before any data is read, the quickstart refined by flags, test.py's early checks."""
+import hashlib
+import json
+import resource
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from tests.conftest import (REPO, TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script,
+                            start_script)
+from tests.test_pipeline_errors import tiny_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.cli import run_main
+from utils.files import HOST
+from utils.runs import read_metrics
+
+ANN = [*TINY_ARGS, "--model_type", "ann"]
+
+
+def digest(folder) -> dict:
+    """Every file under `folder` by content hash: equal digests mean byte-identical trees."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def temp_files(folder) -> list:
+    return [p.name for p in folder.rglob("*.tmp")]
+
+
+# ----------------------------------------------------------------------------- append-only run folders
+def dead_pid() -> int:
+    return int(run_script("-c", "import os; print(os.getpid())").stdout)  # a process that has ended
+
+
+def test_runs_are_append_only(tmp_path, capsys):
+    run = tmp_path / "r"
+    args = [*ANN, "--model_dir", str(tmp_path), "--name", "r"]
+    run.mkdir()
+    (run / ".running").write_text(f"{HOST} {dead_pid()}\n")  # left by a killed run: no longer in use
+    assert run_main(train.main, [*args, "--epochs", "1"]) == 0
+    assert not (run / ".running").exists()
+    shutil.copy(run / "last.pth", run / "epoch1.pth")
+    shutil.copy(run / "last.pth", tmp_path / "epoch1-copy.pth")
+    first = digest(run)
+
+    one_line_error(capsys, train.main, [*args, "--epochs", "1"], f"{run} already holds a run", "--resume",
+                   "--overwrite", "--name")
+    assert digest(run) == first  # the refused run wrote nothing, not even config.yaml
+
+    # another neuron backend is an execution choice, not another model: resuming with it is fine
+    assert run_main(train.main, ["--resume", str(run / "last.pth"), "--epochs", "2", "--neuron_backend", "torch"]) == 0
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    two_epochs = digest(run)
+    one_line_error(capsys, train.main, ["--resume", str(run / "epoch1.pth"), "--epochs", "3"],
+                   "already holds epochs up to 2", "would rewind it", "--name")
+    one_line_error(capsys, train.main, ["--resume", str(tmp_path / "epoch1-copy.pth"), "--epochs", "3"],
+                   f"{run} holds another run", "--name")
+    assert digest(run) == two_epochs
+
+    # an earlier checkpoint continues in a new folder, exactly as the original went on from it
+    assert run_main(train.main, ["--resume", str(tmp_path / "epoch1-copy.pth"), "--epochs", "2", "--name", "b"]) == 0
+    branch = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [(r["epoch"], r["loss"], r["val_miou"]) for r in branch] == [(2, records[1]["loss"], records[1]["val_miou"])]
+
+    capsys.readouterr()
+    assert run_main(train.main, [*args, "--epochs", "1", "--overwrite"]) == 0
+    assert "moved the previous run to" in capsys.readouterr().out
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(aside) == 1 and digest(aside[0]) == two_epochs  # set aside whole: no metrics line is lost
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
+    one_line_error(capsys, train.main, ["--resume", str(run / "last.pth"), "--epochs", "2", "--overwrite"],
+                   "cannot be combined with --resume")
+    shell = tmp_path / "shell"  # a run stopped in its first epoch
+    shell.mkdir()
+    (shell / "config.yaml").write_text("epochs: 1\n")
+    one_line_error(capsys, train.main, [*ANN, "--model_dir", str(tmp_path), "--name", "shell"],
+                   "holds a run that was started but completed no epoch", "--overwrite")
+
+
+def test_changing_the_model_on_resume_names_the_settings(tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path / "s.pth", model_type="snn", timesteps=2)
+    data = load_checkpoint(ckpt)
+    save_checkpoint(ckpt, {**data, "optimizer": {}, "scheduler": {}, "epoch": 1, "best_miou": 0.0, "rng": {}})
+    one_line_error(capsys, train.main, ["--resume", str(ckpt), "--epochs", "2", "--timesteps", "3",
+                                        "--leak_mem", "0.5", "--neuron_backend", "torch"],
+                   "keeps the checkpoint's model; these settings differ: timesteps 2 -> 3; leak_mem 0.99 -> 0.5. "
+                   "Drop those flags")
+
+
+# ----------------------------------------------------------------------------- interrupts and failed writes
+def wait_for(condition, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"gave up waiting (process exit code {proc.poll()})")
+
+
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(tmp_path, capsys):
+    snn = [*TINY_ARGS, "--model_type", "snn", "--encoder", "poisson", "--epochs", "3", "--model_dir", tmp_path]
+    run_script("train.py", *snn, "--name", "full")
+    cut = tmp_path / "cut"
+    proc = start_script("train.py", *snn, "--name", "cut")
+    wait_for(lambda: (cut / ".running").is_file(), proc)
+    for extra in ([], ["--overwrite"]):  # a folder in use is refused, whatever the flags
+        one_line_error(capsys, train.main, [*map(str, snn), "--name", "cut", *extra], f"{cut} is in use by a running")
+    wait_for(lambda: (cut / "metrics.jsonl").is_file() and (cut / "metrics.jsonl").read_text().count("\n") >= 1, proc)
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C does, during epoch 2 (or while its files are written)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    saved = read_jsonl(cut / "metrics.jsonl")
+    last = load_checkpoint(cut / "last.pth")
+    assert 1 <= last["epoch"] == len(saved) < 3 and "interrupted" not in last  # an epoch boundary, whole
+    assert f"last good checkpoint is {cut / 'last.pth'} (epoch {last['epoch']})" in err
+    assert f"--resume {cut / 'last.pth'}" in err and "Traceback" not in err
+    assert not temp_files(tmp_path) and not (cut / ".running").exists()
+
+    run_script("train.py", "--resume", cut / "last.pth", "--epochs", "3")
+    full, resumed = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("full", "cut"))
+    keys = ("epoch", "loss", "lr", "val_miou")
+    assert [tuple(r[k] for k in keys) for r in resumed] == [tuple(r[k] for k in keys) for r in full]
+    ends = [load_checkpoint(tmp_path / n / "last.pth")["state_dict"] for n in ("full", "cut")]
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+
+
+def limit_file_size(size):
+    """For a child process: files cannot grow beyond `size` bytes (writes fail with EFBIG, as on a full disk)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one_and_the_metrics_line(tmp_path, capsys):
+    run = tmp_path / "d"
+    assert run_main(train.main, [*ANN, "--epochs", "1", "--model_dir", str(tmp_path), "--name", "d"]) == 0
+    kept = {k: v for k, v in digest(run).items() if k.endswith(".pth")}
+    proc = run_script("train.py", "--resume", run / "last.pth", "--epochs", "2", check=False,
+                      preexec_fn=limit_file_size(1 << 20))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"cannot write {run}/" in lines[0] and "File too large; the previous file is unchanged" in lines[0]
+    assert "Epoch 2's metrics are in" in lines[0] and f"--resume {run / 'last.pth'}" in lines[0]
+    assert {k: v for k, v in digest(run).items() if k.endswith(".pth")} == kept and not temp_files(run)
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2] and "File too large" in records[1]["checkpoint_error"]
+
+    # with room again, the resume repeats epoch 2 exactly and writes it
+    assert run_main(train.main, ["--resume", str(run / "last.pth"), "--epochs", "2"]) == 0
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 2] and "checkpoint_error" not in records[2]
+    assert records[2]["loss"] == records[1]["loss"] and load_checkpoint(run / "last.pth")["epoch"] == 2
+
+    # killed after writing last.pth, halfway through epoch 2's line: the line is restored from last.pth
+    text = (run / "metrics.jsonl").read_text()
+    cut = text[:text.rindex("{") + 20]
+    (run / "metrics.jsonl").write_text(cut)
+    assert run_main(train.main, ["--resume", str(run / "last.pth"), "--epochs", "3"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[:3] == cut.splitlines()  # nothing that was written is rewritten
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 2, 3]
+    assert read_metrics(run / "metrics.jsonl")[2] == records[2]
+
+
+# ----------------------------------------------------------------------------- values checked before any work
+NONSENSE = [
+    (["--leak_mem", "nan"], "'leak_mem' must be a finite number in (0, 1], got nan"),
+    (["--leak_mem", "5"], "'leak_mem' must be a finite number in (0, 1], got 5.0"),
+    (["--leak_mem", "-0.5"], "'leak_mem' must be a finite number in (0, 1], got -0.5"),
+    (["--img_size", "0"], "img_size must be one positive int (square), two (H W), or -1 for the native size"),
+    (["--img_size", "-4"], "native size, got -4"),
+    (["--img_size", "8", "8", "8"], "native size, got 8 8 8"),
+    (["--num_val", "0"], "'num_val' must be a positive integer, got 0"),
+    (["--num_train", "0"], "'num_train' must be a positive integer, got 0"),
+    (["--batch_size", "0"], "'batch_size' must be a positive integer"),
+    (["--epochs", "0"], "'epochs' must be a positive integer"),
+    (["--timesteps", "0"], "'timesteps' must be a positive integer"),
+    (["--test_display", "0"], "'test_display' must be a positive integer"),
+    (["--lr", "inf"], "'lr' must be a finite number > 0, got inf"),
+    (["--lr", "0"], "'lr' must be a finite number > 0, got 0.0"),
+    (["--def_threshold", "-1"], "'def_threshold' must be a finite number > 0"),
+    (["--alpha", "nan"], "'alpha' must be a finite number > 0, got nan"),
+    (["--momentum", "1"], "'momentum' must be a finite number in [0, 1), got 1.0"),
+    (["--weight_decay=-1e-4"], "'weight_decay' must be a finite number >= 0"),
+    (["--seed", "-1"], "'seed' must be an integer >= 0"),
+    (["--num_workers", "-2"], "'num_workers' must be an integer >= 0"),
+    (["--memory_block", "0"], "'memory_block' must be a positive integer"),
+    (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'; choices: sgd, adam"),
+    (["--neuron_backend", "cuda"], "unknown neuron_backend 'cuda'; choices: auto, torch, triton"),
+    (["--surrogate_params", "{gamma: }"], "surrogate_params 'gamma' must be a finite number, got None"),
+    (["--surrogate_params", "{gama: 1}"], "unknown parameter(s) ['gama']"),
+    (["--thl"], "thl (target history learning) needs an event dataset (ddd17, synthetic-events)"),
+    (["--num_train", "100"], "num_train applies to synthetic and synthetic-events only; dataset is 'voc2012'"),
+    (["--datalist", "x.txt"], "datalist applies to ddd17 only"),
+    (["--dataset", "ddd17", "--channels", "0", "7"], "channels: event channels must be distinct indices in 0..5"),
+    (["--dataset", "ddd17", "--thl", "--model_type", "ann"], "thl feeds one frame per timestep and needs model_type"),
+    (["--name", "../elsewhere"], "name must be a folder name inside model_dir"),
+]
+
+
+def test_nonsense_values_are_refused_before_any_data_is_read(tmp_path, capsys):
+    # The data folder does not exist: a run that looked at its data first would fail naming it instead.
+    base = ["--dataset", "voc2012", "--data_root", str(tmp_path / "no-data"), "--model_dir", str(tmp_path / "runs")]
+    for flags, expected in NONSENSE:
+        line = one_line_error(capsys, train.main, [*base, *flags], expected)
+        assert "no-data" not in line, line
+    assert not (tmp_path / "runs").exists()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    one_line_error(capsys, train.main, [*TINY_ARGS, "--model_dir", str(blocker)],
+                   f"run folder {blocker}/", f"{blocker} is not a folder")
+
+
+@pytest.mark.parametrize("flags,expected", [(["--epochs", "2.5"], "--epochs: expected an integer, got '2.5'"),
+                                            (["--bn", "maybe"], "--bn: expected a boolean"),
+                                            (["--leak-mem", "x"], "--leak_mem/--leak-mem: expected a number")])
+def test_malformed_flags_are_one_line(capsys, flags, expected):
+    with pytest.raises(SystemExit) as code:
+        train.main([*TINY_ARGS, *flags])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+# ----------------------------------------------------------------------------- the quickstart refined by flags
+def test_flags_without_config_refine_the_quickstart(tmp_path):
+    proc = run_script("train.py", "--epochs", "1", "--img_size", "16", "--timesteps", "2", "--num_train", "16",
+                      "--num_val", "8", "--batch_size", "8", "--model_dir", tmp_path)
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("config: configs/quickstart.yaml (the quickstart") and "flags override" in first
+    cfg = load_checkpoint(tmp_path / "quickstart-snn" / "last.pth")["config"]
+    # the quickstart's recipe (synthetic set, Adam, poly) with the flags' sizes
+    recipe = (cfg["dataset"], cfg["optimizer"], cfg["scheduler"], cfg["encoder"])
+    assert recipe == ("synthetic", "adam", "poly", "direct")
+    assert (cfg["epochs"], cfg["timesteps"], cfg["img_size"], cfg["num_train"]) == (1, 2, [16, 16], 16)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "quickstart-snn" / "metrics.jsonl")] == [1]
+
+
+# ----------------------------------------------------------------------------- test.py checks before evaluating
+def test_test_py_refuses_flags_before_evaluating(tiny_ann_run, tmp_path, capsys):
+    script = load_test_script()
+    model = str(tiny_ann_run / "best.pth")
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for flags, expected in [
+        (["--timesteps", "8"], "--timesteps applies to --conversion"),
+        (["--scaling_factor", "0.7"], "--scaling_factor applies to --conversion"),
+        (["--results", str(blocker / "r.json")], f"--results {blocker}/r.json cannot be written"),
+        (["--attack", "gaussiannoise", "--atk_factor", "0,abc"], "--atk_factor must be a comma list"),
+        (["--img_size", "0"], "--img_size: img_size must be one positive int"),
+        (["--batch_size", "0"], "--batch_size: 'batch_size' must be a positive integer"),
+        (["--neuron_backend", "gpu"], "--neuron_backend: unknown neuron_backend 'gpu'"),
+    ]:
+        one_line_error(capsys, script.main, ["--model_path", model, *flags], expected)
+    assert "mIoU" not in capsys.readouterr().out  # nothing was evaluated
+
+
+def test_conversion_of_a_read_only_checkpoint(tiny_ann_run, tmp_path, capsys):
+    script = load_test_script()
+    ann = tmp_path / "ann.pth"
+    shutil.copy(tiny_ann_run / "last.pth", ann)
+    ann.chmod(0o444)
+    argv = ["--model_path", str(ann), "--conversion", "--timesteps", "2"]
+    one_line_error(capsys, script.main, argv, f"caches the thresholds it calibrates in {ann}",
+                   "it is read-only (mode 0444)", f"cp {ann}")
+    assert "ANN mIoU" not in capsys.readouterr().out  # refused before evaluating or calibrating
+    ann.chmod(0o644)
+    assert run_main(script.main, argv) == 0
+    assert "cached the new layer thresholds for T=2" in capsys.readouterr().out
+    ann.chmod(0o444)  # thresholds cached: a read-only checkpoint is all conversion needs now
+    assert run_main(script.main, argv) == 0
+    assert "using cached layer thresholds for T=2" in capsys.readouterr().out
+
+
+def test_voc_at_native_size_in_batches(tmp_path):
+    voc = tmp_path / "voc"
+    shutil.copytree(REPO.parent / "shared" / "fixtures" / "voc2012-mini", voc)
+    voc_dir = voc / "VOCdevkit" / "VOC2012"
+    (voc_dir / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\n2007_000033\n")
+    ckpt = tiny_checkpoint(tmp_path / "voc.pth", dataset="voc2012", num_classes=21, num_val=None)
+    results = tmp_path / "r.json"
+    assert run_main(load_test_script().main, ["--model_path", str(ckpt), "--data_root", str(voc), "--img_size", "-1",
+                                              "--batch_size", "2", "--results", str(results)]) == 0
+    masks = [np.array(Image.open(voc_dir / "SegmentationClass" / f"{n}.png")) for n in ("2007_000032", "2007_000033")]
+    # two sizes in one batch: padding is labelled void, so exactly the images' own labelled pixels count
+    assert json.loads(results.read_text())["num_pixels"] == sum(int((m != 255).sum()) for m in masks)
+
+
+def test_broken_pipe_ends_quietly(tmp_path):
+    proc = start_script("test.py", "--list", "--model_dir", tmp_path)
+    proc.stdout.close()  # the reader is gone before anything is written, as with `| head -0`
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""
