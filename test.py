@@ -3,8 +3,8 @@
     python test.py --model_path trained_models/quickstart-snn/best.pth --results results.json
     python test.py --list --model_dir trained_models
 
-Extra analyses plug in without editing this file: a module listed in PLUGIN_MODULES (if it exists) may
-define any of
+Besides the evaluation, test.py runs the steps in STEPS: ANN-to-SNN conversion (utils/conversion_plugin.py)
+and the analyses (utils/analysis.py). Each step module defines any of
     add_test_args(parser)            add its flags (e.g. --conversion, --count_spikes, --attack)
     check_args(args)                 refuse bad flag values, called before any work
     prepare_model(ctx) -> model      replace the model before evaluation (e.g. ANN -> SNN conversion)
@@ -14,8 +14,6 @@ Every flag is checked before the checkpoint is evaluated: an output that cannot 
 range or a flag that does nothing without another is one line, not a failure after a long evaluation.
 """
 import argparse
-import importlib
-import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import setup
-from utils import files
+from utils import analysis, conversion_plugin, files
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.cli import ArgumentParser, run_main
@@ -32,8 +30,8 @@ from utils.config import SCHEMA, NATIVE_SIZE, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 
-CONVERSION_PLUGIN = "utils.conversion_plugin"
-PLUGIN_MODULES = (CONVERSION_PLUGIN, "utils.analysis")
+# In this order: the conversion may replace the model that the analyses then look at.
+STEPS = (conversion_plugin, analysis)
 
 
 @dataclass
@@ -51,18 +49,6 @@ class EvalContext:
         """Evaluate (another) model/config on this split; returns the metrics dict."""
         return evaluate(model or self.model, self.loader, cfg or self.cfg, self.device, input_transform=input_transform,
                         desc=desc)
-
-
-def load_plugins() -> list:
-    plugins = []
-    for name in PLUGIN_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            plugins.append(importlib.import_module(name))
-    return plugins
 
 
 OVERRIDES = ("data_root", "dataset", "img_size", "batch_size", "num_workers", "neuron_backend")
@@ -190,7 +176,7 @@ def check_flags(args, argv, plugins):
     for plugin in plugins:
         if hasattr(plugin, "check_args"):
             plugin.check_args(args)
-        if plugin.__name__ == CONVERSION_PLUGIN and not args.conversion:
+        if plugin is conversion_plugin and not args.conversion:
             ignored = given_flags(argv, plugins, [d for d in plugin_flags(plugin) if d != "conversion"])
             if ignored:
                 raise ValueError(f"--{ignored[0]} applies to --conversion (ANN-to-SNN conversion) only; "
@@ -203,11 +189,10 @@ def check_conversion(args, cfg, checkpoint):
     if not getattr(args, "conversion", False) or cfg["model_type"] != "ann":
         return  # the plugin itself refuses an SNN checkpoint
     from models.conversion import cached_thresholds
-    from utils.conversion_plugin import calibration_settings
     if cfg["img_size"] == NATIVE_SIZE and cfg["batch_size"] > 1 and cfg["dataset"] == "voc2012":
         raise ValueError("--conversion calibrates on batches of native-size VOC images, which cannot be stacked: "
                          "pass --img_size H W or --batch_size 1")
-    settings = calibration_settings(args, cfg)
+    settings = conversion_plugin.calibration_settings(args, cfg)
     cached = all(cached_thresholds(checkpoint, kind, steps, settings) is not None
                  for kind in args.threshold_type for steps in args.timesteps)
     problem = None if cached and not args.reset_thresholds else files.output_problem(args.model_path)
@@ -220,7 +205,7 @@ def check_conversion(args, cfg, checkpoint):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    plugins = load_plugins()
+    plugins = STEPS
     args = get_args_parser(plugins=plugins).parse_args(argv)
     if args.list:
         rows = list_checkpoints(args.model_dir)

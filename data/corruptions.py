@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as F
 from data.transforms import denormalize_image, normalize_image
 
 CORRUPTIONS = ("gaussiannoise", "saltpepper", "gaussianblur")
-IMAGE_DATASETS = ("voc2012", "synthetic", "cifar-mnist")
+IMAGE_DATASETS = ("voc2012", "synthetic")
 EVENT_DATASETS = ("ddd17", "synthetic-events")
 
 

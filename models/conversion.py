@@ -1,4 +1,4 @@
-"""ANN-to-SNN conversion by threshold balancing (DESIGN.md section 3).
+"""ANN-to-SNN conversion by threshold balancing (docs/design.md, section 8).
 
     snn = convert_ann(ann, timesteps=64)                          # BN folded, IF neurons, thresholds 1.0
     raw = calibrate_thresholds(snn, batches, 'channel')           # layer by layer, as the paper's code

@@ -1,4 +1,4 @@
-"""utils/analysis.py and utils/plots.py: firing rates, pictures, and the whole plugin through test.py."""
+"""utils/analysis.py and utils/plots.py: firing rates, pictures, and the analysis step through test.py."""
 import json
 
 import numpy as np

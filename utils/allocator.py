@@ -4,7 +4,7 @@ PyTorch's CPU tensors come from malloc. glibc's default maps each block over 32 
 kernel and unmaps it on free (so every step faults those pages in again), and serves smaller blocks
 from a heap that it can only shrink from the top: freed 8-32 MB blocks stay resident between live
 ones. For spiking dl-vgg9 (T=10, batch 4, 64x64) on this project's 2-core CPU the heap holds 250-300
-MB beyond the live tensors after 20 steps. The policies (``--cpu_malloc``; README.md, Performance):
+MB beyond the live tensors after 20 steps. The policies (``--cpu_malloc``; docs/performance.md):
 
 - ``balanced``: map every block over 8 MB on its own (``M_MMAP_THRESHOLD = 8 MB``, which also stops
   glibc from raising that threshold as blocks are freed): freed large blocks go back to the kernel,

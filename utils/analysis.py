@@ -1,10 +1,10 @@
-"""test.py plugin: spike activity, energy estimate, robustness sweeps and prediction pictures.
+"""test.py's analysis step: spike activity, energy estimate, robustness sweeps and prediction pictures.
 
     python test.py --model_path SNN.pth --count_spikes --energy --compare ANN.pth --results r.json
     python test.py --model_path SNN.pth --attack gaussiannoise --atk_factor 0,0.1,0.2 --plot
     python test.py --model_path SNN.pth --save_predictions pictures --num_pictures 4
 
-What each number means and how it is computed: README.md, section Analysis. Operation counting: utils/energy.py.
+What each number means and how it is computed: docs/analysis.md. Operation counting: utils/energy.py.
 """
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""One checkpoint format for the whole project (DESIGN.md section 4).
+"""One checkpoint format for the whole project (docs/design.md, section 11).
 
 A checkpoint is a dict that loads with `torch.load(path, weights_only=True)`:
   format='snnseg-1', config (full resolved flat config), state_dict, and for training runs

@@ -1,4 +1,4 @@
-"""test.py plugin: `--conversion` turns the ANN checkpoint into SNNs and evaluates them.
+"""test.py's conversion step: `--conversion` turns the ANN checkpoint into SNNs and evaluates them.
 
     python test.py --model_path ann.pth --conversion --timesteps 8,16,32,64,128 \
         --threshold_type layer,channel,neuron --results results.json

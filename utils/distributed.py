@@ -35,30 +35,25 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def barrier():
-    if is_distributed():
-        dist.barrier()
-
-
 def _reduce_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of `tensor` over all processes, on `tensor`'s device (`tensor` itself when
+    single-process). nccl reduces only CUDA tensors and gloo only CPU ones, hence the round trip."""
+    if not is_distributed():
+        return tensor
+    reduced = tensor.to(_reduce_device())
+    dist.all_reduce(reduced)
+    return reduced.to(tensor.device)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few floats over all processes (identity when single-process)."""
     if not is_distributed():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=_reduce_device())
-    dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
+    return sum_over_processes(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def broadcast_buffers(model: torch.nn.Module):

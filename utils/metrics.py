@@ -7,7 +7,8 @@ accumulating per batch (or per process, then all-reducing) gives exactly the spl
 import math
 
 import torch
-import torch.distributed as dist
+
+from utils.distributed import sum_over_processes
 
 
 class ConfusionMatrix:
@@ -17,9 +18,6 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-
-    def reset(self):
-        self.mat.zero_()
 
     def update(self, pred: torch.Tensor, target: torch.Tensor):
         """pred: class indices [N, H, W] or logits [N, K, H, W]; target: labels [N, H, W]."""
@@ -45,12 +43,7 @@ class ConfusionMatrix:
 
     def all_reduce(self):
         """Sum the matrices of all processes (no-op outside torch.distributed)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            backend = dist.get_backend()
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            mat = self.mat.to(device)
-            dist.all_reduce(mat)
-            self.mat = mat.cpu()
+        self.mat = sum_over_processes(self.mat)
 
     def compute(self) -> dict:
         """miou, pixel_acc, mean_acc, fwiou (floats) and per_class_iou (list, NaN for absent classes)."""

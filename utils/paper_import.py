@@ -23,7 +23,7 @@ import torch
 from utils.checkpoint import FORMAT
 from utils.config import NATIVE_SIZE, parse_size
 
-PAPER_SCORE_PREFIXES = ('scores_', 'skips_')  # the issue calls them skips_*, the paper's code scores_*
+PAPER_SCORE_PREFIXES = ('scores_', 'skips_')  # the paper's code writes scores_*; skips_* is accepted too
 
 
 def read_weights_only(path) -> object:
