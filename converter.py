@@ -7,101 +7,109 @@
 
 Every file is read with torch.load(weights_only=True): a checkpoint that carries code is refused, never run.
 """
+
 import argparse
 import sys
 
-
 from utils.checkpoint import FORMAT, save_checkpoint, validate_checkpoint
 from utils.cli import ArgumentParser, run_main
-from utils.paper_import import (conv_weights_only, import_paper_checkpoint, is_paper_checkpoint,
-                                read_weights_only)
+from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
 
-THRESHOLD_TYPES = ('layer', 'channel', 'neuron')
-BUFFER_SUFFIXES = ('running_mean', 'running_var', 'num_batches_tracked', 'threshold')
+THRESHOLD_TYPES = ("layer", "channel", "neuron")
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "threshold")
 
 
 def get_args_parser() -> ArgumentParser:
-    parser = ArgumentParser(description='Inspect and rewrite SNN segmentation checkpoints.')
-    parser.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
-    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    parser = ArgumentParser(description="Inspect and rewrite SNN segmentation checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    inspect = sub.add_parser('inspect', help='format, config, epoch, best mIoU, layers, thresholds')
-    inspect.add_argument('path', help='checkpoint (ours or the paper repository\'s)')
-    inspect.add_argument('--debug', action='store_true', help=argparse.SUPPRESS)
+    inspect = sub.add_parser("inspect", help="format, config, epoch, best mIoU, layers, thresholds")
+    inspect.add_argument("path", help="checkpoint (ours or the paper repository's)")
+    inspect.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    paper = sub.add_parser('import-paper', help="turn a checkpoint of the paper's repository into ours")
-    paper.add_argument('path', help="checkpoint written by the paper's code")
-    paper.add_argument('-o', '--output', required=True, help='where to write our checkpoint')
-    paper.add_argument('--debug', action='store_true', help=argparse.SUPPRESS)
+    paper = sub.add_parser("import-paper", help="turn a checkpoint of the paper's repository into ours")
+    paper.add_argument("path", help="checkpoint written by the paper's code")
+    paper.add_argument("-o", "--output", required=True, help="where to write our checkpoint")
+    paper.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    nest = sub.add_parser('thresholds', help='nest flat thresholds {T: [...]} as {TYPE: {T: [...]}}')
-    nest.add_argument('path')
-    nest.add_argument('--type', required=True, choices=THRESHOLD_TYPES, help='threshold type they were found with')
-    nest.add_argument('-o', '--output', required=True)
-    nest.add_argument('--debug', action='store_true', help=argparse.SUPPRESS)
+    nest = sub.add_parser("thresholds", help="nest flat thresholds {T: [...]} as {TYPE: {T: [...]}}")
+    nest.add_argument("path")
+    nest.add_argument("--type", required=True, choices=THRESHOLD_TYPES, help="threshold type they were found with")
+    nest.add_argument("-o", "--output", required=True)
+    nest.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
-    convs = sub.add_parser('state-dict', help='keep only the conv weights, renumbered (for conversion)')
-    convs.add_argument('path', help="checkpoint of the paper's repository")
-    convs.add_argument('-o', '--output', required=True)
-    convs.add_argument('--debug', action='store_true', help=argparse.SUPPRESS)
+    convs = sub.add_parser("state-dict", help="keep only the conv weights, renumbered (for conversion)")
+    convs.add_argument("path", help="checkpoint of the paper's repository")
+    convs.add_argument("-o", "--output", required=True)
+    convs.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
 # ------------------------------------------------------------------------------------------ inspect
 def inspect_lines(checkpoint, path) -> list:
     if is_paper_checkpoint(checkpoint):
-        kind, cfg = "paper repository (import it with `converter.py import-paper`)", _paper_view(checkpoint['config'])
-        best = checkpoint.get('max_miou')
+        kind, cfg = "paper repository (import it with `converter.py import-paper`)", _paper_view(checkpoint["config"])
+        best = checkpoint.get("max_miou")
     else:
         validate_checkpoint(checkpoint, path)
-        kind, cfg, best = checkpoint['format'], checkpoint['config'], checkpoint.get('best_miou')
-    state = checkpoint['state_dict']
+        kind, cfg, best = checkpoint["format"], checkpoint["config"], checkpoint.get("best_miou")
+    state = checkpoint["state_dict"]
     params = sum(v.numel() for k, v in state.items() if not k.endswith(BUFFER_SUFFIXES))
-    lines = [f'file        {path}', f'format      {kind}',
-             f"model       {cfg.get('model_type')} {cfg.get('arch')}",
-             f"dataset     {cfg.get('dataset')} ({cfg.get('num_classes')} classes, "
-             f"{cfg.get('in_channels')} input channels)",
-             f"image size  {cfg.get('img_size')}",
-             f"timesteps   {cfg.get('timesteps') if cfg.get('model_type') == 'snn' else '- (ANN)'}",
-             f"epoch       {checkpoint.get('epoch')}",
-             f"best mIoU   {best:.4f}" if isinstance(best, (int, float)) else f'best mIoU   {best}',
-             f'state dict  {len(state)} tensors, {params:,} parameters (buffers not counted)']
-    lines += [f'  {key:<40} {tuple(value.shape)}' for key, value in state.items()]
-    lines += threshold_lines(checkpoint.get('thresholds'))
+    lines = [
+        f"file        {path}",
+        f"format      {kind}",
+        f"model       {cfg.get('model_type')} {cfg.get('arch')}",
+        f"dataset     {cfg.get('dataset')} ({cfg.get('num_classes')} classes, {cfg.get('in_channels')} input channels)",
+        f"image size  {cfg.get('img_size')}",
+        f"timesteps   {cfg.get('timesteps') if cfg.get('model_type') == 'snn' else '- (ANN)'}",
+        f"epoch       {checkpoint.get('epoch')}",
+        f"best mIoU   {best:.4f}" if isinstance(best, (int, float)) else f"best mIoU   {best}",
+        f"state dict  {len(state)} tensors, {params:,} parameters (buffers not counted)",
+    ]
+    lines += [f"  {key:<40} {tuple(value.shape)}" for key, value in state.items()]
+    lines += threshold_lines(checkpoint.get("thresholds"))
     return lines
 
 
 def _paper_view(config) -> dict:
-    dataset = config.get('dataset') if isinstance(config.get('dataset'), dict) else {}
-    return {'model_type': config.get('model_type'), 'arch': config.get('architecture'),
-            'dataset': dataset.get('name'), 'num_classes': dataset.get('num_cls'),
-            'in_channels': dataset.get('input_dim'), 'img_size': config.get('img_size'),
-            'timesteps': config.get('timesteps')}
+    dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+    return {
+        "model_type": config.get("model_type"),
+        "arch": config.get("architecture"),
+        "dataset": dataset.get("name"),
+        "num_classes": dataset.get("num_cls"),
+        "in_channels": dataset.get("input_dim"),
+        "img_size": config.get("img_size"),
+        "timesteps": config.get("timesteps"),
+    }
 
 
 def threshold_lines(thresholds) -> list:
     if not thresholds:
-        return ['thresholds  none']
+        return ["thresholds  none"]
     if not isinstance(thresholds, dict):
-        return [f'thresholds  malformed ({type(thresholds).__name__}, expected a dict)']
-    lines = ['thresholds']
+        return [f"thresholds  malformed ({type(thresholds).__name__}, expected a dict)"]
+    lines = ["thresholds"]
     for kind, table in thresholds.items():
         if isinstance(table, dict):
-            entries = ', '.join(f'T={t}: {len(v)} layers' if isinstance(v, (list, tuple)) else f'T={t}: malformed'
-                                for t, v in table.items())
-            lines.append(f'  {kind}: {entries}')
+            entries = ", ".join(
+                f"T={t}: {len(v)} layers" if isinstance(v, (list, tuple)) else f"T={t}: malformed"
+                for t, v in table.items()
+            )
+            lines.append(f"  {kind}: {entries}")
         elif isinstance(table, (list, tuple)):
-            lines.append(f'  T={kind}: {len(table)} layers (flat; nest with `converter.py thresholds`)')
+            lines.append(f"  T={kind}: {len(table)} layers (flat; nest with `converter.py thresholds`)")
         else:
-            lines.append(f'  {kind}: malformed ({type(table).__name__})')
+            lines.append(f"  {kind}: malformed ({type(table).__name__})")
     return lines
 
 
 # ---------------------------------------------------------------------------------------- rewriting
 def nest_thresholds(checkpoint, path, threshold_type: str) -> dict:
     if not isinstance(checkpoint, dict):
-        raise ValueError(f'{path}: expected a checkpoint dict, found a {type(checkpoint).__name__}')
-    thresholds = checkpoint.get('thresholds')
+        raise ValueError(f"{path}: expected a checkpoint dict, found a {type(checkpoint).__name__}")
+    thresholds = checkpoint.get("thresholds")
     if thresholds is None:
         raise ValueError(f"{path}: no 'thresholds' in the checkpoint (keys: {', '.join(map(str, checkpoint))})")
     if not isinstance(thresholds, dict) or not thresholds:
@@ -112,31 +120,33 @@ def nest_thresholds(checkpoint, path, threshold_type: str) -> dict:
     for steps, values in thresholds.items():
         if not str(steps).isdigit() or not isinstance(values, (list, tuple)):
             raise ValueError(f"{path}: thresholds entry {steps!r} is not T -> list of per-layer thresholds")
-    return {**checkpoint, 'thresholds': {threshold_type: {str(k): list(v) for k, v in thresholds.items()}}}
+    return {**checkpoint, "thresholds": {threshold_type: {str(k): list(v) for k, v in thresholds.items()}}}
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     checkpoint = read_weights_only(args.path)
-    if args.command == 'inspect':
-        print('\n'.join(inspect_lines(checkpoint, args.path)))
+    if args.command == "inspect":
+        print("\n".join(inspect_lines(checkpoint, args.path)))
         return
-    if args.command == 'import-paper':
+    if args.command == "import-paper":
         result = import_paper_checkpoint(checkpoint, args.path)
-        cfg = result['config']
+        cfg = result["config"]
         what = f"{cfg['model_type']} {cfg['arch']} ({cfg['dataset']}, {cfg['num_classes']} classes)"
-    elif args.command == 'thresholds':
+    elif args.command == "thresholds":
         result = nest_thresholds(checkpoint, args.path, args.type)
-        what = f'thresholds nested under {args.type!r}'
+        what = f"thresholds nested under {args.type!r}"
     else:
-        if isinstance(checkpoint, dict) and checkpoint.get('format') == FORMAT:
-            raise ValueError(f'{args.path} is a snnseg checkpoint: state-dict applies to checkpoints of the '
-                             f"paper's repository (test.py --conversion folds BN of ours directly)")
+        if isinstance(checkpoint, dict) and checkpoint.get("format") == FORMAT:
+            raise ValueError(
+                f"{args.path} is a snnseg checkpoint: state-dict applies to checkpoints of the "
+                f"paper's repository (test.py --conversion folds BN of ours directly)"
+            )
         result = conv_weights_only(checkpoint, args.path)
         what = f"{len(result['state_dict'])} conv weights kept"
     save_checkpoint(args.output, result)
-    print(f'wrote {args.output}: {what}')
+    print(f"wrote {args.output}: {what}")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(run_main(main))

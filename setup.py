@@ -9,6 +9,7 @@ Import it as a module (`import setup`): config parsing and checks (`add_config_a
 `build_model`, `build_loss`, `build_optimizer`, `build_scheduler`, `resolve_device`, `build_logger`,
 `seed_everything`.
 """
+
 import argparse
 import importlib.util
 import random
@@ -22,31 +23,61 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from data.transforms import IGNORE_INDEX
 from utils import files
-from utils.config import (add_config_arguments as _add_keys, cli_values, load_yaml_config, merge_config,
-                          read_config_layer, save_config_yaml, validate_and_derive)
+from utils.config import (
+    add_config_arguments as _add_keys,
+)
+from utils.config import (
+    cli_values,
+    load_yaml_config,
+    merge_config,
+    read_config_layer,
+    save_config_yaml,
+    validate_and_derive,
+)
 from utils.logging import RunLogger
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The base config of a run given neither --config, --dataset nor --resume, by --model_type.
-QUICKSTART_CONFIGS = {"snn": REPO_ROOT / "configs" / "quickstart.yaml",
-                      "ann": REPO_ROOT / "configs" / "quickstart-ann.yaml"}
+QUICKSTART_CONFIGS = {
+    "snn": REPO_ROOT / "configs" / "quickstart.yaml",
+    "ann": REPO_ROOT / "configs" / "quickstart-ann.yaml",
+}
 QUICKSTART_CONFIG = QUICKSTART_CONFIGS["snn"]
 LR_DECAY_POINTS = (0.5, 0.8)  # the paper's schedule: x0.1 at 50% and at 80% of the epochs
 POLY_POWER = 0.9
 
-__all__ = ["add_config_arguments", "resolve_config", "describe_config", "check_inputs", "check_run",
-           "save_config_yaml", "build_datasets", "build_loaders", "build_model", "build_loss", "build_optimizer",
-           "build_scheduler", "lr_factor", "resolve_device",
-           "build_logger", "seed_everything", "QUICKSTART_CONFIG"]
+__all__ = [
+    "add_config_arguments",
+    "resolve_config",
+    "describe_config",
+    "check_inputs",
+    "check_run",
+    "save_config_yaml",
+    "build_datasets",
+    "build_loaders",
+    "build_model",
+    "build_loss",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_factor",
+    "resolve_device",
+    "build_logger",
+    "seed_everything",
+    "QUICKSTART_CONFIG",
+]
 
 
 # ----------------------------------------------------------------------------- configuration
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--config, --debug and one flag per config key (paper names, dashed spellings too)."""
-    parser.add_argument("--config", type=str, default=None,
-                        help="YAML file whose values become the defaults (flags override them); without it, "
-                             "--dataset or --resume: the quickstart (configs/quickstart.yaml, or "
-                             "quickstart-ann.yaml with --model_type ann)")
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="YAML file whose values become the defaults (flags override them); without it, "
+        "--dataset or --resume: the quickstart (configs/quickstart.yaml, or "
+        "quickstart-ann.yaml with --model_type ann)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     _add_keys(parser)
     return parser
@@ -98,8 +129,9 @@ def check_inputs(cfg: dict):
         if cfg.get(key) and not Path(cfg[key]).exists():
             raise FileNotFoundError(f"{key} {cfg[key]} does not exist")
     if cfg["dataset"] in ("voc2012", "ddd17") and not cfg.get("data_root"):
-        raise ValueError(f"dataset {cfg['dataset']!r} needs data_root (a local folder); see README.md, section Data, "
-                         f"for the layout")
+        raise ValueError(
+            f"dataset {cfg['dataset']!r} needs data_root (a local folder); see README.md, section Data, for the layout"
+        )
 
 
 def check_run(cfg: dict):
@@ -121,6 +153,7 @@ def seed_everything(seed: int):
 def build_datasets(cfg: dict):
     """(train set, val set); for DDD17 the 'val' split is its test folder."""
     import data
+
     return data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
 
 
@@ -135,8 +168,14 @@ def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int 
     padding, so all-reduced metrics cover every validation image exactly once. Images of different sizes
     are padded to the largest of their batch (data.collate)."""
     import data
-    common = dict(batch_size=cfg["batch_size"], num_workers=cfg["num_workers"], worker_init_fn=_seed_numpy_in_worker,
-                  pin_memory=torch.cuda.is_available(), collate_fn=data.collate)
+
+    common = dict(
+        batch_size=cfg["batch_size"],
+        num_workers=cfg["num_workers"],
+        worker_init_fn=_seed_numpy_in_worker,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=data.collate,
+    )
     generator = torch.Generator().manual_seed(cfg["seed"])  # its state is checkpointed for exact resume
     if world_size > 1:
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["seed"])
@@ -151,6 +190,7 @@ def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int 
 # ----------------------------------------------------------------------------- model and training
 def build_model(cfg: dict, device: torch.device | str = "cpu") -> nn.Module:
     import models
+
     return models.build_model(cfg).to(device)
 
 
@@ -204,7 +244,10 @@ def build_logger(cfg: dict, run_dir, enabled: bool = True) -> RunLogger:
 
 
 if __name__ == "__main__":
-    print("setup.py is not a packaging script: it holds the builders that train.py and test.py import.\n"
-          "Install the dependencies with `pip install -r requirements.txt` (or `conda env create -f environment.yml`)\n"
-          "and run the scripts from the repository root, e.g. `python train.py`.", file=sys.stderr)
+    print(
+        "setup.py is not a packaging script: it holds the builders that train.py and test.py import.\n"
+        "Install the dependencies with `pip install -r requirements.txt` (or `conda env create -f environment.yml`)\n"
+        "and run the scripts from the repository root, e.g. `python train.py`.",
+        file=sys.stderr,
+    )
     sys.exit(1)

@@ -13,6 +13,7 @@ where `ctx` is an EvalContext (args, cfg, checkpoint, model, loader, device, cla
 Every flag is checked before the checkpoint is evaluated: an output that cannot be written, a value out of
 range or a flag that does nothing without another is one line, not a failure after a long evaluation.
 """
+
 import argparse
 import sys
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from utils import analysis, conversion_plugin, files
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.cli import ArgumentParser, run_main
-from utils.config import SCHEMA, NATIVE_SIZE, check_value, coerce
+from utils.config import NATIVE_SIZE, SCHEMA, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 
@@ -47,8 +48,9 @@ class EvalContext:
 
     def evaluate(self, model=None, cfg=None, input_transform=None, desc="val") -> dict:
         """Evaluate (another) model/config on this split; returns the metrics dict."""
-        return evaluate(model or self.model, self.loader, cfg or self.cfg, self.device, input_transform=input_transform,
-                        desc=desc)
+        return evaluate(
+            model or self.model, self.loader, cfg or self.cfg, self.device, input_transform=input_transform, desc=desc
+        )
 
 
 OVERRIDES = ("data_root", "dataset", "img_size", "batch_size", "num_workers", "neuron_backend")
@@ -63,12 +65,17 @@ def get_args_parser(add_help: bool = True, plugins=()) -> ArgumentParser:
     overrides = parser.add_argument_group("overrides of the checkpoint's config")
     for name in OVERRIDES:  # read and checked as train.py reads them (utils/config.py)
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        overrides.add_argument(*spellings, dest=name, default=None, nargs="+" if name == "img_size" else None,
-                               help=SCHEMA[name].help)
+        overrides.add_argument(
+            *spellings, dest=name, default=None, nargs="+" if name == "img_size" else None, help=SCHEMA[name].help
+        )
     parser.add_argument("--device", type=str, default="auto")
-    parser.add_argument("--cpu_malloc", "--cpu-malloc", default="auto", choices=POLICIES,
-                        help="C heap policy (utils/allocator.py): auto (balanced), keep is faster on CPU, "
-                             "release uses less memory")
+    parser.add_argument(
+        "--cpu_malloc",
+        "--cpu-malloc",
+        default="auto",
+        choices=POLICIES,
+        help="C heap policy (utils/allocator.py): auto (balanced), keep is faster on CPU, release uses less memory",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the Poisson spike encoding")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     for plugin in plugins:
@@ -85,6 +92,7 @@ def evaluate(model, loader, cfg: dict, device, show_bar: bool = True, input_tran
 def eval_config(checkpoint_cfg: dict, args, source) -> dict:
     """The checkpoint's config with the command-line overrides, checked against the model."""
     import data
+
     cfg = dict(checkpoint_cfg)
     for key in OVERRIDES:
         if getattr(args, key) is not None:
@@ -96,8 +104,10 @@ def eval_config(checkpoint_cfg: dict, args, source) -> dict:
     check_value("dataset", cfg["dataset"])
     info = data.dataset_info(cfg["dataset"], cfg)
     if int(info["num_classes"]) != int(cfg["num_classes"]) or int(info["in_channels"]) != int(cfg["in_channels"]):
-        raise ValueError(f"{source} was trained for {cfg['num_classes']} classes / {cfg['in_channels']} input channels; "
-                         f"dataset {cfg['dataset']!r} has {info['num_classes']} / {info['in_channels']}")
+        raise ValueError(
+            f"{source} was trained for {cfg['num_classes']} classes / {cfg['in_channels']} input channels; "
+            f"dataset {cfg['dataset']!r} has {info['num_classes']} / {info['in_channels']}"
+        )
     cfg["device"] = args.device
     cfg["pretrained"] = None  # the checkpoint holds the weights; the file they once started from may be gone
     setup.check_inputs(cfg)
@@ -106,23 +116,39 @@ def eval_config(checkpoint_cfg: dict, args, source) -> dict:
 
 def class_names_for(cfg: dict) -> list:
     import data
+
     return list(data.dataset_info(cfg["dataset"], cfg)["class_names"])
 
 
 def build_val_loader(cfg: dict) -> DataLoader:
     import data
+
     val_set = data.build_dataset(cfg, "val")
-    return DataLoader(val_set, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg.get("num_workers", 0),
-                      collate_fn=data.collate)
+    return DataLoader(
+        val_set,
+        batch_size=cfg["batch_size"],
+        shuffle=False,
+        num_workers=cfg.get("num_workers", 0),
+        collate_fn=data.collate,
+    )
 
 
 def results_dict(metrics: dict, cfg: dict, class_names: list, model_path) -> dict:
     per_class = dict(zip(class_names, metrics["per_class_iou"]))
-    return {"miou": metrics["miou"], "pixel_acc": metrics["pixel_acc"], "mean_acc": metrics["mean_acc"],
-            "fwiou": metrics["fwiou"], "per_class_iou": per_class, "num_pixels": metrics["num_pixels"],
-            "model_type": cfg["model_type"], "arch": cfg["arch"], "dataset": cfg["dataset"],
-            "timesteps": cfg["timesteps"] if cfg["model_type"] == "snn" else None,
-            "img_size": cfg["img_size"], "model_path": str(model_path)}
+    return {
+        "miou": metrics["miou"],
+        "pixel_acc": metrics["pixel_acc"],
+        "mean_acc": metrics["mean_acc"],
+        "fwiou": metrics["fwiou"],
+        "per_class_iou": per_class,
+        "num_pixels": metrics["num_pixels"],
+        "model_type": cfg["model_type"],
+        "arch": cfg["arch"],
+        "dataset": cfg["dataset"],
+        "timesteps": cfg["timesteps"] if cfg["model_type"] == "snn" else None,
+        "img_size": cfg["img_size"],
+        "model_path": str(model_path),
+    }
 
 
 def format_iou_table(results: dict) -> str:
@@ -131,7 +157,9 @@ def format_iou_table(results: dict) -> str:
     for name, iou in results["per_class_iou"].items():
         lines.append(f"{name:<{width}}  " + ("  -   (absent)" if iou != iou else f"{iou:.4f}"))
     lines.append(f"{'mIoU':<{width}}  {results['miou']:.4f}")
-    lines.append(f"pixel acc {results['pixel_acc']:.4f}, mean acc {results['mean_acc']:.4f}, fwIoU {results['fwiou']:.4f}")
+    lines.append(
+        f"pixel acc {results['pixel_acc']:.4f}, mean acc {results['mean_acc']:.4f}, fwIoU {results['fwiou']:.4f}"
+    )
     return "\n".join(lines)
 
 
@@ -148,9 +176,12 @@ def list_checkpoints(model_dir) -> list[str]:
             continue
         cfg = ckpt["config"]
         best = ckpt.get("best_miou")
-        rows.append(f"{path}  {cfg.get('model_type')} {cfg.get('arch')} {cfg.get('dataset')} T={cfg.get('timesteps')} "
-                    f"epoch={ckpt.get('epoch')} best_miou={best:.4f}" if isinstance(best, float) else
-                    f"{path}  {cfg.get('model_type')} {cfg.get('arch')} {cfg.get('dataset')} T={cfg.get('timesteps')}")
+        rows.append(
+            f"{path}  {cfg.get('model_type')} {cfg.get('arch')} {cfg.get('dataset')} T={cfg.get('timesteps')} "
+            f"epoch={ckpt.get('epoch')} best_miou={best:.4f}"
+            if isinstance(best, float)
+            else f"{path}  {cfg.get('model_type')} {cfg.get('arch')} {cfg.get('dataset')} T={cfg.get('timesteps')}"
+        )
     return rows
 
 
@@ -179,8 +210,9 @@ def check_flags(args, argv, plugins):
         if plugin is conversion_plugin and not args.conversion:
             ignored = given_flags(argv, plugins, [d for d in plugin_flags(plugin) if d != "conversion"])
             if ignored:
-                raise ValueError(f"--{ignored[0]} applies to --conversion (ANN-to-SNN conversion) only; "
-                                 f"add --conversion or drop it")
+                raise ValueError(
+                    f"--{ignored[0]} applies to --conversion (ANN-to-SNN conversion) only; add --conversion or drop it"
+                )
 
 
 def check_conversion(args, cfg, checkpoint):
@@ -189,18 +221,26 @@ def check_conversion(args, cfg, checkpoint):
     if not getattr(args, "conversion", False) or cfg["model_type"] != "ann":
         return  # the plugin itself refuses an SNN checkpoint
     from models.conversion import cached_thresholds
+
     if cfg["img_size"] == NATIVE_SIZE and cfg["batch_size"] > 1 and cfg["dataset"] == "voc2012":
-        raise ValueError("--conversion calibrates on batches of native-size VOC images, which cannot be stacked: "
-                         "pass --img_size H W or --batch_size 1")
+        raise ValueError(
+            "--conversion calibrates on batches of native-size VOC images, which cannot be stacked: "
+            "pass --img_size H W or --batch_size 1"
+        )
     settings = conversion_plugin.calibration_settings(args, cfg)
-    cached = all(cached_thresholds(checkpoint, kind, steps, settings) is not None
-                 for kind in args.threshold_type for steps in args.timesteps)
+    cached = all(
+        cached_thresholds(checkpoint, kind, steps, settings) is not None
+        for kind in args.threshold_type
+        for steps in args.timesteps
+    )
     problem = None if cached and not args.reset_thresholds else files.output_problem(args.model_path)
     if problem:
         copy = Path(args.model_path).with_name(Path(args.model_path).stem + "-thresholds.pth")
-        raise ValueError(f"--conversion caches the thresholds it calibrates in {args.model_path}, which cannot be "
-                         f"written ({problem}): copy it (cp {args.model_path} {copy.name}) to a writable folder "
-                         f"and pass the copy as --model_path")
+        raise ValueError(
+            f"--conversion caches the thresholds it calibrates in {args.model_path}, which cannot be "
+            f"written ({problem}): copy it (cp {args.model_path} {copy.name}) to a writable folder "
+            f"and pass the copy as --model_path"
+        )
 
 
 def main(argv=None):
@@ -226,8 +266,10 @@ def main(argv=None):
         if hasattr(plugin, "prepare_model"):
             ctx.model = plugin.prepare_model(ctx)
     results = results_dict(ctx.evaluate(), ctx.cfg, ctx.class_names, args.model_path)
-    print(f"{args.model_path}: {cfg['model_type']} {cfg['arch']} on {cfg['dataset']} val "
-          f"({len(ctx.loader.dataset)} images)")
+    print(
+        f"{args.model_path}: {cfg['model_type']} {cfg['arch']} on {cfg['dataset']} val "
+        f"({len(ctx.loader.dataset)} images)"
+    )
     print(format_iou_table(results))
     for plugin in plugins:
         if hasattr(plugin, "analyze"):

@@ -10,6 +10,7 @@ A run writes <model_dir>/<name>/: config.yaml, metrics.jsonl (appended, one line
 (every completed epoch), best.pth (best val mIoU). A folder that holds a run is never overwritten unless
 --overwrite is given; docs/runs.md has the rules for resuming, interrupts and failed writes.
 """
+
 import math
 import random
 import sys
@@ -35,13 +36,21 @@ from utils.runs import claim_run_dir, holding_interrupts, read_metrics, release_
 def get_args_parser(add_help: bool = True) -> ArgumentParser:
     parser = ArgumentParser(
         description="Train an ANN or SNN for semantic segmentation. Without --config, --dataset or --resume: "
-                    f"the quickstart ({setup.QUICKSTART_CONFIG.relative_to(setup.REPO_ROOT)}), refined by "
-                    "any flags.", add_help=add_help)
-    parser.add_argument("--resume", type=str, default=None,
-                        help="continue from a checkpoint (last.pth); its config is the base, flags override")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a run folder that holds a run (the old folder is renamed, "
-                             "not deleted)")
+        f"the quickstart ({setup.QUICKSTART_CONFIG.relative_to(setup.REPO_ROOT)}), refined by "
+        "any flags.",
+        add_help=add_help,
+    )
+    parser.add_argument(
+        "--resume",
+        type=str,
+        default=None,
+        help="continue from a checkpoint (last.pth); its config is the base, flags override",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run folder that holds a run (the old folder is renamed, not deleted)",
+    )
     return setup.add_config_arguments(parser)
 
 
@@ -78,8 +87,13 @@ def rng_state(loader_generator: torch.Generator) -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "python": random.getstate(),
         "loader": loader_generator.get_state(),
     }
@@ -90,22 +104,38 @@ def restore_rng_state(state: dict, loader_generator: torch.Generator):
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     loader_generator.set_state(state["loader"])
 
 
 def make_checkpoint(model, optimizer, scheduler, cfg, epochs_done, best_miou, generator, **extra) -> dict:
-    return {"format": FORMAT, "config": cfg, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epochs_done, "best_miou": best_miou,
-            "rng": rng_state(generator), **extra}
+    return {
+        "format": FORMAT,
+        "config": cfg,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epochs_done,
+        "best_miou": best_miou,
+        "rng": rng_state(generator),
+        **extra,
+    }
 
 
 # Settings a resumed run keeps: those that define the model (not how it executes) and the dataset.
-RESUME_FIXED = [name for name, key in SCHEMA.items()
-                if key.section == "model" and not key.execution and name != "pretrained"] + ["dataset"]
+RESUME_FIXED = [
+    name for name, key in SCHEMA.items() if key.section == "model" and not key.execution and name != "pretrained"
+] + ["dataset"]
 
 
 def check_resume(checkpoint, path, cfg):
@@ -115,18 +145,26 @@ def check_resume(checkpoint, path, cfg):
         if key not in checkpoint:
             raise ValueError(f"{path}: cannot resume: the checkpoint has no {key!r} (not a training checkpoint)")
     if checkpoint.get("interrupted"):  # written by older versions on Ctrl-C: part of an epoch, mislabelled
-        raise ValueError(f"{path} holds an interrupted epoch, not an epoch boundary; resume from a checkpoint "
-                         f"written at the end of an epoch")
+        raise ValueError(
+            f"{path} holds an interrupted epoch, not an epoch boundary; resume from a checkpoint "
+            f"written at the end of an epoch"
+        )
     old = resolve_model_config({k: v for k, v in checkpoint["config"].items() if k in SCHEMA})
     ann = old["model_type"] == cfg["model_type"] == "ann"
-    changed = [f"{k} {old[k]!r} -> {cfg[k]!r}" for k in RESUME_FIXED
-               if old.get(k) != cfg[k] and not (ann and SCHEMA[k].snn_only)]
+    changed = [
+        f"{k} {old[k]!r} -> {cfg[k]!r}"
+        for k in RESUME_FIXED
+        if old.get(k) != cfg[k] and not (ann and SCHEMA[k].snn_only)
+    ]
     if changed:
-        raise ValueError(f"{path}: a resumed run keeps the checkpoint's model; these settings differ: "
-                         f"{'; '.join(changed)}. Drop those flags, or start a new run")
+        raise ValueError(
+            f"{path}: a resumed run keeps the checkpoint's model; these settings differ: "
+            f"{'; '.join(changed)}. Drop those flags, or start a new run"
+        )
     if int(checkpoint["epoch"]) >= cfg["epochs"]:
-        raise ValueError(f"{path} has already trained {checkpoint['epoch']} epochs; pass --epochs larger than that "
-                         f"to go on")
+        raise ValueError(
+            f"{path} has already trained {checkpoint['epoch']} epochs; pass --epochs larger than that to go on"
+        )
 
 
 def resume_from(checkpoint, path, model, optimizer, scheduler, generator, cfg) -> tuple[int, float]:
@@ -215,19 +253,30 @@ def run(args, dist_info, cfg, resumed, run_dir, note):
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     logger = setup.build_logger(cfg, run_dir, enabled=is_main)
     if is_main:
         setup.save_config_yaml(cfg, run_dir / "config.yaml")
         if resumed is not None and Path(args.resume).resolve().parent == run_dir.resolve():
             restore_record(logger, resumed)
-        logger.info(f"run {cfg['name']}: {cfg['model_type']} {cfg['arch']} on {cfg['dataset']} "
-                    f"({len(train_set)} train / {len(val_set)} val images), device {device}, "
-                    f"{world_size} process(es), epochs {start_epoch + 1}..{cfg['epochs']}, files in {run_dir}"
-                    + (f"; {note}" if note else ""))
-    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg, generator=generator,
-                 run_dir=run_dir, logger=logger, is_main=is_main)
+        logger.info(
+            f"run {cfg['name']}: {cfg['model_type']} {cfg['arch']} on {cfg['dataset']} "
+            f"({len(train_set)} train / {len(val_set)} val images), device {device}, "
+            f"{world_size} process(es), epochs {start_epoch + 1}..{cfg['epochs']}, files in {run_dir}"
+            + (f"; {note}" if note else "")
+        )
+    state = dict(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        cfg=cfg,
+        generator=generator,
+        run_dir=run_dir,
+        logger=logger,
+        is_main=is_main,
+    )
     try:
         best_miou = run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, best_miou, state)
     finally:
@@ -249,23 +298,36 @@ def run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, be
     cfg, run_dir, is_main = state["cfg"], state["run_dir"], state["is_main"]
     done = start_epoch  # epochs whose boundary is written
     try:
-        for epoch in tqdm(range(start_epoch, cfg["epochs"]), desc="epochs", initial=start_epoch, total=cfg["epochs"],
-                          disable=not is_main, dynamic_ncols=True):
+        for epoch in tqdm(
+            range(start_epoch, cfg["epochs"]),
+            desc="epochs",
+            initial=start_epoch,
+            total=cfg["epochs"],
+            disable=not is_main,
+            dynamic_ncols=True,
+        ):
             started = time.time()
             if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
                 train_loader.sampler.set_epoch(epoch)
             lr = state["optimizer"].param_groups[0]["lr"]
-            loss = train_one_epoch(net, train_loader, criterion, state["optimizer"], device, epoch, cfg,
-                                   show_bar=is_main)
+            loss = train_one_epoch(
+                net, train_loader, criterion, state["optimizer"], device, epoch, cfg, show_bar=is_main
+            )
             state["scheduler"].step()
             record = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             improved = False
             if (epoch + 1) % cfg["test_display"] == 0 or epoch + 1 == cfg["epochs"]:
                 broadcast_buffers(state["model"])  # BN statistics of rank 0 everywhere: evaluation matches one process
                 metrics = evaluate(net, val_loader, cfg, device, show_bar=is_main)
-                record.update({"val_miou": metrics["miou"], "val_pixel_acc": metrics["pixel_acc"],
-                               "val_mean_acc": metrics["mean_acc"], "val_fwiou": metrics["fwiou"],
-                               "val_pixels": metrics["num_pixels"]})
+                record.update(
+                    {
+                        "val_miou": metrics["miou"],
+                        "val_pixel_acc": metrics["pixel_acc"],
+                        "val_mean_acc": metrics["mean_acc"],
+                        "val_fwiou": metrics["fwiou"],
+                        "val_pixels": metrics["num_pixels"],
+                    }
+                )
                 improved = metrics["miou"] > best_miou
                 best_miou = metrics["miou"] if improved else best_miou
             record["time"] = round(time.time() - started, 3)
@@ -273,23 +335,35 @@ def run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, be
                 if is_main:
                     commit_epoch(state, record, best_miou, improved)
                 done = epoch + 1
-            state["logger"].info(f"epoch {epoch + 1}/{cfg['epochs']}: loss {loss:.4f}, lr {lr:.3g}"
-                                 + (f", val mIoU {record['val_miou']:.4f}" if "val_miou" in record else "")
-                                 + f", {record['time']:.1f}s")
+            state["logger"].info(
+                f"epoch {epoch + 1}/{cfg['epochs']}: loss {loss:.4f}, lr {lr:.3g}"
+                + (f", val mIoU {record['val_miou']:.4f}" if "val_miou" in record else "")
+                + f", {record['time']:.1f}s"
+            )
     except TrainingStopped as err:
         raise TrainingStopped(f"{err}; training stopped, {kept(run_dir, done)}. Try a lower --lr.") from None
     except KeyboardInterrupt:
         if is_main:  # nothing is written now: last.pth stays the boundary of the last completed epoch
-            print(f"\ninterrupted; {kept(run_dir, done)}" + (
-                f": continue with `python train.py --resume {run_dir / 'last.pth'}`, which repeats the "
-                f"unfinished epoch from its start" if done else ""), file=sys.stderr)
+            print(
+                f"\ninterrupted; {kept(run_dir, done)}"
+                + (
+                    f": continue with `python train.py --resume {run_dir / 'last.pth'}`, which repeats the "
+                    f"unfinished epoch from its start"
+                    if done
+                    else ""
+                ),
+                file=sys.stderr,
+            )
         raise
     return best_miou
 
 
 def kept(run_dir: Path, epochs_done: int) -> str:
-    return (f"the last good checkpoint is {run_dir / 'last.pth'} (epoch {epochs_done})" if epochs_done
-            else "no epoch was completed, so no checkpoint was written")
+    return (
+        f"the last good checkpoint is {run_dir / 'last.pth'} (epoch {epochs_done})"
+        if epochs_done
+        else "no epoch was completed, so no checkpoint was written"
+    )
 
 
 def commit_epoch(state, record: dict, best_miou: float, improved: bool):
@@ -298,9 +372,19 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
     epoch = record["epoch"]
 
     def save(name, **extra):
-        save_checkpoint(state["run_dir"] / name, make_checkpoint(
-            state["model"], state["optimizer"], state["scheduler"], state["cfg"], epoch, best_miou,
-            state["generator"], **extra))
+        save_checkpoint(
+            state["run_dir"] / name,
+            make_checkpoint(
+                state["model"],
+                state["optimizer"],
+                state["scheduler"],
+                state["cfg"],
+                epoch,
+                best_miou,
+                state["generator"],
+                **extra,
+            ),
+        )
 
     try:
         if improved:
@@ -308,15 +392,18 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
         save("last.pth", record=record)
     except WriteError as err:
         state["logger"].log_epoch({**record, "checkpoint_error": str(err)})
-        raise WriteError(f"{err}. Epoch {epoch}'s metrics are in {state['logger'].jsonl_path}; once the cause is "
-                         f"fixed, continue with `python train.py --resume {state['run_dir'] / 'last.pth'}`") from None
+        raise WriteError(
+            f"{err}. Epoch {epoch}'s metrics are in {state['logger'].jsonl_path}; once the cause is "
+            f"fixed, continue with `python train.py --resume {state['run_dir'] / 'last.pth'}`"
+        ) from None
     state["logger"].log_epoch(record)
 
 
 def report_done(run_dir: Path, best_miou: float):
     present = [name for name in ("config.yaml", "metrics.jsonl", "last.pth", "best.pth") if (run_dir / name).exists()]
-    best_epoch = next((r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("val_miou") == best_miou),
-                      None)
+    best_epoch = next(
+        (r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("val_miou") == best_miou), None
+    )
     best = f"best val mIoU {best_miou:.4f}" + (f" (epoch {best_epoch})" if best_epoch else "")
     print(f"done: {best}. Files in {run_dir.resolve()}: {', '.join(present)}")
     if "best.pth" in present:

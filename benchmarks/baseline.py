@@ -7,6 +7,7 @@ backward walks T copies of the graph (backpropagation through time). Plain PyTor
 network is measured against. Sharing the model's parameters and buffers makes the two the same
 function, so bench.py times both on the same weights and tests/test_bench.py checks they agree.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +25,7 @@ class _Heaviside(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         return grad * ctx.surrogate.grad(x), None
 
 
@@ -65,8 +66,15 @@ def _backbone_step(model, h, t, mems):
         elif isinstance(layer, SkipScore):
             skips.append(layer(h))
         else:  # pooling
-            h = F.avg_pool2d(h, layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
-                             layer.count_include_pad, layer.divisor_override)
+            h = F.avg_pool2d(
+                h,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.ceil_mode,
+                layer.count_include_pad,
+                layer.divisor_override,
+            )
     return h, skips
 
 
@@ -74,9 +82,9 @@ def _decoder_step(model, skips, mems):
     """FCN: upsample and add the skip scores, coarsest first; spiking stages fire."""
     h = skips[-1]
     for k, (stage, skip) in enumerate(zip(model.decoder, reversed(skips[:-1]))):
-        h = F.interpolate(stage.up(h), size=skip.shape[-2:], mode='bilinear', align_corners=True) + skip
+        h = F.interpolate(stage.up(h), size=skip.shape[-2:], mode="bilinear", align_corners=True) + skip
         if stage.act is not None:
-            h, mems['decoder', k] = lif_step(stage.act, mems.get(('decoder', k), 0.0), h)
+            h, mems["decoder", k] = lif_step(stage.act, mems.get(("decoder", k), 0.0), h)
     return h
 
 
@@ -91,4 +99,4 @@ def per_timestep_forward(model, images):
         h, skips = _backbone_step(model, h, t, mems)
         readout = readout + (_decoder_step(model, skips, mems) if model.fcn else model.output(h))
     out = readout if model.readout_sum else readout / T
-    return F.interpolate(out, size=images.shape[-2:], mode='bilinear', align_corners=True)
+    return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=True)

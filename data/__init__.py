@@ -11,18 +11,40 @@ missing from cfg takes its default from the configuration schema (utils/config.p
 split is 'train' or 'val' (ddd17 'val' reads its 'test' folder; voc2012 'train' reads
 cfg['train_split'], e.g. 'train_aug').
 """
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from data.palettes import DDD17_PALETTE, SYNTHETIC_PALETTE, VOC_PALETTE
-from data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES, SyntheticEvents, SyntheticShapes
+from data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from data.synthetic import SyntheticEvents, SyntheticShapes
 from data.transforms import IGNORE_INDEX
 from utils import config as config_schema
 
-VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor")
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 DDD17_CLASSES = ("flat", "construction+sky", "object", "nature", "human", "vehicle")
 
 
@@ -37,37 +59,63 @@ def _check_split(split):
 
 def _require_root(cfg, name):
     if not cfg["data_root"]:
-        raise ValueError(f"dataset {name!r} needs data_root (a local folder); see README.md, section Data, for the layout")
+        raise ValueError(
+            f"dataset {name!r} needs data_root (a local folder); see README.md, section Data, for the layout"
+        )
     return cfg["data_root"]
 
 
 def _build_voc(cfg, split):
     root = _require_root(cfg, "voc2012")
     from data.voc2012 import VOC2012
+
     training = split == "train"
-    return VOC2012(root, cfg["train_split"] if training else "val",
-                   img_size=cfg["img_size"], augment=bool(cfg["augment"]) and training,
-                   void_to_background=bool(cfg["void_to_background"]) and training)
+    return VOC2012(
+        root,
+        cfg["train_split"] if training else "val",
+        img_size=cfg["img_size"],
+        augment=bool(cfg["augment"]) and training,
+        void_to_background=bool(cfg["void_to_background"]) and training,
+    )
 
 
 def _build_ddd17(cfg, split):
     root = _require_root(cfg, "ddd17")
     from data.ddd17 import DDD17
+
     training = split == "train"
-    return DDD17(root, "train" if training else "test", img_size=cfg["img_size"],
-                 channels=cfg["channels"], thl=bool(cfg["thl"]), timesteps=int(cfg["timesteps"]),
-                 datalist=cfg["datalist"] if training else None, augment=bool(cfg["augment"]) and training)
+    return DDD17(
+        root,
+        "train" if training else "test",
+        img_size=cfg["img_size"],
+        channels=cfg["channels"],
+        thl=bool(cfg["thl"]),
+        timesteps=int(cfg["timesteps"]),
+        datalist=cfg["datalist"] if training else None,
+        augment=bool(cfg["augment"]) and training,
+    )
 
 
 def _build_synthetic(cfg, split):
-    return SyntheticShapes(split, num_samples=cfg["num_train" if split == "train" else "num_val"],
-                           img_size=cfg["img_size"], seed=int(cfg["seed"]))
+    return SyntheticShapes(
+        split,
+        num_samples=cfg["num_train" if split == "train" else "num_val"],
+        img_size=cfg["img_size"],
+        seed=int(cfg["seed"]),
+    )
 
 
 def _build_synthetic_events(cfg, split):
-    return SyntheticEvents(split, num_samples=cfg["num_train" if split == "train" else "num_val"],
-                           img_size=cfg["img_size"], seed=int(cfg["seed"]), channels=cfg["channels"],
-                           thl=bool(cfg["thl"]), timesteps=int(cfg["timesteps"]), seq_len=int(cfg["seq_len"]))
+    return SyntheticEvents(
+        split,
+        num_samples=cfg["num_train" if split == "train" else "num_val"],
+        img_size=cfg["img_size"],
+        seed=int(cfg["seed"]),
+        channels=cfg["channels"],
+        thl=bool(cfg["thl"]),
+        timesteps=int(cfg["timesteps"]),
+        seq_len=int(cfg["seq_len"]),
+    )
 
 
 DATASETS = {
@@ -78,7 +126,7 @@ DATASETS = {
 }
 
 _INFO = {
-    "voc2012": (VOC_CLASSES, 3, VOC_PALETTE[:len(VOC_CLASSES)]),
+    "voc2012": (VOC_CLASSES, 3, VOC_PALETTE[: len(VOC_CLASSES)]),
     "ddd17": (DDD17_CLASSES, None, DDD17_PALETTE),
     "synthetic": (SYNTHETIC_CLASSES, 3, SYNTHETIC_PALETTE),
     "synthetic-events": (SYNTHETIC_CLASSES, None, SYNTHETIC_PALETTE),
@@ -108,8 +156,13 @@ def dataset_info(name: str, cfg: dict = None) -> dict:
     class_names, in_channels, palette = _INFO[name]
     if in_channels is None:
         in_channels = len(_resolved(cfg)["channels"])
-    return dict(num_classes=len(class_names), in_channels=in_channels, class_names=list(class_names),
-                ignore_index=IGNORE_INDEX, palette=[tuple(c) for c in palette])
+    return dict(
+        num_classes=len(class_names),
+        in_channels=in_channels,
+        class_names=list(class_names),
+        ignore_index=IGNORE_INDEX,
+        palette=[tuple(c) for c in palette],
+    )
 
 
 def collate(batch):
@@ -124,5 +177,4 @@ def collate(batch):
     def pad(tensor, value):
         return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]), value=value)
 
-    return (torch.stack([pad(x, 0.0) for x, _ in batch]),
-            torch.stack([pad(y, IGNORE_INDEX) for _, y in batch]))
+    return (torch.stack([pad(x, 0.0) for x, _ in batch]), torch.stack([pad(y, IGNORE_INDEX) for _, y in batch]))

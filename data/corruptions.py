@@ -15,6 +15,7 @@ Kinds: 'gaussiannoise' (factor = std on the 0-255 scale), 'saltpepper' (factor =
 probability that a pixel becomes black or white, all channels together), 'gaussianblur'
 (factor = sigma in pixels). factor 0 returns x itself. Seeded: same seed, same corruption.
 """
+
 import math
 
 import torch
@@ -61,8 +62,9 @@ def apply_corruption(x: torch.Tensor, kind: str, factor: float, dataset: str, se
     if kind not in _APPLY:
         raise ValueError(f"unknown corruption {kind!r}; choices: {list(CORRUPTIONS)}")
     if factor < 0 or (kind == "saltpepper" and factor > 1):
-        raise ValueError(f"corruption factor for {kind} must be {'in [0, 1]' if kind == 'saltpepper' else '>= 0'},"
-                         f" got {factor}")
+        raise ValueError(
+            f"corruption factor for {kind} must be {'in [0, 1]' if kind == 'saltpepper' else '>= 0'}, got {factor}"
+        )
     if dataset not in IMAGE_DATASETS + EVENT_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} for corruption; choices: {IMAGE_DATASETS + EVENT_DATASETS}")
     if factor == 0:

@@ -1,15 +1,16 @@
 """Write and validate split lists for VOC2012 and DDD17 (flags only).
 
-    # VOC: write a standard split's list (only ids whose image and mask exist), or build the
-    # SBD train_aug list (every SegmentationClassAug mask with an image, minus the val ids)
-    python -m data.datalists --dataset voc2012 --root VOC --split train_aug
-    python -m data.datalists --dataset voc2012 --root VOC --split train --out my_train.txt
-    # validate a list (files exist; --deep also decodes every image/mask and checks labels and events)
-    python -m data.datalists --dataset voc2012 --root VOC --check my_train.txt --deep
-    # DDD17: frame names in (recording, frame) order; --timesteps T keeps only THL targets
-    python -m data.datalists --dataset ddd17 --root DDD17 --split train --out train.txt --timesteps 10
-    python -m data.datalists --dataset ddd17 --root DDD17 --split train --check train.txt --deep
+# VOC: write a standard split's list (only ids whose image and mask exist), or build the
+# SBD train_aug list (every SegmentationClassAug mask with an image, minus the val ids)
+python -m data.datalists --dataset voc2012 --root VOC --split train_aug
+python -m data.datalists --dataset voc2012 --root VOC --split train --out my_train.txt
+# validate a list (files exist; --deep also decodes every image/mask and checks labels and events)
+python -m data.datalists --dataset voc2012 --root VOC --check my_train.txt --deep
+# DDD17: frame names in (recording, frame) order; --timesteps T keeps only THL targets
+python -m data.datalists --dataset ddd17 --root DDD17 --split train --out train.txt --timesteps 10
+python -m data.datalists --dataset ddd17 --root DDD17 --split train --check train.txt --deep
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -26,7 +27,9 @@ def voc_train_aug_ids(voc_dir: Path):
     """SBD-augmented training ids: masks in SegmentationClassAug with an image, excluding VOC val."""
     mask_dir = voc_dir / "SegmentationClassAug"
     if not mask_dir.is_dir():
-        raise FileNotFoundError(f"{mask_dir} not found: unpack SegmentationClassAug there (see README.md, section Data)")
+        raise FileNotFoundError(
+            f"{mask_dir} not found: unpack SegmentationClassAug there (see README.md, section Data)"
+        )
     val = set(read_ids(voc_dir / "ImageSets" / "Segmentation" / "val.txt"))
     ids = sorted(p.stem for p in mask_dir.glob("*.png") if p.stem not in val)
     return [i for i in ids if (voc_dir / "JPEGImages" / f"{i}.jpg").is_file()]
@@ -75,8 +78,9 @@ def check(dataset, root, split, list_path, deep):
 
 
 def get_args_parser():
-    parser = ArgumentParser(prog="python -m data.datalists", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m data.datalists", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", required=True, choices=["voc2012", "ddd17"])
     parser.add_argument("--root", required=True, help="dataset root (see README.md, section Data)")
     parser.add_argument("--split", default="train", help="voc2012: train/val/trainval/train_aug; ddd17: train/test")

@@ -20,6 +20,7 @@ learning (thl=True) an item is the T frames ending at a target frame; a window n
 crosses a gap or a recording change, so the first T-1 frames of every sequence are
 history only and are not targets (`dropped_targets` counts them).
 """
+
 import os
 import re
 import sys
@@ -40,9 +41,11 @@ NUM_EVENT_CHANNELS = 6
 FORMAT = "snnseg-ddd17-1"
 NPY_MAGIC = b"\x93NUMPY"
 NAME = re.compile(r"^rec(\d+)_export_(\d+)$")
-LAYOUT = ("<root>/events/<split>/rec<recording>_export_<frame>.npy and "
-          "<root>/labels/<split>/rec<recording>_export_<frame>.png (Ev-SegNet DDD17), "
-          "or <root>/<split>.h5 packed with `python -m data.ddd17 pack`")
+LAYOUT = (
+    "<root>/events/<split>/rec<recording>_export_<frame>.npy and "
+    "<root>/labels/<split>/rec<recording>_export_<frame>.png (Ev-SegNet DDD17), "
+    "or <root>/<split>.h5 packed with `python -m data.ddd17 pack`"
+)
 
 
 def check_channels(channels):
@@ -83,8 +86,10 @@ def check_finite(array, source):
     finite = np.isfinite(array)
     if not finite.all():
         channels = sorted(set(np.nonzero(~finite)[-1].tolist()))
-        raise ValueError(f"event file {source} holds {int((~finite).sum())} NaN/inf values (channels "
-                         f"{channels}); re-export the frame or leave it out with a datalist")
+        raise ValueError(
+            f"event file {source} holds {int((~finite).sum())} NaN/inf values (channels "
+            f"{channels}); re-export the frame or leave it out with a datalist"
+        )
 
 
 def check_event_shape(array, path):
@@ -111,8 +116,10 @@ class FolderFrames:
             raise FileNotFoundError(f"no rec<recording>_export_<frame>.npy files in {self.events_dir}")
         unlabeled = [frame_name(k) for k in keys if not (self.labels_dir / f"{frame_name(k)}.png").is_file()]
         if unlabeled:
-            raise FileNotFoundError(f"{len(unlabeled)} event frames in {self.events_dir} have no label png in "
-                                    f"{self.labels_dir}; first: {unlabeled[:5]}")
+            raise FileNotFoundError(
+                f"{len(unlabeled)} event frames in {self.events_dir} have no label png in "
+                f"{self.labels_dir}; first: {unlabeled[:5]}"
+            )
         self.keys = keys
 
     def source(self, i):
@@ -134,8 +141,9 @@ class HDF5Frames:
         try:
             with h5py.File(path, "r") as f:
                 if f.attrs.get("format") != FORMAT:
-                    raise ValueError(f"{path} is not a packed DDD17 file (format {f.attrs.get('format')!r}, "
-                                     f"expected {FORMAT!r})")
+                    raise ValueError(
+                        f"{path} is not a packed DDD17 file (format {f.attrs.get('format')!r}, expected {FORMAT!r})"
+                    )
                 packed_split = f.attrs["split"]
                 self.keys = list(zip(f["recording"][:].tolist(), f["frame"][:].tolist()))
         except OSError as err:
@@ -191,8 +199,9 @@ def read_datalist(path, known):
     keys = [frame_key(line) for line in lines]
     missing = [frame_name(k) for k in keys if k not in known]
     if missing:
-        raise FileNotFoundError(f"datalist {path}: {len(missing)} entries have no frame in the split; "
-                                f"first: {missing[:5]}")
+        raise FileNotFoundError(
+            f"datalist {path}: {len(missing)} entries have no frame in the split; first: {missing[:5]}"
+        )
     return keys
 
 
@@ -205,8 +214,9 @@ class DDD17(torch.utils.data.Dataset):
     events, label fill 255).
     """
 
-    def __init__(self, root, split="train", img_size=None, channels=(0, 1), thl=False, timesteps=20,
-                 datalist=None, augment=False):
+    def __init__(
+        self, root, split="train", img_size=None, channels=(0, 1), thl=False, timesteps=20, datalist=None, augment=False
+    ):
         self.frames = open_frames(root, split)
         self.channels = list(check_channels(channels))
         self.thl = bool(thl)
@@ -222,8 +232,9 @@ class DDD17(torch.utils.data.Dataset):
                 self.windows.append(window)
         self.dropped_targets = len(targets) - len(self.windows)
         if not self.windows:
-            raise ValueError(f"no DDD17 targets in {root} ({split}) have {self.timesteps - 1} consecutive "
-                             f"preceding frames")
+            raise ValueError(
+                f"no DDD17 targets in {root} ({split}) have {self.timesteps - 1} consecutive preceding frames"
+            )
         self.transform = ddd17_transform(img_size, augment)
 
     def __len__(self):
@@ -265,11 +276,17 @@ def _write_frames(f, frames, split, compression):
     f["recording"] = np.array([k[0] for k in frames.keys], dtype=np.int64)
     f["frame"] = np.array([k[1] for k in frames.keys], dtype=np.int64)
     # One chunk per frame and channel: reading channels 0-1 touches a third of the data.
-    events = f.create_dataset("events", (n, height, width, NUM_EVENT_CHANNELS), dtype="float32",
-                              chunks=(1, height, width, 1), compression=compression,
-                              shuffle=compression is not None)
-    labels = f.create_dataset("labels", (n, height, width), dtype="uint8",
-                              chunks=(1, height, width), compression=compression)
+    events = f.create_dataset(
+        "events",
+        (n, height, width, NUM_EVENT_CHANNELS),
+        dtype="float32",
+        chunks=(1, height, width, 1),
+        compression=compression,
+        shuffle=compression is not None,
+    )
+    labels = f.create_dataset(
+        "labels", (n, height, width), dtype="uint8", chunks=(1, height, width), compression=compression
+    )
     for i in tqdm(range(n), desc=f"packing {split}", unit="frame"):
         label = frames.label(i)
         array = frames.events(i)
@@ -285,8 +302,12 @@ def main(argv=None):
     pack_cmd.add_argument("root", help="folder with events/ and labels/ (Ev-SegNet layout)")
     pack_cmd.add_argument("split", help="train or test")
     pack_cmd.add_argument("out", help="output .h5 file, e.g. ROOT/train.h5 (then DDD17(ROOT) reads it)")
-    pack_cmd.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
-                          help="gzip: smallest; lzf: faster to pack; none: fastest to read, as large as the .npy")
+    pack_cmd.add_argument(
+        "--compression",
+        default="gzip",
+        choices=["gzip", "lzf", "none"],
+        help="gzip: smallest; lzf: faster to pack; none: fastest to read, as large as the .npy",
+    )
     args = parser.parse_args(argv)
     try:
         n = pack(args.root, args.split, args.out, None if args.compression == "none" else args.compression)

@@ -14,6 +14,7 @@ negative timestamp std), from log-intensity changes at K sub-steps between frame
 sequence is `seq_len` consecutive frames; with `thl=True` an item is the T frames ending
 at a target frame, and the first T-1 frames of each sequence are only history.
 """
+
 import numpy as np
 import torch
 
@@ -93,7 +94,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         self.height, self.width = _size_hw(img_size)
         self.seed = int(seed)
         self.max_objects = max_objects
-        self.yy, self.xx = np.mgrid[0:self.height, 0:self.width].astype(np.float32)
+        self.yy, self.xx = np.mgrid[0 : self.height, 0 : self.width].astype(np.float32)
 
     def __len__(self):
         return self.num_samples
@@ -109,14 +110,14 @@ class SyntheticShapes(torch.utils.data.Dataset):
         for _ in range(rng.integers(4, 9)):
             y0, x0 = rng.integers(0, h), rng.integers(0, w)
             if rng.random() < 0.5:
-                img[y0:y0 + rng.integers(1, 4), x0:x0 + rng.integers(1, 4)] = _colours(rng, 1)[0]
+                img[y0 : y0 + rng.integers(1, 4), x0 : x0 + rng.integers(1, 4)] = _colours(rng, 1)[0]
             else:
                 horizontal = rng.random() < 0.5
                 length = rng.integers(w // 6, w // 3)
                 if horizontal:
-                    img[y0, x0:x0 + length] = _colours(rng, 1)[0]
+                    img[y0, x0 : x0 + length] = _colours(rng, 1)[0]
                 else:
-                    img[y0:y0 + length, x0] = _colours(rng, 1)[0]
+                    img[y0 : y0 + length, x0] = _colours(rng, 1)[0]
         return img, ends
 
     def _place(self, rng, kind, label, tries=4):
@@ -165,11 +166,22 @@ class SyntheticEvents(torch.utils.data.Dataset):
     """
 
     num_classes = len(CLASS_NAMES)
-    substeps = 4              # sub-steps per frame used to simulate events and timestamps
+    substeps = 4  # sub-steps per frame used to simulate events and timestamps
     contrast_threshold = 0.15  # log-intensity change per event
 
-    def __init__(self, split="train", num_samples=None, img_size=None, seed=0, channels=(0, 1),
-                 thl=False, timesteps=8, seq_len=20, max_objects=2, noise_rate=0.01):
+    def __init__(
+        self,
+        split="train",
+        num_samples=None,
+        img_size=None,
+        seed=0,
+        channels=(0, 1),
+        thl=False,
+        timesteps=8,
+        seq_len=20,
+        max_objects=2,
+        noise_rate=0.01,
+    ):
         self.split_code = _split_code(split)
         self.num_sequences = int(num_samples if num_samples is not None else (24 if split == "train" else 6))
         self.height, self.width = _size_hw(img_size)
@@ -182,7 +194,7 @@ class SyntheticEvents(torch.utils.data.Dataset):
             raise ValueError(f"timesteps {self.timesteps} exceeds the sequence length {self.seq_len}")
         self.max_objects = max_objects
         self.noise_rate = noise_rate
-        self.yy, self.xx = np.mgrid[0:self.height, 0:self.width].astype(np.float32)
+        self.yy, self.xx = np.mgrid[0 : self.height, 0 : self.width].astype(np.float32)
         # With THL the first T-1 frames of a sequence are history only, never targets.
         self.targets_per_sequence = self.seq_len - self.timesteps + 1
 
@@ -197,14 +209,22 @@ class SyntheticEvents(torch.utils.data.Dataset):
         for _ in range(rng.integers(1, self.max_objects + 1)):
             radius = rng.uniform(0.16, 0.26) * scale
             speed, heading = rng.uniform(1.0, 2.5), rng.uniform(0, 2 * np.pi)
-            objects.append(dict(
-                kind=int(rng.integers(1, self.num_classes)), radius=radius,
-                pos=np.array([rng.uniform(radius, self.width - radius), rng.uniform(radius, self.height - radius)]),
-                vel=speed * np.array([np.cos(heading), np.sin(heading)]),
-                angle=rng.uniform(0, 2 * np.pi), spin=rng.uniform(-0.05, 0.05),
-                brightness=rng.uniform(0.3, 1.0), freq=rng.uniform(0.6, 1.2), phase=rng.uniform(0, 2 * np.pi)))
-        background = rng.uniform(0.3, 1.0) * (1 + 0.2 * np.sin(rng.uniform(0.1, 0.4) * self.xx
-                                                               + rng.uniform(0.1, 0.4) * self.yy))
+            objects.append(
+                dict(
+                    kind=int(rng.integers(1, self.num_classes)),
+                    radius=radius,
+                    pos=np.array([rng.uniform(radius, self.width - radius), rng.uniform(radius, self.height - radius)]),
+                    vel=speed * np.array([np.cos(heading), np.sin(heading)]),
+                    angle=rng.uniform(0, 2 * np.pi),
+                    spin=rng.uniform(-0.05, 0.05),
+                    brightness=rng.uniform(0.3, 1.0),
+                    freq=rng.uniform(0.6, 1.2),
+                    phase=rng.uniform(0, 2 * np.pi),
+                )
+            )
+        background = rng.uniform(0.3, 1.0) * (
+            1 + 0.2 * np.sin(rng.uniform(0.1, 0.4) * self.xx + rng.uniform(0.1, 0.4) * self.yy)
+        )
         return objects, background
 
     def _positions(self, obj, times):
@@ -269,4 +289,3 @@ class SyntheticEvents(torch.utils.data.Dataset):
         events, label = self.frames(seq, last - self.timesteps + 1, last)
         x = scale_events(torch.from_numpy(events[:, list(self.channels)]))
         return (x if self.thl else x[0]), torch.from_numpy(label)
-

@@ -9,6 +9,7 @@ Paired geometric transforms use torchvision.transforms.v2: wrapping the input as
 tv_tensors.Image and the label as tv_tensors.Mask makes v2 apply the same random
 parameters to both, with nearest interpolation for the mask.
 """
+
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -89,9 +90,16 @@ def ddd17_transform(img_size, augment: bool):
     """
     steps = []
     if augment:
-        steps += [v2.RandomHorizontalFlip(),
-                  v2.RandomAffine(degrees=15, translate=(0.25, 0.25), scale=(0.5, 2.0),
-                                  interpolation=v2.InterpolationMode.BILINEAR, fill=_fill())]
+        steps += [
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(
+                degrees=15,
+                translate=(0.25, 0.25),
+                scale=(0.5, 2.0),
+                interpolation=v2.InterpolationMode.BILINEAR,
+                fill=_fill(),
+            ),
+        ]
     size = parse_size(img_size)
     if size:
         steps.append(v2.Resize(size, antialias=True))

@@ -9,6 +9,7 @@ a THL window) show the first chosen channel (positive events by default) in red 
 second (negative events) in blue; labels and predictions use the dataset's palette with
 ignored pixels (255) white.
 """
+
 import argparse
 import sys
 
@@ -25,7 +26,7 @@ from data.transforms import denormalize_image
 def colourize(mask, palette) -> np.ndarray:
     """[H, W] class indices -> uint8 RGB [H, W, 3]; 255 and unknown indices in IGNORE_COLOUR."""
     table = np.array([IGNORE_COLOUR] * 256, dtype=np.uint8)
-    table[:len(palette)] = np.array(palette, dtype=np.uint8)
+    table[: len(palette)] = np.array(palette, dtype=np.uint8)
     return table[np.asarray(mask, dtype=np.int64).clip(0, 255)]
 
 
@@ -36,7 +37,7 @@ def input_to_rgb(x: torch.Tensor, dataset: str) -> np.ndarray:
         x = x[-1]
     if dataset not in EVENT_DATASETS:
         return denormalize_image(x).clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    level = ((x + 0.5).clamp(0, 1) * 255).byte().numpy()   # events are scaled to [-0.5, 0.5]
+    level = ((x + 0.5).clamp(0, 1) * 255).byte().numpy()  # events are scaled to [-0.5, 0.5]
     rgb = np.zeros(x.shape[1:] + (3,), dtype=np.uint8)
     rgb[..., 0] = level[0]
     if len(level) > 1:

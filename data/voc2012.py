@@ -11,6 +11,7 @@ Layout (root is the VOC2012 folder itself or any folder containing VOCdevkit/VOC
 torchvision's VOCSegmentation knows neither train_aug nor list files and does not
 validate masks, so the reading is done here with PIL; transforms use v2.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,10 @@ from data.transforms import IGNORE_INDEX, normalize_image, voc_transform
 
 NUM_CLASSES = 21
 STANDARD_SPLITS = ("train", "val", "trainval")
-LAYOUT = ("<root>/VOCdevkit/VOC2012 or <root> itself containing JPEGImages/*.jpg, SegmentationClass/*.png and "
-          "ImageSets/Segmentation/{train,val,trainval}.txt")
+LAYOUT = (
+    "<root>/VOCdevkit/VOC2012 or <root> itself containing JPEGImages/*.jpg, SegmentationClass/*.png and "
+    "ImageSets/Segmentation/{train,val,trainval}.txt"
+)
 
 
 def find_voc_dir(root) -> Path:
@@ -41,8 +44,10 @@ def split_list_and_masks(voc_dir: Path, split):
             path = voc_dir / "ImageSets" / folder / "train_aug.txt"
             if path.is_file():
                 return path, voc_dir / "SegmentationClassAug"
-        raise FileNotFoundError(f"train_aug list not found: expected {voc_dir}/ImageSets/Segmentation/train_aug.txt "
-                                f"or {voc_dir}/ImageSets/SegmentationAug/train_aug.txt (see README.md, section Data: SBD)")
+        raise FileNotFoundError(
+            f"train_aug list not found: expected {voc_dir}/ImageSets/Segmentation/train_aug.txt "
+            f"or {voc_dir}/ImageSets/SegmentationAug/train_aug.txt (see README.md, section Data: SBD)"
+        )
     if split in STANDARD_SPLITS:
         path = voc_dir / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not path.is_file():
@@ -53,8 +58,9 @@ def split_list_and_masks(voc_dir: Path, split):
         # A custom list: masks from SegmentationClassAug when named like an augmented list, else the originals.
         aug = "aug" in path.stem.lower()
         return path, voc_dir / ("SegmentationClassAug" if aug else "SegmentationClass")
-    raise FileNotFoundError(f"VOC split {split!r} is neither one of {STANDARD_SPLITS + ('train_aug',)} nor a list "
-                            f"file that exists")
+    raise FileNotFoundError(
+        f"VOC split {split!r} is neither one of {STANDARD_SPLITS + ('train_aug',)} nor a list file that exists"
+    )
 
 
 def read_ids(list_path: Path):
@@ -70,8 +76,9 @@ def read_ids(list_path: Path):
 
 def missing_files(voc_dir: Path, mask_dir: Path, ids):
     """Ids whose image or mask file is absent."""
-    return [i for i in ids if not (voc_dir / "JPEGImages" / f"{i}.jpg").is_file()
-            or not (mask_dir / f"{i}.png").is_file()]
+    return [
+        i for i in ids if not (voc_dir / "JPEGImages" / f"{i}.jpg").is_file() or not (mask_dir / f"{i}.png").is_file()
+    ]
 
 
 def load_rgb(path: Path) -> torch.Tensor:
@@ -101,8 +108,7 @@ def check_labels(array: np.ndarray, num_classes: int, path) -> None:
     values = np.unique(array)
     bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
     if bad.size:
-        raise ValueError(f"mask {path} has label values {bad.tolist()} outside 0..{num_classes - 1} and "
-                         f"{IGNORE_INDEX}")
+        raise ValueError(f"mask {path} has label values {bad.tolist()} outside 0..{num_classes - 1} and {IGNORE_INDEX}")
 
 
 class VOC2012(torch.utils.data.Dataset):
@@ -121,7 +127,8 @@ class VOC2012(torch.utils.data.Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(self.ids)} entries of {self.list_path} have no image in "
-                f"{self.voc_dir / 'JPEGImages'} or no mask in {self.mask_dir}; first: {missing[:5]}")
+                f"{self.voc_dir / 'JPEGImages'} or no mask in {self.mask_dir}; first: {missing[:5]}"
+            )
         self.transform = voc_transform(img_size, augment)
         self.void_to_background = void_to_background
 

@@ -3,6 +3,7 @@
 Everything is built from a plain config dict by ``build_model(cfg)``; keys not given take
 ``MODEL_DEFAULTS`` (the paper code's defaults).
 """
+
 import math
 
 from utils import config as config_schema
@@ -16,7 +17,7 @@ from .surrogates import SURROGATES, get_surrogate
 # The model section of the configuration schema (utils/config.py), where each key's default, type,
 # choices and range are declared once. 'conv_bias' is set for SNNs converted from ANNs (folded BN bias);
 # 'readout' 'sum' reproduces the paper code's FCN readout, which is not divided by T.
-MODEL_DEFAULTS = config_schema.defaults('model')
+MODEL_DEFAULTS = config_schema.defaults("model")
 
 
 def resolve_model_config(cfg: dict) -> dict:
@@ -24,7 +25,7 @@ def resolve_model_config(cfg: dict) -> dict:
 
     Keys of other sections (data, training) pass through; keys that no section declares are refused.
     """
-    config_schema.check_known(cfg, 'model config')
+    config_schema.check_known(cfg, "model config")
     given = {k: v for k, v in cfg.items() if v is not None or config_schema.SCHEMA[k].optional}
     cfg = {**MODEL_DEFAULTS, **given}
     for key in MODEL_DEFAULTS:
@@ -32,9 +33,9 @@ def resolve_model_config(cfg: dict) -> dict:
             cfg[key] = config_schema.coerce(key, cfg[key])
         except ValueError as err:
             raise ValueError(f"model config {key!r}: {err}") from None
-    config_schema.check_values(cfg, section='model')
-    _check_surrogate(cfg['surrogate'], cfg['surrogate_params'])
-    if cfg['full_prop'] and cfg['model_type'] != 'snn':
+    config_schema.check_values(cfg, section="model")
+    _check_surrogate(cfg["surrogate"], cfg["surrogate_params"])
+    if cfg["full_prop"] and cfg["model_type"] != "snn":
         raise ValueError("'full_prop' applies to SNNs only (model_type 'snn')")
     return cfg
 
@@ -53,13 +54,24 @@ def _check_surrogate(name, params):
 def build_model(cfg: dict) -> SegmentationNet:
     """The ANN or SNN described by ``cfg`` (see ``MODEL_DEFAULTS``), freshly initialised."""
     cfg = resolve_model_config(cfg)  # unknown keys, choices, ranges and surrogate parameters: errors first
-    if cfg['compile']:
+    if cfg["compile"]:
         compile_neuron_kernels(True)
     model = SegmentationNet(cfg)
-    if cfg['pretrained']:
-        model.load_vgg_weights(cfg['pretrained'])
+    if cfg["pretrained"]:
+        model.load_vgg_weights(cfg["pretrained"])
     return model
 
 
-__all__ = ['ARCHITECTURES', 'ENCODERS', 'SURROGATES', 'MODEL_DEFAULTS', 'LIF', 'SegmentationNet',
-           'build_model', 'resolve_model_config', 'lif_sequence', 'get_surrogate', 'is_fcn']
+__all__ = [
+    "ARCHITECTURES",
+    "ENCODERS",
+    "SURROGATES",
+    "MODEL_DEFAULTS",
+    "LIF",
+    "SegmentationNet",
+    "build_model",
+    "resolve_model_config",
+    "lif_sequence",
+    "get_surrogate",
+    "is_fcn",
+]

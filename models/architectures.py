@@ -10,6 +10,7 @@ Tokens:
 - ``SCORE``: FCN skip: a 1x1 convolution (with bias) to the classes, taken from the spikes at this point.
 - ``OUTPUT``: DeepLab's 1x1 output convolution, no BN, no activation (the non-spiking readout).
 """
+
 from dataclasses import dataclass
 
 
@@ -45,31 +46,103 @@ def conv(channels, kernel=3, dilation=1):
 
 POOL1, POOL2, SCORE, OUTPUT = Pool(1), Pool(2), Score(), Output()
 
-_VGG16_TO_1_8 = [conv(64), conv(64), POOL2, conv(128), conv(128), POOL2,
-                 conv(256), conv(256), conv(256), POOL2, conv(512), conv(512), conv(512), POOL1]
+_VGG16_TO_1_8 = [
+    conv(64),
+    conv(64),
+    POOL2,
+    conv(128),
+    conv(128),
+    POOL2,
+    conv(256),
+    conv(256),
+    conv(256),
+    POOL2,
+    conv(512),
+    conv(512),
+    conv(512),
+    POOL1,
+]
 
 ARCHITECTURES = {
-    'dl-vgg9': dict(
-        features=[conv(64), conv(64), POOL2, conv(128), conv(128), POOL2,
-                  conv(256), conv(256, dilation=2), conv(256, dilation=2)],
-        classifier=[conv(1024, dilation=12), OUTPUT]),
-    'dl-vgg11': dict(
-        features=[conv(64), POOL2, conv(128), POOL2, conv(256), conv(256), POOL2,
-                  conv(512), conv(512), POOL1, conv(512, dilation=2), conv(512, dilation=2)],
-        classifier=[conv(1024, dilation=12), conv(1024, kernel=1), OUTPUT]),
-    'dl-vgg16': dict(
+    "dl-vgg9": dict(
+        features=[
+            conv(64),
+            conv(64),
+            POOL2,
+            conv(128),
+            conv(128),
+            POOL2,
+            conv(256),
+            conv(256, dilation=2),
+            conv(256, dilation=2),
+        ],
+        classifier=[conv(1024, dilation=12), OUTPUT],
+    ),
+    "dl-vgg11": dict(
+        features=[
+            conv(64),
+            POOL2,
+            conv(128),
+            POOL2,
+            conv(256),
+            conv(256),
+            POOL2,
+            conv(512),
+            conv(512),
+            POOL1,
+            conv(512, dilation=2),
+            conv(512, dilation=2),
+        ],
+        classifier=[conv(1024, dilation=12), conv(1024, kernel=1), OUTPUT],
+    ),
+    "dl-vgg16": dict(
         features=_VGG16_TO_1_8 + [conv(512, dilation=2)] * 3,
-        classifier=[conv(1024, dilation=12), conv(1024, kernel=1), OUTPUT]),
-    'fcn-vgg9': dict(
-        features=[conv(64), conv(64), SCORE, POOL2, conv(128), conv(128), SCORE, POOL2,
-                  conv(256), conv(256), conv(256), SCORE, POOL2],
-        classifier=[conv(1024), conv(1024), SCORE]),
+        classifier=[conv(1024, dilation=12), conv(1024, kernel=1), OUTPUT],
+    ),
+    "fcn-vgg9": dict(
+        features=[
+            conv(64),
+            conv(64),
+            SCORE,
+            POOL2,
+            conv(128),
+            conv(128),
+            SCORE,
+            POOL2,
+            conv(256),
+            conv(256),
+            conv(256),
+            SCORE,
+            POOL2,
+        ],
+        classifier=[conv(1024), conv(1024), SCORE],
+    ),
     # Not in the paper: VGG16's 13 convolutions kept at 1/8 resolution, with the FCN decoder of fcn-vgg9.
-    'fcn-vgg16': dict(
-        features=[conv(64), conv(64), SCORE, POOL2, conv(128), conv(128), SCORE, POOL2,
-                  conv(256), conv(256), conv(256), SCORE, POOL2,
-                  conv(512), conv(512), conv(512), POOL1, conv(512), conv(512), conv(512)],
-        classifier=[conv(1024), conv(1024), SCORE]),
+    "fcn-vgg16": dict(
+        features=[
+            conv(64),
+            conv(64),
+            SCORE,
+            POOL2,
+            conv(128),
+            conv(128),
+            SCORE,
+            POOL2,
+            conv(256),
+            conv(256),
+            conv(256),
+            SCORE,
+            POOL2,
+            conv(512),
+            conv(512),
+            conv(512),
+            POOL1,
+            conv(512),
+            conv(512),
+            conv(512),
+        ],
+        classifier=[conv(1024), conv(1024), SCORE],
+    ),
 }
 
 

@@ -21,16 +21,18 @@ paper's unit spikes (exact only for layer-wise thresholds and bias-free convs, u
 Thresholds are lists in the order of ``model.neuron_layers()`` (backbone, then the FCN decoder): a float
 per layer ('layer'), a ``[C]`` tensor ('channel') or a ``[C, H, W]`` tensor ('neuron').
 """
+
 import math
 
 import torch
 from tqdm import tqdm
 
-from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore
 from utils.config import parse_size
 
-THRESHOLD_TYPES = ('layer', 'channel', 'neuron')
-CONVERSION_ENCODERS = ('poisson', 'direct')
+from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore
+
+THRESHOLD_TYPES = ("layer", "channel", "neuron")
+CONVERSION_ENCODERS = ("poisson", "direct")
 
 
 def fold_batchnorm(unit: ConvUnit):
@@ -40,46 +42,60 @@ def fold_batchnorm(unit: ConvUnit):
     W * scale (per output channel) and bias (b - mean) * scale. Computed in float64.
     """
     weight = unit.conv.weight.detach().double()
-    bias = (unit.conv.bias.detach().double() if unit.conv.bias is not None
-            else weight.new_zeros(weight.shape[0]))
+    bias = unit.conv.bias.detach().double() if unit.conv.bias is not None else weight.new_zeros(weight.shape[0])
     norm = unit.norm
     if norm is None:
         return weight, bias
     if norm.running_mean.shape[0] != 1:
-        raise ValueError(f'BN folding needs the ANN\'s single-step BN, got statistics for '
-                         f'{norm.running_mean.shape[0]} timesteps (is this an SNN?)')
+        raise ValueError(
+            f"BN folding needs the ANN's single-step BN, got statistics for "
+            f"{norm.running_mean.shape[0]} timesteps (is this an SNN?)"
+        )
     scale = (norm.running_var[0].double() + BN_EPS).rsqrt()
     if norm.weight is not None:
         scale = scale * norm.weight[0].detach().double()
     return weight * scale.view(-1, 1, 1, 1), (bias - norm.running_mean[0].double()) * scale
 
 
-def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: str = 'poisson') -> dict:
+def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: str = "poisson") -> dict:
     """The converted SNN's config: the ANN's, with IF/LIF neurons, no BN and conv biases (folded BN)."""
     if encoder not in CONVERSION_ENCODERS:
         raise ValueError(f"conversion encoder must be one of {list(CONVERSION_ENCODERS)}, got {encoder!r}")
     if int(timesteps) < 1:
-        raise ValueError(f'conversion timesteps must be >= 1, got {timesteps}')
-    return {**ann_cfg, 'model_type': 'snn', 'timesteps': int(timesteps), 'leak_mem': float(leak_mem),
-            'bn': False, 'conv_bias': True, 'encoder': encoder, 'readout': 'mean', 'full_prop': False,
-            'def_threshold': 1.0, 'thl': False, 'pretrained': None}
+        raise ValueError(f"conversion timesteps must be >= 1, got {timesteps}")
+    return {
+        **ann_cfg,
+        "model_type": "snn",
+        "timesteps": int(timesteps),
+        "leak_mem": float(leak_mem),
+        "bn": False,
+        "conv_bias": True,
+        "encoder": encoder,
+        "readout": "mean",
+        "full_prop": False,
+        "def_threshold": 1.0,
+        "thl": False,
+        "pretrained": None,
+    }
 
 
-def convert_ann(ann: SegmentationNet, timesteps: int, leak_mem: float = 1.0,
-                encoder: str = 'poisson') -> SegmentationNet:
+def convert_ann(
+    ann: SegmentationNet, timesteps: int, leak_mem: float = 1.0, encoder: str = "poisson"
+) -> SegmentationNet:
     """A fresh SNN with the ANN's weights (BN folded); thresholds stay at 1.0 until calibrated."""
     from . import build_model
+
     if ann.spiking:
         raise ValueError("conversion needs an ANN (model_type 'ann'), got an SNN")
     snn = build_model(snn_config(ann.config, timesteps, leak_mem, encoder))
-    state = {k: v.detach().clone() for k, v in ann.state_dict().items() if '.norm.' not in k}
+    state = {k: v.detach().clone() for k, v in ann.state_dict().items() if ".norm." not in k}
     for index, unit in enumerate(ann.body):
         if isinstance(unit, ConvUnit):
             weight, bias = fold_batchnorm(unit)
-            state[f'body.{index}.conv.weight'] = weight.float()
-            state[f'body.{index}.conv.bias'] = bias.float()
+            state[f"body.{index}.conv.weight"] = weight.float()
+            state[f"body.{index}.conv.bias"] = bias.float()
     for key, value in snn.state_dict().items():
-        if key.endswith('act.threshold'):
+        if key.endswith("act.threshold"):
             state[key] = value
     snn.load_state_dict(state)
     return snn.to(next(ann.parameters()).device).eval()
@@ -98,9 +114,9 @@ def current_statistic(current: torch.Tensor, threshold_type: str, percentile=Non
     """
     _check_type(threshold_type)
     channels = current.shape[1]
-    if threshold_type == 'layer':
+    if threshold_type == "layer":
         values, dim = current.reshape(-1), 0
-    elif threshold_type == 'channel':
+    elif threshold_type == "channel":
         values, dim = current.transpose(0, 1).reshape(channels, -1), 1
     else:
         values, dim = current.reshape(current.shape[0], -1), 0
@@ -110,7 +126,7 @@ def current_statistic(current: torch.Tensor, threshold_type: str, percentile=Non
         count = values.shape[dim]
         rank = min(max(math.ceil(float(percentile) / 100 * count), 1), count)
         stat = values.kthvalue(rank, dim).values
-    return stat.view(current.shape[1:]) if threshold_type == 'neuron' else stat
+    return stat.view(current.shape[1:]) if threshold_type == "neuron" else stat
 
 
 def _positive(stat: torch.Tensor, layer_name: str) -> torch.Tensor:
@@ -120,13 +136,19 @@ def _positive(stat: torch.Tensor, layer_name: str) -> torch.Tensor:
         return stat
     fill = stat.max() if positive.any() else stat.new_tensor(1.0)
     if not positive.any():
-        tqdm.write(f'warning: layer {layer_name} got no positive input current in calibration; threshold 1.0')
+        tqdm.write(f"warning: layer {layer_name} got no positive input current in calibration; threshold 1.0")
     return torch.where(positive, stat, fill)
 
 
 @torch.no_grad()
-def calibrate_thresholds(snn: SegmentationNet, batches, threshold_type: str = 'layer', percentile=None,
-                         show_progress: bool = True, fold_amplitude: bool = True) -> list:
+def calibrate_thresholds(
+    snn: SegmentationNet,
+    batches,
+    threshold_type: str = "layer",
+    percentile=None,
+    show_progress: bool = True,
+    fold_amplitude: bool = True,
+) -> list:
     """Raw thresholds of every spiking layer, found layer by layer as in the paper's code.
 
     For layer k, layers 1..k-1 carry their raw thresholds already; the SNN runs on each batch of
@@ -136,14 +158,14 @@ def calibrate_thresholds(snn: SegmentationNet, batches, threshold_type: str = 'l
     """
     _check_type(threshold_type)
     if percentile is not None and not 0 < float(percentile) <= 100:
-        raise ValueError(f'percentile must be in (0, 100], got {percentile}')
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     batches = list(batches)
     if not batches:
-        raise ValueError('calibration needs at least one batch of the training split')
+        raise ValueError("calibration needs at least one batch of the training split")
     snn.eval()
     thresholds = []
     layers = snn.neuron_layers()
-    for lif in tqdm(layers, desc=f'{threshold_type} thresholds', leave=False, disable=not show_progress):
+    for lif in tqdm(layers, desc=f"{threshold_type} thresholds", leave=False, disable=not show_progress):
         stats = []
 
         def record(module, args):
@@ -162,7 +184,7 @@ def calibrate_thresholds(snn: SegmentationNet, batches, threshold_type: str = 'l
         stacked = torch.stack(stats)
         stat = stacked.amax(0) if percentile is None else stacked.mean(0)
         stat = _positive(stat, lif.name)
-        raw = float(stat) if threshold_type == 'layer' else stat.float().cpu()
+        raw = float(stat) if threshold_type == "layer" else stat.float().cpu()
         thresholds.append(raw)
         # the next layers see this one converted (raw thresholds, as in the paper's code)
         _set_layer(snn, lif, raw, threshold_type, 1.0, fold_amplitude)
@@ -171,15 +193,20 @@ def calibrate_thresholds(snn: SegmentationNet, batches, threshold_type: str = 'l
 
 def _as_threshold(raw, threshold_type):
     value = torch.as_tensor(raw, dtype=torch.float32)
-    return value.view(-1, 1, 1) if threshold_type == 'channel' else value
+    return value.view(-1, 1, 1) if threshold_type == "channel" else value
 
 
-def apply_thresholds(snn: SegmentationNet, thresholds: list, threshold_type: str, scaling_factor: float = 0.7,
-                     fold_amplitude: bool = True):
+def apply_thresholds(
+    snn: SegmentationNet,
+    thresholds: list,
+    threshold_type: str,
+    scaling_factor: float = 0.7,
+    fold_amplitude: bool = True,
+):
     """Set each spiking layer's threshold (and spike amplitude) to raw threshold x scaling_factor."""
-    check_thresholds(thresholds, snn, threshold_type, 'thresholds')
+    check_thresholds(thresholds, snn, threshold_type, "thresholds")
     if scaling_factor <= 0:
-        raise ValueError(f'scaling_factor must be > 0, got {scaling_factor}')
+        raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
     for lif, raw in zip(snn.neuron_layers(), thresholds):
         _set_layer(snn, lif, raw, threshold_type, float(scaling_factor), fold_amplitude)
 
@@ -187,7 +214,7 @@ def apply_thresholds(snn: SegmentationNet, thresholds: list, threshold_type: str
 def _set_layer(snn, lif, raw, threshold_type, scale, fold_amplitude):
     threshold = _as_threshold(raw, threshold_type) * scale
     lif.set_threshold(threshold)
-    amplitude = threshold.mean((1, 2)) if threshold_type == 'neuron' else threshold.reshape(-1)
+    amplitude = threshold.mean((1, 2)) if threshold_type == "neuron" else threshold.reshape(-1)
     _scale_readers(snn, lif, amplitude if fold_amplitude else None)
 
 
@@ -212,7 +239,7 @@ def spike_readers(snn: SegmentationNet) -> dict:
 
 def _scale_readers(snn, lif, amplitude):
     """Reader weights = unscaled (as converted) weights x amplitude per input channel (None: unit spikes)."""
-    unscaled = snn.__dict__.setdefault('_unscaled_reader_weights', {})
+    unscaled = snn.__dict__.setdefault("_unscaled_reader_weights", {})
     for module, dim in spike_readers(snn)[id(lif)]:
         base = unscaled.setdefault(id(module), module.weight.detach().clone())
         if amplitude is None:
@@ -231,26 +258,30 @@ def check_thresholds(thresholds, snn: SegmentationNet, threshold_type: str, sour
     layers = snn.neuron_layers()
     if not isinstance(thresholds, (list, tuple)) or len(thresholds) != len(layers):
         found = len(thresholds) if isinstance(thresholds, (list, tuple)) else type(thresholds).__name__
-        raise ValueError(f'{source}: expected a list of {len(layers)} per-layer thresholds (one per spiking '
-                         f'layer of {snn.arch}), found {found}')
+        raise ValueError(
+            f"{source}: expected a list of {len(layers)} per-layer thresholds (one per spiking "
+            f"layer of {snn.arch}), found {found}"
+        )
     size = _image_size(snn)
     shapes = _layer_shapes(snn, size or (64, 64))
     for index, (raw, shape) in enumerate(zip(thresholds, shapes)):
         value = torch.as_tensor(raw)
-        expected = {'layer': (), 'channel': shape[:1], 'neuron': shape}[threshold_type]
+        expected = {"layer": (), "channel": shape[:1], "neuron": shape}[threshold_type]
         fits = tuple(value.shape) == tuple(expected)
-        if threshold_type == 'neuron' and size is None:  # native image size: only the channels are known
+        if threshold_type == "neuron" and size is None:  # native image size: only the channels are known
             fits = value.dim() == 3 and value.shape[0] == expected[0]
         if not fits:
-            raise ValueError(f'{source}: {threshold_type} threshold of layer {index} has shape '
-                             f'{tuple(value.shape)}, expected {tuple(expected)} (other image size or arch?)')
+            raise ValueError(
+                f"{source}: {threshold_type} threshold of layer {index} has shape "
+                f"{tuple(value.shape)}, expected {tuple(expected)} (other image size or arch?)"
+            )
         if not torch.isfinite(value).all() or (value <= 0).any():
-            raise ValueError(f'{source}: threshold of layer {index} must be finite and > 0')
+            raise ValueError(f"{source}: threshold of layer {index} must be finite and > 0")
 
 
 def _image_size(snn: SegmentationNet):
     """(H, W) of the configured input, or None for native (varying) sizes."""
-    size = parse_size(snn.config.get('img_size'))
+    size = parse_size(snn.config.get("img_size"))
     return None if size is None else tuple(size)
 
 
@@ -268,7 +299,7 @@ def _layer_shapes(snn: SegmentationNet, size):
     try:
         snn.timesteps = 1
         device = next(snn.parameters()).device
-        snn.eval()(torch.zeros(1, int(snn.config['in_channels']), height, width, device=device))
+        snn.eval()(torch.zeros(1, int(snn.config["in_channels"]), height, width, device=device))
     finally:
         snn.timesteps = saved
         for handle in handles:
@@ -278,7 +309,7 @@ def _layer_shapes(snn: SegmentationNet, size):
 
 def _check_type(threshold_type):
     if threshold_type not in THRESHOLD_TYPES:
-        raise ValueError(f'unknown threshold type {threshold_type!r}; choose one of {list(THRESHOLD_TYPES)}')
+        raise ValueError(f"unknown threshold type {threshold_type!r}; choose one of {list(THRESHOLD_TYPES)}")
 
 
 # --------------------------------------------------------------------------------- checkpoint cache
@@ -287,10 +318,10 @@ def cached_thresholds(checkpoint: dict, threshold_type: str, timesteps: int, set
 
     Thresholds without recorded settings (e.g. imported from the paper's repository) are trusted.
     """
-    found = (checkpoint.get('thresholds') or {}).get(threshold_type, {})
+    found = (checkpoint.get("thresholds") or {}).get(threshold_type, {})
     if not isinstance(found, dict) or str(timesteps) not in found:
         return None
-    recorded = (checkpoint.get('threshold_settings') or {}).get(threshold_type, {}).get(str(timesteps))
+    recorded = (checkpoint.get("threshold_settings") or {}).get(threshold_type, {}).get(str(timesteps))
     if recorded is not None and recorded != settings:
         return None
     return list(found[str(timesteps)])
@@ -298,7 +329,7 @@ def cached_thresholds(checkpoint: dict, threshold_type: str, timesteps: int, set
 
 def store_thresholds(checkpoint: dict, threshold_type: str, timesteps: int, thresholds: list, settings: dict):
     """Nest ``thresholds`` as checkpoint['thresholds'][type][str(T)] (and how they were found)."""
-    for key, value in (('thresholds', list(thresholds)), ('threshold_settings', dict(settings))):
+    for key, value in (("thresholds", list(thresholds)), ("threshold_settings", dict(settings))):
         table = checkpoint.get(key)
         if not isinstance(table, dict):
             table = checkpoint[key] = {}

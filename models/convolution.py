@@ -61,6 +61,7 @@ of this against PyTorch's convolution in float64.
 ``AvgPool2d`` keeps nothing for backward (its gradient depends only on the input's shape; PyTorch
 keeps the input, which memory-saving mode's replay would store as float spikes).
 """
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -72,14 +73,15 @@ from .spikes import restored, storable
 
 # Where dilated convolutions run as dense ones over their phases (step 2), keyed by device type, with
 # '-lowp' for bf16 / fp16 (autocast's dtype where it is on). A missing key is off.
-DILATED_AS_DENSE = {'cuda-lowp': True}
+DILATED_AS_DENSE = {"cuda-lowp": True}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _autocasts(tensor) -> bool:
     """True where autocast is on for the tensor's device and would cast it (floating, not float64)."""
-    return (torch.is_autocast_enabled(tensor.device.type) and tensor.is_floating_point()
-            and tensor.dtype != torch.float64)
+    return (
+        torch.is_autocast_enabled(tensor.device.type) and tensor.is_floating_point() and tensor.dtype != torch.float64
+    )
 
 
 def _autocast(tensor):
@@ -93,11 +95,12 @@ def dilated_strategy(x) -> str:
     """'phases' where a dilated convolution of ``x`` runs as a dense one over its phases, else 'dilated'."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if _autocasts(x) else x.dtype
-    key = f'{device}-lowp' if dtype in LOW_PRECISION else device
-    return 'phases' if DILATED_AS_DENSE.get(key, False) else 'dilated'
+    key = f"{device}-lowp" if dtype in LOW_PRECISION else device
+    return "phases" if DILATED_AS_DENSE.get(key, False) else "dilated"
 
 
 # ---- Step 1: only the taps that overlap the map. ----
+
 
 def overlapping_taps(kernel: int, padding: int, dilation: int, size: int):
     """(first, last): the taps along one axis whose reads land inside the input (first > last: none).
@@ -114,6 +117,7 @@ def overlapping_taps(kernel: int, padding: int, dilation: int, size: int):
 
 class TapCrop(NamedTuple):
     """The convolution over the overlapping taps: the taps kept, and that convolution's arguments."""
+
     rows: slice
     cols: slice
     padding: tuple  # p - first*d per axis, at least 0
@@ -125,7 +129,7 @@ class TapCrop(NamedTuple):
 
     def inputs(self, x):
         (th, tw), (h, w) = self.trim, x.shape[-2:]
-        return x[..., th:h - th, tw:w - tw] if th or tw else x
+        return x[..., th : h - th, tw : w - tw] if th or tw else x
 
     def weight(self, weight):
         return weight[:, :, self.rows, self.cols]
@@ -158,6 +162,7 @@ def tap_crop(kernel, padding, dilation, in_hw) -> Optional[TapCrop]:
 
 
 # ---- Step 2: dilated as dense, over the phases. ----
+
 
 def _channels_last(x) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -207,14 +212,16 @@ def phase_conv2d(inputs, weight, bias, padding, dilation):
     """``F.conv2d(inputs, weight, bias, 1, padding, dilation)`` as one dense convolution over the
     dilation's phases; needs padding % dilation == 0 on both axes."""
     assert all(p % d == 0 for p, d in zip(padding, dilation)), (padding, dilation)
-    out_hw = [size + 2 * p - d * (k - 1) for size, p, d, k in zip(inputs.shape[-2:], padding, dilation,
-                                                                   weight.shape[-2:])]
+    out_hw = [
+        size + 2 * p - d * (k - 1) for size, p, d, k in zip(inputs.shape[-2:], padding, dilation, weight.shape[-2:])
+    ]
     dense_padding = [p // d for p, d in zip(padding, dilation)]
     out = F.conv2d(space_to_batch(inputs, dilation), weight, bias, 1, dense_padding)
     return batch_to_space(out, dilation, out_hw)
 
 
 # ---- The two steps together. ----
+
 
 class ConvPlan(NamedTuple):
     crop: Optional[TapCrop]  # None: every tap overlaps
@@ -233,8 +240,11 @@ def conv_plan(inputs, weight, stride, padding, dilation, groups) -> Optional[Con
         return None
     crop = taps if taps.drops_taps(weight) else None
     padding, dilation = taps.padding, taps.dilation  # unchanged but for dilation 1 where one tap is left
-    phases = (max(dilation) > 1 and all(p % d == 0 for p, d in zip(padding, dilation))
-              and dilated_strategy(inputs) == 'phases')
+    phases = (
+        max(dilation) > 1
+        and all(p % d == 0 for p, d in zip(padding, dilation))
+        and dilated_strategy(inputs) == "phases"
+    )
     return ConvPlan(crop, padding, dilation, phases) if crop is not None or phases else None
 
 
@@ -252,6 +262,7 @@ def conv2d(inputs, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
 
 
 # ---- fp32 training: the atrous weight gradient by taps. ----
+
 
 def kernel_exceeds_input(weight: torch.Tensor, dilation, in_hw) -> bool:
     """True where the dilated kernel is wider (or taller) than the input it slides over."""
@@ -279,7 +290,7 @@ def tap_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, kernel, paddin
             if y0 >= y1 or x0 >= x1:
                 continue  # the tap never leaves the padding
             g = grad_rows[:, y0:y1, x0:x1].reshape(-1, c_out)
-            x = input_rows[:, y0 + dy:y1 + dy, x0 + dx:x1 + dx].reshape(-1, c_in)
+            x = input_rows[:, y0 + dy : y1 + dy, x0 + dx : x1 + dx].reshape(-1, c_in)
             torch.mm(g.t(), x, out=grad_weight[:, i, j])
     return grad_weight.permute(0, 3, 1, 2)  # [C_out, C_in, kh, kw], channels-last like the weight's
 
@@ -287,8 +298,12 @@ def tap_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, kernel, paddin
 def _by_taps(weight, stride, groups, dilation, inputs):
     """Whether the weight's gradient is ``tap_weight_grad``'s: on the CPU only, where it replaces oneDNN's
     generic path (on CUDA it would be ~30 small kernels where cuDNN runs one)."""
-    return (inputs.device.type == 'cpu' and tuple(stride) == (1, 1) and groups == 1
-            and kernel_exceeds_input(weight, dilation, inputs.shape[-2:]))
+    return (
+        inputs.device.type == "cpu"
+        and tuple(stride) == (1, 1)
+        and groups == 1
+        and kernel_exceeds_input(weight, dilation, inputs.shape[-2:])
+    )
 
 
 def conv_backward(grad_out, inputs, weight, bias, stride, padding, dilation, groups, mask):
@@ -309,8 +324,18 @@ def conv_backward(grad_out, inputs, weight, bias, stride, padding, dilation, gro
     if crop is not None:
         inputs, kept, padding, dilation = crop.inputs(inputs), crop.weight(weight), plan.padding, plan.dilation
     grad_input, grad_kept, grad_bias = torch.ops.aten.convolution_backward(
-        grad_out, inputs, weight if crop is None else kept, bias_sizes, stride, padding, dilation, False,
-        [0, 0], groups, [wants_input, wants_weight, wants_bias])
+        grad_out,
+        inputs,
+        weight if crop is None else kept,
+        bias_sizes,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        groups,
+        [wants_input, wants_weight, wants_bias],
+    )
     if crop is not None:
         grad_input = None if grad_input is None else crop.grad_input(grad_input)
         grad_kept = None if grad_kept is None else crop.grad_weight(grad_kept, weight)
@@ -341,13 +366,18 @@ class Conv2d(nn.Conv2d):
     outside autocast (whose casts that function would not replay) and where step 2 is off."""
 
     def forward(self, x):
-        if self.padding_mode != 'zeros':
+        if self.padding_mode != "zeros":
             return super().forward(x)
-        if (torch.is_grad_enabled() and isinstance(self.padding, tuple)
-                and not torch.is_autocast_enabled(x.device.type) and dilated_strategy(x) == 'dilated'
-                and _by_taps(self.weight, self.stride, self.groups, self.dilation, x)):
-            return _Conv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                         self.groups)
+        if (
+            torch.is_grad_enabled()
+            and isinstance(self.padding, tuple)
+            and not torch.is_autocast_enabled(x.device.type)
+            and dilated_strategy(x) == "dilated"
+            and _by_taps(self.weight, self.stride, self.groups, self.dilation, x)
+        ):
+            return _Conv2dFunction.apply(
+                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -357,14 +387,18 @@ class _AvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, stride, padding):
         ctx.shape, ctx.args = x.shape, (kernel, stride, padding)
-        ctx.layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-                      and not x.is_contiguous() else torch.contiguous_format)
+        ctx.layout = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
         return F.avg_pool2d(x, kernel, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_out):
-        shape_only = torch.empty(ctx.shape, dtype=grad_out.dtype, device=grad_out.device,
-                                 memory_format=ctx.layout)  # read for its size and layout, never its values
+        shape_only = torch.empty(
+            ctx.shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=ctx.layout
+        )  # read for its size and layout, never its values
         grad = torch.ops.aten.avg_pool2d_backward(grad_out, shape_only, *ctx.args, False, True, None)
         return grad, None, None, None
 
@@ -373,7 +407,12 @@ class AvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` whose backward keeps no activations (for the default options the network uses)."""
 
     def forward(self, x):
-        if (torch.is_grad_enabled() and x.requires_grad and not self.ceil_mode and self.count_include_pad
-                and self.divisor_override is None):
+        if (
+            torch.is_grad_enabled()
+            and x.requires_grad
+            and not self.ceil_mode
+            and self.count_include_pad
+            and self.divisor_override is None
+        ):
             return _AvgPool2dFunction.apply(x, self.kernel_size, self.stride, self.padding)
         return super().forward(x)

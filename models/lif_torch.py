@@ -17,6 +17,7 @@ API (shared by both backends; ``models/neurons.py`` chooses one):
     ``grad_spikes`` / ``grad_u_end`` may be None (zero); ``grad_u0`` is None without ``u0`` and
     ``grad_weight`` None without ``bn``.
 """
+
 import torch
 
 from .spikes import SPIKE_STORAGE
@@ -39,6 +40,7 @@ def _sub_scaled(u, spikes, theta):
 
 # ---- One timestep of each pass, in place on preallocated buffers. ----
 # ``u / theta > 1`` is the paper's ``u / theta - 1 > 0`` exactly (subtracting 1 near 1 is exact).
+
 
 def _fire_step(u, current, spike, ratio, leak, theta, theta_neg):
     """Charge u with the current, write the spike, reset by subtraction."""
@@ -75,6 +77,7 @@ def _reverse_step(slope, grad_spike, grad_next, alpha):
 
 class _Kernels:
     """The step functions in use: eager by default, torch.compile'd after ``compile_neuron_kernels()``."""
+
     fire, slope, reverse = _fire_step, _slope_step, _reverse_step
 
 
@@ -124,8 +127,18 @@ def forward(x, u0, params, bn, keep_spikes):
         if t < n_bn:
             k = slice(t * c, (t + 1) * c)
             torch.ops.aten.native_batch_norm.out(
-                current, bn.weight[k], None, bn.running_mean[k], bn.running_var[k], bn.training, bn.momentum,
-                bn.eps, out=normed, save_mean=mean[k], save_invstd=invstd[k])
+                current,
+                bn.weight[k],
+                None,
+                bn.running_mean[k],
+                bn.running_var[k],
+                bn.training,
+                bn.momentum,
+                bn.eps,
+                out=normed,
+                save_mean=mean[k],
+                save_invstd=invstd[k],
+            )
             current = normed
         _Kernels.fire(u, current, spikes[t], ratio, params.leak, theta, theta_neg)
     if n_bn and not bn.training:  # eval-mode BN normalises with the running statistics
@@ -196,7 +209,19 @@ def _bn_backward_inplace(buffer, x, mean, invstd, weight, bn):
     for t in range(bn.steps):
         k = slice(t * c, (t + 1) * c)
         torch.ops.aten.native_batch_norm_backward.out(
-            buffer[t], x[t], weight[k], mean[k], var[k], mean[k], invstd[k], bn.training, bn.eps,
-            [True, True, True], out0=grad_x, out1=grad_weight[k], out2=grad_shift)
+            buffer[t],
+            x[t],
+            weight[k],
+            mean[k],
+            var[k],
+            mean[k],
+            invstd[k],
+            bn.training,
+            bn.eps,
+            [True, True, True],
+            out0=grad_x,
+            out1=grad_weight[k],
+            out2=grad_shift,
+        )
         buffer[t].copy_(grad_x)
     return grad_weight

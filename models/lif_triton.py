@@ -48,6 +48,7 @@ float32 is an approximate division on NVIDIA GPUs) and the kernels are compiled 
 so ``leak * u + I`` rounds twice as torch's ``u.mul_(leak).add_(I)`` does: given the same currents the
 spikes are torch's bit for bit. The membrane is float32 (float64 for float64 x) whatever x's dtype.
 """
+
 import functools
 
 import torch
@@ -56,12 +57,19 @@ try:
     import triton
     import triton.language as tl
 except ImportError as error:  # models/neurons.py catches this and falls back to the torch backend
-    raise ImportError(f"neuron_backend 'triton' needs the triton package ({error}); "
-                      "install triton or use neuron_backend 'torch'") from error
+    raise ImportError(
+        f"neuron_backend 'triton' needs the triton package ({error}); install triton or use neuron_backend 'torch'"
+    ) from error
 
 # Surrogate name -> (compile-time kind, its parameters in the order the kernel reads them).
-_SURROGATES = {'linear': (0, ('gamma',)), 'fast_sigmoid': (1, ('scale',)), 'exp': (2, ('alpha', 'beta')),
-               'pass_through': (3, ()), 'atan': (4, ('alpha',)), 'sigmoid': (5, ('alpha',))}
+_SURROGATES = {
+    "linear": (0, ("gamma",)),
+    "fast_sigmoid": (1, ("scale",)),
+    "exp": (2, ("alpha", "beta")),
+    "pass_through": (3, ()),
+    "atan": (4, ("alpha",)),
+    "sigmoid": (5, ("alpha",)),
+}
 
 # Tiles: at most _TILE neurons (BLOCK_M * BLOCK_C, powers of two), smaller (down to _MIN_TILE) while a
 # layer would give fewer than _MIN_PROGRAMS programs; warps for about 4 neurons per thread. Compiled for
@@ -74,12 +82,13 @@ _MAX_BLOCK_C = 16
 # The statistics: at most _MAX_CHUNKS row chunks per (step, channel), combined _FINISH_CHUNKS at a time.
 _MAX_CHUNKS, _FINISH_BLOCK_K, _FINISH_CHUNKS = 256, 32, 32
 # Compiled without FMA contraction: torch rounds leak * u before adding the current (see Numerics).
-_EXACT = {'enable_fp_fusion': False}
+_EXACT = {"enable_fp_fusion": False}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Device helpers
 # ---------------------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _div(a, b):
@@ -206,9 +215,24 @@ def _replay_reset(u, spike, theta, theta_neg, NEG: tl.constexpr):
 # Kernels
 # ---------------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _bn_partials_kernel(x_ptr, part_ptr, M, HW, C, K, chunk_rows, sS, sN, sC, sP,
-                        X_FLAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_partials_kernel(
+    x_ptr,
+    part_ptr,
+    M,
+    HW,
+    C,
+    K,
+    chunk_rows,
+    sS,
+    sN,
+    sC,
+    sP,
+    X_FLAT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Per (row chunk, timestep t, channel c), k = t*C + c: part[chunk, k] = the mean of x - shift over
     the chunk's rows, part[chunks + chunk, k] = the sum of squared deviations from it, and
     part[2 * chunks, k] = shift, x at row 0: statistics relative to it keep their precision when the
@@ -242,9 +266,22 @@ def _bn_partials_kernel(x_ptr, part_ptr, M, HW, C, K, chunk_rows, sS, sN, sC, sP
 
 
 @triton.jit
-def _bn_finish_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_var_ptr, consts_ptr,
-                      K, M, n_chunks, chunk_rows, TRAINING: tl.constexpr, UPDATE: tl.constexpr,
-                      BLOCK_K: tl.constexpr, CHUNKS: tl.constexpr):
+def _bn_finish_kernel(
+    part_ptr,
+    mean_ptr,
+    invstd_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    consts_ptr,
+    K,
+    M,
+    n_chunks,
+    chunk_rows,
+    TRAINING: tl.constexpr,
+    UPDATE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
     """mean and 1/std per (timestep, channel) k: from the chunks' partials in training (and the running
     statistics' update), from the running statistics in eval. consts = (eps, momentum)."""
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -253,8 +290,7 @@ def _bn_finish_kernel(part_ptr, mean_ptr, invstd_ptr, running_mean_ptr, running_
     if TRAINING:
         mean, var = _combine_chunks(part_ptr, k, kmask, K, M, n_chunks, chunk_rows, f, CHUNKS)
         if UPDATE:
-            _update_running(running_mean_ptr, running_var_ptr, k, kmask, mean, var, M,
-                            tl.load(consts_ptr + 1))
+            _update_running(running_mean_ptr, running_var_ptr, k, kmask, mean, var, M, tl.load(consts_ptr + 1))
     else:
         mean = tl.load(running_mean_ptr + k, mask=kmask, other=0.0).to(f)
         var = tl.load(running_var_ptr + k, mask=kmask, other=1.0).to(f)
@@ -269,14 +305,12 @@ def _combine_chunks(part_ptr, k, kmask, K, M, n_chunks, chunk_rows, f, CHUNKS: t
     of squares (Chan et al.): M2 = sum_i M2_i + sum_i n_i * (mean_i - mean)^2. CHUNKS chunks at a time."""
     total = tl.zeros(k.shape, f)
     for first in range(0, n_chunks, CHUNKS):
-        count, chunk_mean, offs, mask = _chunk_tile(part_ptr, first, k, kmask, K, M, n_chunks, chunk_rows, f,
-                                                    CHUNKS)
+        count, chunk_mean, offs, mask = _chunk_tile(part_ptr, first, k, kmask, K, M, n_chunks, chunk_rows, f, CHUNKS)
         total += tl.sum(count * chunk_mean, axis=0)
     mean = _div(total, tl.cast(M, f))
     m2 = tl.zeros(k.shape, f)
     for first in range(0, n_chunks, CHUNKS):
-        count, chunk_mean, offs, mask = _chunk_tile(part_ptr, first, k, kmask, K, M, n_chunks, chunk_rows, f,
-                                                    CHUNKS)
+        count, chunk_mean, offs, mask = _chunk_tile(part_ptr, first, k, kmask, K, M, n_chunks, chunk_rows, f, CHUNKS)
         shift = chunk_mean - mean[None, :]
         chunk_m2 = tl.load(part_ptr + n_chunks * K + offs, mask=mask, other=0.0)
         m2 += tl.sum(chunk_m2 + count * shift * shift, axis=0)
@@ -302,18 +336,55 @@ def _update_running(running_mean_ptr, running_var_ptr, k, kmask, mean, var, M, m
     old_mean = tl.load(running_mean_ptr + k, mask=kmask, other=0.0).to(f)
     old_var = tl.load(running_var_ptr + k, mask=kmask, other=0.0).to(f)
     unbiased = _div(var * tl.cast(M, f), tl.cast(M - 1, f))
-    tl.store(running_mean_ptr + k, ((1.0 - momentum) * old_mean + momentum * mean)
-             .to(running_mean_ptr.dtype.element_ty), mask=kmask)
-    tl.store(running_var_ptr + k, ((1.0 - momentum) * old_var + momentum * unbiased)
-             .to(running_var_ptr.dtype.element_ty), mask=kmask)
+    tl.store(
+        running_mean_ptr + k,
+        ((1.0 - momentum) * old_mean + momentum * mean).to(running_mean_ptr.dtype.element_ty),
+        mask=kmask,
+    )
+    tl.store(
+        running_var_ptr + k,
+        ((1.0 - momentum) * old_var + momentum * unbiased).to(running_var_ptr.dtype.element_ty),
+        mask=kmask,
+    )
 
 
 @triton.jit
-def _lif_forward_kernel(x_ptr, spikes_ptr, compact_ptr, u0_ptr, u_ptr, theta_ptr, theta_neg_ptr,
-                        mean_ptr, invstd_ptr, weight_ptr, consts_ptr,
-                        S, n_bn, M, HW, C, sS, sN, sC, sP, uN, uC, uP, tC, tP, nC, nP,
-                        X_FLAT: tl.constexpr, U_FLAT: tl.constexpr, HAS_U0: tl.constexpr,
-                        KEEP: tl.constexpr, NEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _lif_forward_kernel(
+    x_ptr,
+    spikes_ptr,
+    compact_ptr,
+    u0_ptr,
+    u_ptr,
+    theta_ptr,
+    theta_neg_ptr,
+    mean_ptr,
+    invstd_ptr,
+    weight_ptr,
+    consts_ptr,
+    S,
+    n_bn,
+    M,
+    HW,
+    C,
+    sS,
+    sN,
+    sC,
+    sP,
+    uN,
+    uC,
+    uP,
+    tC,
+    tP,
+    nC,
+    nP,
+    X_FLAT: tl.constexpr,
+    U_FLAT: tl.constexpr,
+    HAS_U0: tl.constexpr,
+    KEEP: tl.constexpr,
+    NEG: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """All S timesteps of one tile: BN for t < n_bn, then charge / fire / reset. consts = (leak,)."""
     rows, cols, mask = _tile(BLOCK_M, BLOCK_C, M, C)
     f = u_ptr.dtype.element_ty
@@ -346,12 +417,53 @@ def _store_spike(spikes_ptr, compact_ptr, t, sS, offs, mask, spike, KEEP: tl.con
 
 
 @triton.jit
-def _lif_backward_kernel(x_ptr, compact_ptr, gs_ptr, gu_end_ptr, u0_ptr, gu0_ptr, g_ptr, part_ptr,
-                         theta_ptr, theta_neg_ptr, mean_ptr, invstd_ptr, weight_ptr, consts_ptr,
-                         S, n_bn, M, HW, C, K, sS, sN, sC, sP, dS, dN, dC, dP, uN, uC, uP, tC, tP, nC, nP,
-                         X_FLAT: tl.constexpr, D_FLAT: tl.constexpr, U_FLAT: tl.constexpr,
-                         HAS_U0: tl.constexpr, HAS_GS: tl.constexpr, HAS_GU_END: tl.constexpr,
-                         NEG: tl.constexpr, KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _lif_backward_kernel(
+    x_ptr,
+    compact_ptr,
+    gs_ptr,
+    gu_end_ptr,
+    u0_ptr,
+    gu0_ptr,
+    g_ptr,
+    part_ptr,
+    theta_ptr,
+    theta_neg_ptr,
+    mean_ptr,
+    invstd_ptr,
+    weight_ptr,
+    consts_ptr,
+    S,
+    n_bn,
+    M,
+    HW,
+    C,
+    K,
+    sS,
+    sN,
+    sC,
+    sP,
+    dS,
+    dN,
+    dC,
+    dP,
+    uN,
+    uC,
+    uP,
+    tC,
+    tP,
+    nC,
+    nP,
+    X_FLAT: tl.constexpr,
+    D_FLAT: tl.constexpr,
+    U_FLAT: tl.constexpr,
+    HAS_U0: tl.constexpr,
+    HAS_GS: tl.constexpr,
+    HAS_GU_END: tl.constexpr,
+    NEG: tl.constexpr,
+    KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """One tile's backward through all S steps: slopes by replay into g, then dL/dI over them (reverse
     recurrence), with BN's per-tile partial sums and dL/du0. consts = (leak, p0, p1)."""
     rows, cols, mask = _tile(BLOCK_M, BLOCK_C, M, C)
@@ -369,11 +481,25 @@ def _lif_backward_kernel(x_ptr, compact_ptr, gs_ptr, gu_end_ptr, u0_ptr, gu0_ptr
     p1 = tl.load(consts_ptr + 2)
     for t in range(0, n_bn):
         current = _normalise(_load_step(x_ptr, t, sS, offs, mask, f), t, cols, C, mean_ptr, invstd_ptr, weight_ptr)
-        u = _replay_step(u, current, compact_ptr, g_ptr, t, sS, offs, mask, leak, theta, theta_neg, p0, p1,
-                         KIND, NEG)
+        u = _replay_step(u, current, compact_ptr, g_ptr, t, sS, offs, mask, leak, theta, theta_neg, p0, p1, KIND, NEG)
     for t in range(n_bn, S):
-        u = _replay_step(u, _load_step(x_ptr, t, sS, offs, mask, f), compact_ptr, g_ptr, t, sS, offs, mask,
-                         leak, theta, theta_neg, p0, p1, KIND, NEG)
+        u = _replay_step(
+            u,
+            _load_step(x_ptr, t, sS, offs, mask, f),
+            compact_ptr,
+            g_ptr,
+            t,
+            sS,
+            offs,
+            mask,
+            leak,
+            theta,
+            theta_neg,
+            p0,
+            p1,
+            KIND,
+            NEG,
+        )
     # The reverse pass reads the slopes this program just wrote. Each element is written and read through
     # the same offsets (so by the same thread in the same layout); the barrier makes that hold whatever
     # layout the compiler picks for the two loops (once per program: negligible).
@@ -400,8 +526,23 @@ def _lif_backward_kernel(x_ptr, compact_ptr, gs_ptr, gu_end_ptr, u0_ptr, gu0_ptr
 
 
 @triton.jit
-def _replay_step(u, current, compact_ptr, g_ptr, t, sS, offs, mask, leak, theta, theta_neg, p0, p1,
-                 KIND: tl.constexpr, NEG: tl.constexpr):
+def _replay_step(
+    u,
+    current,
+    compact_ptr,
+    g_ptr,
+    t,
+    sS,
+    offs,
+    mask,
+    leak,
+    theta,
+    theta_neg,
+    p0,
+    p1,
+    KIND: tl.constexpr,
+    NEG: tl.constexpr,
+):
     """Charge, write ds/du of step t into g, reset with the saved spike."""
     u = u * leak + current
     at = tl.cast(t, tl.int64) * sS + offs
@@ -425,9 +566,28 @@ def _reverse_step(g_ptr, gs_ptr, t, sS, dS, offs, gs_offs, mask, carry, HAS_GS: 
 
 
 @triton.jit
-def _bn_grad_kernel(g_ptr, x_ptr, gx_ptr, mean_ptr, invstd_ptr, weight_ptr, sums_ptr,
-                    n_bn, M, HW, C, K, sS, sN, sC, sP,
-                    X_FLAT: tl.constexpr, TRAINING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_grad_kernel(
+    g_ptr,
+    x_ptr,
+    gx_ptr,
+    mean_ptr,
+    invstd_ptr,
+    weight_ptr,
+    sums_ptr,
+    n_bn,
+    M,
+    HW,
+    C,
+    K,
+    sS,
+    sN,
+    sC,
+    sP,
+    X_FLAT: tl.constexpr,
+    TRAINING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """dL/dx of timestep program_id(2) from dL/dI in g, in gx's dtype. sums = [sum dI, sum dI * xhat]
     per (timestep, channel), over the batch. Steps t >= n_bn are only cast."""
     rows, cols, mask = _tile(BLOCK_M, BLOCK_C, M, C)
@@ -449,7 +609,7 @@ def _bn_grad_kernel(g_ptr, x_ptr, gx_ptr, mean_ptr, invstd_ptr, weight_ptr, sums
 
 
 # The environment variable is read when the kernels are decorated (at import), not at launch.
-_INTERPRETED = type(_lif_forward_kernel).__name__ == 'InterpretedFunction'
+_INTERPRETED = type(_lif_forward_kernel).__name__ == "InterpretedFunction"
 if _INTERPRETED:
     # The interpreter runs each program as numpy calls on whole tiles: few, large tiles are what is fast
     # there (the tests' networks would take minutes with the GPU's tile sizes).
@@ -459,6 +619,7 @@ if _INTERPRETED:
 # ---------------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------------
+
 
 def forward(x, u0, params, bn, keep_spikes: bool):
     """BN of the first ``bn.steps`` steps of ``x``, then LIF over all steps -> (spikes, compact, u, mean,
@@ -477,12 +638,35 @@ def forward(x, u0, params, bn, keep_spikes: bool):
     block_m, block_c, grid, warps = _tiles(geo)
     view = geo.view
     _lif_forward_kernel[grid](
-        view(geo.x), view(spikes), view(_either(compact, spikes)), view(_either(u0, u)), view(u), *thresholds,
-        mean if n_bn else u, invstd if n_bn else u, _bn_weight(None if bn is None else bn.weight, n_bn * geo.C, u),
+        view(geo.x),
+        view(spikes),
+        view(_either(compact, spikes)),
+        view(_either(u0, u)),
+        view(u),
+        *thresholds,
+        mean if n_bn else u,
+        invstd if n_bn else u,
+        _bn_weight(None if bn is None else bn.weight, n_bn * geo.C, u),
         _constants(x.device, f, (float(params.leak),)),
-        geo.S, n_bn, geo.M, geo.HW, geo.C, view(geo.x).stride(0), *x_strides[:3], *u_strides[:3], *threshold_strides,
-        X_FLAT=x_strides[3], U_FLAT=u_strides[3], HAS_U0=u0 is not None, KEEP=keep_spikes, NEG=negative,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps, **_EXACT)
+        geo.S,
+        n_bn,
+        geo.M,
+        geo.HW,
+        geo.C,
+        view(geo.x).stride(0),
+        *x_strides[:3],
+        *u_strides[:3],
+        *threshold_strides,
+        X_FLAT=x_strides[3],
+        U_FLAT=u_strides[3],
+        HAS_U0=u0 is not None,
+        KEEP=keep_spikes,
+        NEG=negative,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        num_warps=warps,
+        **_EXACT,
+    )
     compact = None if compact is None else geo.restore(compact)
     return geo.restore(spikes), compact, u, mean, invstd
 
@@ -509,14 +693,44 @@ def backward(x, u0, compact, mean, invstd, weight, grad_spikes, grad_u_end, para
     mean, invstd = (mean, invstd) if n_bn else (grad, grad)
     weight_arg = _bn_weight(weight if n_bn else None, K, grad)
     _lif_backward_kernel[grid](
-        view(geo.x), view(_as_layout(compact, geo.x)), _either(grad_spikes, view(grad)),
-        view(_either(grad_u_end, grad_u0)), view(_either(u0, grad_u0)), view(grad_u0), view(grad), parts,
-        *thresholds, mean, invstd, weight_arg, _constants(x.device, f, (float(params.leak),) + surrogate_params),
-        geo.S, n_bn, geo.M, geo.HW, geo.C, K, view(geo.x).stride(0), *x_strides[:3],
-        _either(grad_spikes, view(grad)).stride(0), *gs_strides[:3], *u_strides[:3], *threshold_strides,
-        X_FLAT=x_strides[3], D_FLAT=gs_strides[3], U_FLAT=u_strides[3], HAS_U0=u0 is not None,
-        HAS_GS=grad_spikes is not None, HAS_GU_END=grad_u_end is not None, NEG=negative, KIND=kind,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps, **_EXACT)
+        view(geo.x),
+        view(_as_layout(compact, geo.x)),
+        _either(grad_spikes, view(grad)),
+        view(_either(grad_u_end, grad_u0)),
+        view(_either(u0, grad_u0)),
+        view(grad_u0),
+        view(grad),
+        parts,
+        *thresholds,
+        mean,
+        invstd,
+        weight_arg,
+        _constants(x.device, f, (float(params.leak),) + surrogate_params),
+        geo.S,
+        n_bn,
+        geo.M,
+        geo.HW,
+        geo.C,
+        K,
+        view(geo.x).stride(0),
+        *x_strides[:3],
+        _either(grad_spikes, view(grad)).stride(0),
+        *gs_strides[:3],
+        *u_strides[:3],
+        *threshold_strides,
+        X_FLAT=x_strides[3],
+        D_FLAT=gs_strides[3],
+        U_FLAT=u_strides[3],
+        HAS_U0=u0 is not None,
+        HAS_GS=grad_spikes is not None,
+        HAS_GU_END=grad_u_end is not None,
+        NEG=negative,
+        KIND=kind,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        num_warps=warps,
+        **_EXACT,
+    )
     sums = parts.sum(1) if n_bn else None  # [sum dI, sum dI * xhat] per (timestep, channel)
     grad_weight = None if (weight is None or not n_bn) else sums[1].to(weight.dtype)
     grad_x = _input_grad(grad, geo, n_bn, mean, invstd, weight_arg, sums, bn)
@@ -533,10 +747,26 @@ def _input_grad(grad, geo, n_bn, mean, invstd, weight, sums, bn):
     x_strides = _strides(geo.view(geo.x))
     block_m, block_c, grid, warps = _tiles(geo)
     _bn_grad_kernel[grid + (steps,)](
-        geo.view(grad), geo.view(geo.x), geo.view(grad_x), mean, invstd, weight, _either(sums, grad),
-        n_bn, geo.M, geo.HW, geo.C, n_bn * geo.C, geo.view(geo.x).stride(0), *x_strides[:3],
-        X_FLAT=x_strides[3], TRAINING=bool(n_bn) and bn.training, BLOCK_M=block_m, BLOCK_C=block_c,
-        num_warps=warps)
+        geo.view(grad),
+        geo.view(geo.x),
+        geo.view(grad_x),
+        mean,
+        invstd,
+        weight,
+        _either(sums, grad),
+        n_bn,
+        geo.M,
+        geo.HW,
+        geo.C,
+        n_bn * geo.C,
+        geo.view(geo.x).stride(0),
+        *x_strides[:3],
+        X_FLAT=x_strides[3],
+        TRAINING=bool(n_bn) and bn.training,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
     return grad_x
 
 
@@ -556,11 +786,22 @@ def _statistics(geo, bn, n_bn, f):
             raise ValueError(f"Expected more than 1 value per channel when training, got {geo.M}")
         parts, chunk_rows = _batch_partials(geo, n_bn, f)
     _bn_finish_kernel[(triton.cdiv(K, _FINISH_BLOCK_K),)](
-        parts, mean, invstd, running_mean, running_var,
+        parts,
+        mean,
+        invstd,
+        running_mean,
+        running_var,
         _constants(geo.x.device, f, (float(bn.eps), float(bn.momentum))),
-        K, geo.M, parts.shape[0] // 2 if bn.training else 0, chunk_rows,
-        TRAINING=bn.training, UPDATE=bn.training and bn.momentum != 0, BLOCK_K=_FINISH_BLOCK_K,
-        CHUNKS=_FINISH_CHUNKS, num_warps=4)
+        K,
+        geo.M,
+        parts.shape[0] // 2 if bn.training else 0,
+        chunk_rows,
+        TRAINING=bn.training,
+        UPDATE=bn.training and bn.momentum != 0,
+        BLOCK_K=_FINISH_BLOCK_K,
+        CHUNKS=_FINISH_CHUNKS,
+        num_warps=4,
+    )
     return mean, invstd
 
 
@@ -574,8 +815,20 @@ def _batch_partials(geo, n_bn, f):
     parts = geo.x.new_empty((2 * chunks + 1, n_bn * geo.C), dtype=f)
     x_strides = _strides(geo.x)
     _bn_partials_kernel[(chunks, grid[1], n_bn)](
-        geo.x, parts, geo.M, geo.HW, geo.C, n_bn * geo.C, chunk_rows, geo.x.stride(0), *x_strides[:3],
-        X_FLAT=x_strides[3], BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        geo.x,
+        parts,
+        geo.M,
+        geo.HW,
+        geo.C,
+        n_bn * geo.C,
+        chunk_rows,
+        geo.x.stride(0),
+        *x_strides[:3],
+        X_FLAT=x_strides[3],
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
     return parts, chunk_rows
 
 
@@ -619,8 +872,7 @@ class _Geometry:
             return t
         length = self.W
         if t.dim() == self.x.dim():
-            return t.as_strided((self.S, 1, 1, 1, length), (t.stride(0), length, length, length, 1),
-                                t.storage_offset())
+            return t.as_strided((self.S, 1, 1, 1, length), (t.stride(0), length, length, length, 1), t.storage_offset())
         return t.as_strided((1, 1, 1, length), (length, length, length, 1), t.storage_offset())
 
     def restore(self, t):
@@ -681,8 +933,9 @@ def _per_sample(theta):
     """A threshold that broadcasts against one sample [C, H, W] (leading size-1 dims dropped)."""
     if theta.dim() > 3:
         if any(n != 1 for n in theta.shape[:-3]):
-            raise ValueError(f"a threshold of shape {tuple(theta.shape)} does not broadcast against one "
-                             "sample [C, H, W]")
+            raise ValueError(
+                f"a threshold of shape {tuple(theta.shape)} does not broadcast against one sample [C, H, W]"
+            )
         theta = theta.reshape(theta.shape[-3:])
     return theta
 
@@ -704,9 +957,11 @@ def _constants(device, dtype, values):
 
 
 def _check_device(x):
-    if x.device.type != 'cuda' and not _INTERPRETED:
-        raise RuntimeError("neuron_backend 'triton' runs on CUDA tensors "
-                           "(set TRITON_INTERPRET=1 to run its kernels on the CPU, for tests)")
+    if x.device.type != "cuda" and not _INTERPRETED:
+        raise RuntimeError(
+            "neuron_backend 'triton' runs on CUDA tensors "
+            "(set TRITON_INTERPRET=1 to run its kernels on the CPU, for tests)"
+        )
 
 
 def _compute_dtype(x):
@@ -738,7 +993,7 @@ def _strides(t):
 
 def _check_offsets(t):
     """The kernels index within one timestep in 32 bits."""
-    if t is not None and sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+    if t is not None and sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
         raise ValueError("neuron_backend 'triton': one timestep spans more than 2**31 elements")
 
 

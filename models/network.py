@@ -9,17 +9,18 @@ Differences from a per-timestep loop are only in the order of floating-point sum
 feed-forward, so running layer by layer over all timesteps computes the same spikes as running timestep
 by timestep over all layers.
 """
+
 import contextlib
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
+from . import spikes as spike_protocol
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
 from .convolution import AvgPool2d, Conv2d
 from .encoders import IdentityEncoder, build_encoder
-from . import spikes as spike_protocol
 from .neurons import LIF, TimeBN, backend_for, backend_name, check_backend, time_split, time_sum
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
@@ -28,6 +29,7 @@ BN_EPS, BN_MOMENTUM = 1e-4, 0.1
 class _RECOMPUTING:
     """Set while memory-saving mode replays a block of timesteps in backward: BN must not update its
     running statistics a second time."""
+
     active = False
 
 
@@ -52,9 +54,9 @@ class TimeBatchNorm(nn.Module):
         super().__init__()
         self.channels, self.timesteps = channels, timesteps
         self.weight = nn.Parameter(torch.ones(timesteps, channels)) if affine else None
-        self.register_buffer('running_mean', torch.zeros(timesteps, channels))
-        self.register_buffer('running_var', torch.ones(timesteps, channels))
-        self.register_buffer('num_batches_tracked', torch.tensor(0, dtype=torch.long))
+        self.register_buffer("running_mean", torch.zeros(timesteps, channels))
+        self.register_buffer("running_var", torch.ones(timesteps, channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def steps_normalised(self, t0: int, steps: int) -> int:
         """How many of the timesteps t0 .. t0+steps-1 get BN (those before T; full propagation's do not)."""
@@ -68,8 +70,15 @@ class TimeBatchNorm(nn.Module):
             return None
         rows = slice(t0, t0 + n_bn)
         momentum = self._count_batch(t0)
-        return TimeBN(self.weight[rows].reshape(-1), self.running_mean[rows].view(-1),
-                      self.running_var[rows].view(-1), self.training, momentum, BN_EPS, n_bn)
+        return TimeBN(
+            self.weight[rows].reshape(-1),
+            self.running_mean[rows].view(-1),
+            self.running_var[rows].view(-1),
+            self.training,
+            momentum,
+            BN_EPS,
+            n_bn,
+        )
 
     def _count_batch(self, t0):
         """Count a training batch once (at its first timestep); return the momentum to use: none
@@ -85,14 +94,24 @@ class TimeBatchNorm(nn.Module):
         momentum = self._count_batch(t0)
         # Each timestep is one contiguous block of the time-major input: one BN call per timestep.
         frames = time_split(x, steps)
-        out = [F.batch_norm(frames[t], self.running_mean[t0 + t], self.running_var[t0 + t],
-                            None if self.weight is None else self.weight[t0 + t], None,
-                            self.training, momentum, BN_EPS) for t in range(n_bn)]
+        out = [
+            F.batch_norm(
+                frames[t],
+                self.running_mean[t0 + t],
+                self.running_var[t0 + t],
+                None if self.weight is None else self.weight[t0 + t],
+                None,
+                self.training,
+                momentum,
+                BN_EPS,
+            )
+            for t in range(n_bn)
+        ]
         parts = out + list(frames[n_bn:])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def extra_repr(self):
-        return f'{self.channels}, timesteps={self.timesteps}, affine={self.weight is not None}'
+        return f"{self.channels}, timesteps={self.timesteps}, affine={self.weight is not None}"
 
 
 class Rectifier(nn.Module):
@@ -148,44 +167,44 @@ class DecoderStage(nn.Module):
         self.act = act
 
     def forward(self, x, skip, steps, t0=0, membranes=None):
-        x = F.interpolate(self.up(x), size=skip.shape[-2:], mode='bilinear', align_corners=True) + skip
+        x = F.interpolate(self.up(x), size=skip.shape[-2:], mode="bilinear", align_corners=True) + skip
         return x if self.act is None else self.act(x, steps, None, t0, membranes)
 
 
 def _time_slice(h, steps, t0, k):
     """Timesteps t0 .. t0+k-1 of a time-folded tensor, time-folded again (a view: time-major)."""
     n = h.shape[0] // steps
-    return spike_protocol.like(h, h[t0 * n:(t0 + k) * n])
+    return spike_protocol.like(h, h[t0 * n : (t0 + k) * n])
 
 
 class SegmentationNet(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         self.config = dict(cfg)
-        self.arch = cfg['arch']
-        self.spiking = cfg['model_type'] == 'snn'
-        self.timesteps = int(cfg['timesteps']) if self.spiking else 1
+        self.arch = cfg["arch"]
+        self.spiking = cfg["model_type"] == "snn"
+        self.timesteps = int(cfg["timesteps"]) if self.spiking else 1
         self.fcn = is_fcn(self.arch)
-        self.readout_sum = cfg.get('readout') == 'sum'
-        self.memory_saving = bool(cfg.get('memory_saving', False))
-        self.memory_block = int(cfg.get('memory_block', 4))
-        self.encoder = build_encoder(cfg['encoder']) if self.spiking else IdentityEncoder()
+        self.readout_sum = cfg.get("readout") == "sum"
+        self.memory_saving = bool(cfg.get("memory_saving", False))
+        self.memory_block = int(cfg.get("memory_block", 4))
+        self.encoder = build_encoder(cfg["encoder"]) if self.spiking else IdentityEncoder()
         self._build(cfg)
         self._init_weights()
 
     # ----------------------------------------------------------------------------------------- build
     def _build(self, cfg):
         table = get_architecture(self.arch)
-        classes, channels = int(cfg['num_classes']), int(cfg['in_channels'])
+        classes, channels = int(cfg["num_classes"]), int(cfg["in_channels"])
         self.body = nn.ModuleList()
         self.output = None
         # Body positions of each part's conv units: the paper's 'features.<i>' / 'classifier.<i>'.
-        self.part_units = {'features': [], 'classifier': []}
+        self.part_units = {"features": [], "classifier": []}
         conv_layers = 0
-        for part in ('features', 'classifier'):
+        for part in ("features", "classifier"):
             for token in table[part]:
                 if isinstance(token, Conv):
-                    name = f'{part}.{len(self.part_units[part])}'
+                    name = f"{part}.{len(self.part_units[part])}"
                     self.part_units[part].append(len(self.body))
                     self.body.append(self._conv_unit(cfg, channels, token, name))
                     channels = token.channels
@@ -203,11 +222,11 @@ class SegmentationNet(nn.Module):
         if self.fcn:
             stages = sum(isinstance(m, SkipScore) for m in self.body) - 1
             for k in range(stages):
-                act = self._neuron(cfg, f'decoder.{k}') if self.spiking and k < stages - 1 else None
+                act = self._neuron(cfg, f"decoder.{k}") if self.spiking and k < stages - 1 else None
                 self.decoder.append(DecoderStage(classes, act))
         # Full propagation: after the T input steps, one zero-input step per layer of the main chain,
         # so that the last input reaches the output (counted as in the paper's code).
-        self.extra_steps = conv_layers if (self.spiking and cfg.get('full_prop')) else 0
+        self.extra_steps = conv_layers if (self.spiking and cfg.get("full_prop")) else 0
 
     def _full_resolution_units(self):
         """The conv units before the first pooling."""
@@ -223,21 +242,34 @@ class SegmentationNet(nn.Module):
         return [self.body[i] for i in self.part_units[part]]
 
     def _conv_unit(self, cfg, in_channels, token: Conv, name):
-        conv = Conv2d(in_channels, token.channels, token.kernel, padding=token.padding,
-                         dilation=token.dilation, bias=bool(cfg.get('conv_bias', False)))
+        conv = Conv2d(
+            in_channels,
+            token.channels,
+            token.kernel,
+            padding=token.padding,
+            dilation=token.dilation,
+            bias=bool(cfg.get("conv_bias", False)),
+        )
         norm = None
-        if cfg['bn']:
+        if cfg["bn"]:
             norm = TimeBatchNorm(token.channels, self.timesteps, affine=self.spiking)
         if self.spiking:
             act = self._neuron(cfg, name)
         else:
-            act = Rectifier(float(cfg['alpha']) if cfg.get('leaky') else None)
+            act = Rectifier(float(cfg["alpha"]) if cfg.get("leaky") else None)
         return ConvUnit(conv, norm, act)
 
     def _neuron(self, cfg, name):
-        alpha = float(cfg['alpha']) if cfg.get('leaky') else None
-        return LIF(cfg['leak_mem'], cfg['def_threshold'], cfg['surrogate'], cfg.get('surrogate_params'),
-                   alpha=alpha, name=name, backend=cfg.get('neuron_backend', 'auto'))
+        alpha = float(cfg["alpha"]) if cfg.get("leaky") else None
+        return LIF(
+            cfg["leak_mem"],
+            cfg["def_threshold"],
+            cfg["surrogate"],
+            cfg.get("surrogate_params"),
+            alpha=alpha,
+            name=name,
+            backend=cfg.get("neuron_backend", "auto"),
+        )
 
     def _init_weights(self):
         for m in self.modules():
@@ -272,9 +304,16 @@ class SegmentationNet(nn.Module):
                 # Memory-saving mode: keep only the block's input and the membranes at its start;
                 # backward replays the block (BN statistics are not updated twice).
                 out = torch.utils.checkpoint.checkpoint(
-                    self._run_block, part, t0, k, *carries, recompute=True,
-                    spikes_in=spike_protocol.holds_spikes(part), use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), _replaying()))
+                    self._run_block,
+                    part,
+                    t0,
+                    k,
+                    *carries,
+                    recompute=True,
+                    spikes_in=spike_protocol.holds_spikes(part),
+                    use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), _replaying()),
+                )
             else:
                 out = self._run_block(part, t0, k, *carries)
             total, carries = total + out[0], list(out[1:])
@@ -283,7 +322,7 @@ class SegmentationNet(nn.Module):
         # DeepLab: the output conv is linear and bias-free: conv(sum_t s_t) == sum_t conv(s_t), done once.
         out = readout if self.fcn else self.output(readout)
         if out.shape[-2:] != out_size:
-            out = F.interpolate(out, size=out_size, mode='bilinear', align_corners=True)
+            out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=True)
         return out
 
     def _run_block(self, h, t0, steps, *carries, recompute=False, spikes_in=False):
@@ -323,14 +362,14 @@ class SegmentationNet(nn.Module):
         check_backend(name)
         for lif in self.neuron_layers():
             lif.backend = name
-        self.config['neuron_backend'] = name
+        self.config["neuron_backend"] = name
 
     @property
     def neuron_backend(self) -> str:
         """The backend the neurons run on, on the device the model is on now ('torch' or 'triton'; '' for an ANN)."""
         layers = self.neuron_layers()
         if not layers:
-            return ''
+            return ""
         device = next(self.parameters()).device
         return backend_name(backend_for(layers[0].backend, device))
 
@@ -355,18 +394,17 @@ class SegmentationNet(nn.Module):
         the VGG biases are dropped since the paper's convs have none.
         """
         try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"pretrained weights file '{path}' does not exist") from None
         except Exception as exc:
             raise ValueError(f"cannot read pretrained weights '{path}': {exc}") from None
-        state = state.get('state_dict', state) if isinstance(state, dict) else state
-        vgg = [v for k, v in state.items() if k.startswith('features.') and k.endswith('.weight')
-               and v.dim() == 4]
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        vgg = [v for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.dim() == 4]
         if not vgg:
             raise ValueError(f"'{path}' holds no torchvision VGG 'features.<i>.weight' conv weights")
         copied = 0
-        for unit, weight in zip(self._part('features'), vgg):
+        for unit, weight in zip(self._part("features"), vgg):
             if unit.conv.weight.shape == weight.shape:
                 with torch.no_grad():
                     unit.conv.weight.copy_(weight)

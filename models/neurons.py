@@ -33,6 +33,7 @@ The arithmetic is done by a backend with one small API (see ``models/lif_torch.p
 ``neuron_backend: auto`` takes triton on CUDA when Triton imports, torch otherwise. The backend is an
 execution choice, not part of the model: the state dict is the same whichever runs it.
 """
+
 import functools
 import os
 import warnings
@@ -42,13 +43,14 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from . import lif_torch, spikes as spike_protocol
+from . import lif_torch
+from . import spikes as spike_protocol
 from .convolution import conv2d, conv_backward
 from .lif_torch import compile_neuron_kernels  # noqa: F401  (the torch backend's optional fusion)
 from .surrogates import Surrogate, get_surrogate
 
 Threshold = Union[float, torch.Tensor]
-BACKENDS = ('auto', 'torch', 'triton')
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class LIFParams:
     """A neuron layer's parameters: leak, threshold (a float, or a tensor that broadcasts against one
     timestep ``[C, H, W]``: ``[C, 1, 1]`` channel-wise, ``[C, H, W]`` neuron-wise), the negative
     threshold (None: off) and the surrogate derivative."""
+
     leak: float
     theta: Threshold
     theta_neg: Optional[Threshold]
@@ -67,6 +70,7 @@ class TimeBN:
     """BNTT of the first ``steps`` timesteps of a block: per-(timestep, channel) statistics and scale.
     ``weight`` and the running statistics are the ``steps * C`` entries of those timesteps (views that
     training-mode BN updates in place); ``momentum`` 0 leaves them as they are."""
+
     weight: torch.Tensor
     running_mean: torch.Tensor
     running_var: torch.Tensor
@@ -88,47 +92,52 @@ def _triton_backend():
 
 
 def _triton_interpreting() -> bool:
-    return os.environ.get('TRITON_INTERPRET', '0') not in ('', '0')
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_backend(name: str):
     """Fail early (at model build) on a backend that cannot exist here."""
     if name not in BACKENDS:
         raise ValueError(f"unknown neuron_backend '{name}'; choose one of {list(BACKENDS)}")
-    if name == 'triton' and _triton_backend() is None:
-        raise ValueError("neuron_backend 'triton' needs the triton package (it ships with PyTorch's CUDA "
-                         "wheels); use neuron_backend 'torch' or 'auto'")
+    if name == "triton" and _triton_backend() is None:
+        raise ValueError(
+            "neuron_backend 'triton' needs the triton package (it ships with PyTorch's CUDA "
+            "wheels); use neuron_backend 'torch' or 'auto'"
+        )
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_triton_fallback(device_type):
-    warnings.warn(f"neuron_backend 'triton' runs on CUDA tensors; these are on '{device_type}', so the torch "
-                  "backend runs them (the results are the same)")
+    warnings.warn(
+        f"neuron_backend 'triton' runs on CUDA tensors; these are on '{device_type}', so the torch "
+        "backend runs them (the results are the same)"
+    )
 
 
 def backend_for(name: str, device: torch.device):
     """The backend module that runs neurons of backend choice ``name`` on ``device``: the one place where
     this is decided. Triton kernels need CUDA tensors (or the interpreter); elsewhere torch runs, so that
     a model trained on a GPU with ``triton`` evaluates on a CPU unchanged."""
-    if name == 'torch':
+    if name == "torch":
         return lif_torch
-    runs_triton = device.type == 'cuda' or (name == 'triton' and _triton_interpreting())
+    runs_triton = device.type == "cuda" or (name == "triton" and _triton_interpreting())
     backend = _triton_backend() if runs_triton else None
     if backend is None:
-        if name == 'triton' and device.type != 'cuda':
+        if name == "triton" and device.type != "cuda":
             _warn_triton_fallback(device.type)
         return lif_torch
     return backend
 
 
 def backend_name(module) -> str:
-    return 'triton' if module is not lif_torch else 'torch'
+    return "triton" if module is not lif_torch else "torch"
 
 
 # ------------------------------------------------------------------------------ the autograd function
 @dataclass(frozen=True)
 class _Call:
     """Everything a spiking layer's forward and backward need besides its tensors."""
+
     backend: object
     params: LIFParams
     bn: Optional[TimeBN]
@@ -167,13 +176,15 @@ class _SpikingLayer(torch.autograd.Function):
             with torch.no_grad():
                 x = time_split(conv2d(inputs, conv_weight, conv_bias, *call.conv), call.steps)
         grad_x, grad_u0, grad_bn_weight = call.backend.backward(
-            x, u0, compact, mean, invstd, bn_weight, grad_spikes, grad_u_end, call.params, call.bn)
+            x, u0, compact, mean, invstd, bn_weight, grad_spikes, grad_u_end, call.params, call.bn
+        )
         if call.conv is None:
             return grad_x, grad_u0, grad_bn_weight, None, None, None
         del x
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], conv_bias is not None and ctx.needs_input_grad[4]]
         grad_inputs, grad_conv_weight, grad_conv_bias = conv_backward(
-            grad_x.flatten(0, 1), inputs, conv_weight, conv_bias, *call.conv, 1, wanted)
+            grad_x.flatten(0, 1), inputs, conv_weight, conv_bias, *call.conv, 1, wanted
+        )
         return grad_inputs, grad_u0, grad_bn_weight, grad_conv_weight, grad_conv_bias, None
 
 
@@ -212,9 +223,16 @@ def time_sum(x, steps):
 
 
 # ----------------------------------------------------------------------------------------- public API
-def lif_sequence(currents: torch.Tensor, leak: float = 0.99, threshold: Threshold = 1.0,
-                 surrogate: Union[str, Surrogate] = 'linear', threshold_neg: Optional[Threshold] = None,
-                 time_dim: int = 0, backend: str = 'torch', **surrogate_params) -> torch.Tensor:
+def lif_sequence(
+    currents: torch.Tensor,
+    leak: float = 0.99,
+    threshold: Threshold = 1.0,
+    surrogate: Union[str, Surrogate] = "linear",
+    threshold_neg: Optional[Threshold] = None,
+    time_dim: int = 0,
+    backend: str = "torch",
+    **surrogate_params,
+) -> torch.Tensor:
     """Spikes of a LIF layer driven by ``currents`` (time along ``time_dim``, default ``[T, ...]``).
 
     ``threshold`` is a float (layer-wise) or a tensor that broadcasts against one timestep
@@ -239,9 +257,16 @@ class LIF(nn.Module):
     ``backend`` (not state: an execution choice) is one of ``BACKENDS``.
     """
 
-    def __init__(self, leak: float = 0.99, threshold: float = 1.0, surrogate: str = 'linear',
-                 surrogate_params: Optional[dict] = None, alpha: Optional[float] = None, name: str = '',
-                 backend: str = 'auto'):
+    def __init__(
+        self,
+        leak: float = 0.99,
+        threshold: float = 1.0,
+        surrogate: str = "linear",
+        surrogate_params: Optional[dict] = None,
+        alpha: Optional[float] = None,
+        name: str = "",
+        backend: str = "auto",
+    ):
         super().__init__()
         check_backend(backend)
         self.leak = float(leak)
@@ -249,7 +274,7 @@ class LIF(nn.Module):
         self.alpha = alpha
         self.name = name
         self.backend = backend
-        self.register_buffer('threshold', torch.tensor(float(threshold)))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
         self._scalar_threshold = (None, None, None)
         self.recording = False
         self.reset_spike_stats()
@@ -259,11 +284,17 @@ class LIF(nn.Module):
         backward (``wanted``: the unit asks for it). Only when a backward may follow (otherwise the neurons'
         input is the currents, as calibration hooks expect), with BN in front, and not under autocast,
         whose casts backward would not replay."""
-        return (wanted and norm is not None and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(x.device.type))
+        return wanted and norm is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
 
-    def forward(self, x: torch.Tensor, steps: int, norm=None, t0: int = 0, membranes: Optional[dict] = None,
-                conv: Optional[nn.Conv2d] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        steps: int,
+        norm=None,
+        t0: int = 0,
+        membranes: Optional[dict] = None,
+        conv: Optional[nn.Conv2d] = None,
+    ):
         """Spikes for time-folded currents ``x`` of timesteps ``t0 .. t0+steps-1``.
 
         ``norm`` (a TimeBatchNorm) is applied first, fused into the backward pass. ``membranes`` (a dict
@@ -273,15 +304,21 @@ class LIF(nn.Module):
         """
         u0 = membranes.get(self) if (membranes is not None and t0 > 0) else None
         bn = None if norm is None else norm.time_bn(t0, steps)
-        call = _Call(backend_for(self.backend, x.device), self.params(), bn,
-                     None if conv is None else (conv.stride, conv.padding, conv.dilation), steps)
+        call = _Call(
+            backend_for(self.backend, x.device),
+            self.params(),
+            bn,
+            None if conv is None else (conv.stride, conv.padding, conv.dilation),
+            steps,
+        )
         spikes, u, compact = _run(x if conv is not None else time_split(x, steps), u0, call, conv)
         if membranes is not None:
             membranes[self] = u
         if self.recording:
             self._record(spikes)
-        return spike_protocol.mark(spikes.flatten(0, 1), None if compact is None else compact.flatten(0, 1),
-                                   per_step=spikes)
+        return spike_protocol.mark(
+            spikes.flatten(0, 1), None if compact is None else compact.flatten(0, 1), per_step=spikes
+        )
 
     def params(self) -> LIFParams:
         theta = self._threshold_value()
@@ -312,21 +349,27 @@ class LIF(nn.Module):
         self.images, self.steps, self.neurons = 0, 0, 0
 
     def spike_stats(self) -> dict:
-        return {'name': self.name, 'neurons': self.neurons, 'spikes': float(self.spike_count),
-                'images': self.images, 'steps': self.steps}
+        return {
+            "name": self.name,
+            "neurons": self.neurons,
+            "spikes": float(self.spike_count),
+            "images": self.images,
+            "steps": self.steps,
+        }
 
     def set_threshold(self, threshold: Threshold):
-        self.threshold = torch.as_tensor(threshold, dtype=torch.float32,
-                                         device=self.threshold.device).clone()
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32, device=self.threshold.device).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Thresholds of converted SNNs are per channel or per neuron: take the stored shape.
-        key = prefix + 'threshold'
+        key = prefix + "threshold"
         if key in state_dict:
             self.threshold = torch.empty_like(state_dict[key], device=self.threshold.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         shape = tuple(self.threshold.shape) or float(self.threshold)
-        return (f'leak={self.leak}, threshold={shape}, surrogate={self.surrogate}, alpha={self.alpha}, '
-                f'backend={self.backend}')
+        return (
+            f"leak={self.leak}, threshold={shape}, surrogate={self.surrogate}, alpha={self.alpha}, "
+            f"backend={self.backend}"
+        )

@@ -8,6 +8,7 @@ directly (``per_step``).
 The mark is one attribute holding a ``SpikeInfo``, set and read only here. A tensor op returns a new,
 unmarked tensor: code that copies or slices spikes and wants to keep the mark says so with ``like``.
 """
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,8 +28,9 @@ class SpikeInfo:
     per_step: Optional[torch.Tensor] = None
 
 
-def mark(tensor: torch.Tensor, compact: Optional[torch.Tensor] = None,
-         per_step: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mark(
+    tensor: torch.Tensor, compact: Optional[torch.Tensor] = None, per_step: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Tag ``tensor`` (values in {-1, 0, 1}) as spikes; returns it."""
     setattr(tensor, _ATTRIBUTE, SpikeInfo(compact, per_step))
     return tensor

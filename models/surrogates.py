@@ -5,6 +5,7 @@ replaces the Dirac delta ``H'(x)`` by a smooth bump ``g(x)``. Each surrogate her
 the neuron (``models.neurons``) owns the forward step and the recurrence, so there is one place that
 decides what a spike is.
 """
+
 import math
 
 import torch
@@ -13,14 +14,16 @@ import torch
 class Surrogate:
     """A named surrogate derivative ``g(x)`` with keyword hyperparameters."""
 
-    name = ''
+    name = ""
     defaults: dict = {}
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
-            raise ValueError(f"surrogate '{self.name}' got unknown parameter(s) {unknown}; "
-                             f"it takes {sorted(self.defaults) or 'none'}")
+            raise ValueError(
+                f"surrogate '{self.name}' got unknown parameter(s) {unknown}; "
+                f"it takes {sorted(self.defaults) or 'none'}"
+            )
         self.params = {**self.defaults, **{k: float(v) for k, v in params.items()}}
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,40 +34,44 @@ class Surrogate:
         return x.copy_(self.grad(x))
 
     def __repr__(self):
-        args = ', '.join(f'{k}={v}' for k, v in self.params.items())
-        return f'{self.name}({args})'
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}({args})"
 
 
 class Linear(Surrogate):
     """Piecewise linear (Bellec et al. 2018): ``gamma * max(0, 1 - |x|)``."""
-    name, defaults = 'linear', {'gamma': 0.3}
+
+    name, defaults = "linear", {"gamma": 0.3}
 
     def grad(self, x):
-        return self.params['gamma'] * torch.clamp(1.0 - x.abs(), min=0.0)
+        return self.params["gamma"] * torch.clamp(1.0 - x.abs(), min=0.0)
 
     def grad_(self, x):
-        return x.abs_().neg_().add_(1.0).clamp_(min=0.0).mul_(self.params['gamma'])
+        return x.abs_().neg_().add_(1.0).clamp_(min=0.0).mul_(self.params["gamma"])
 
 
 class FastSigmoid(Surrogate):
     """SuperSpike (Zenke & Ganguli 2018): ``1 / (scale * |x| + 1)^2``."""
-    name, defaults = 'fast_sigmoid', {'scale': 100.0}
+
+    name, defaults = "fast_sigmoid", {"scale": 100.0}
 
     def grad(self, x):
-        return (self.params['scale'] * x.abs() + 1.0).pow(-2)
+        return (self.params["scale"] * x.abs() + 1.0).pow(-2)
 
 
 class Exponential(Surrogate):
     """Shrestha & Orchard 2018: ``alpha * exp(-beta * |x|)``."""
-    name, defaults = 'exp', {'alpha': 1.0, 'beta': 10.0}
+
+    name, defaults = "exp", {"alpha": 1.0, "beta": 10.0}
 
     def grad(self, x):
-        return self.params['alpha'] * torch.exp(-self.params['beta'] * x.abs())
+        return self.params["alpha"] * torch.exp(-self.params["beta"] * x.abs())
 
 
 class PassThrough(Surrogate):
     """Straight-through: the gradient passes unchanged."""
-    name, defaults = 'pass_through', {}
+
+    name, defaults = "pass_through", {}
 
     def grad(self, x):
         return torch.ones_like(x)
@@ -72,20 +79,22 @@ class PassThrough(Surrogate):
 
 class ArcTan(Surrogate):
     """Derivative of ``atan(pi/2 * alpha * x) / pi + 1/2`` (Fang et al. 2021)."""
-    name, defaults = 'atan', {'alpha': 2.0}
+
+    name, defaults = "atan", {"alpha": 2.0}
 
     def grad(self, x):
-        a = self.params['alpha']
+        a = self.params["alpha"]
         return (a / 2) / (1 + (math.pi / 2 * a * x).pow(2))
 
 
 class Sigmoid(Surrogate):
     """Derivative of ``sigmoid(alpha * x)``."""
-    name, defaults = 'sigmoid', {'alpha': 4.0}
+
+    name, defaults = "sigmoid", {"alpha": 4.0}
 
     def grad(self, x):
-        s = torch.sigmoid(self.params['alpha'] * x)
-        return self.params['alpha'] * s * (1 - s)
+        s = torch.sigmoid(self.params["alpha"] * x)
+        return self.params["alpha"] * s * (1 - s)
 
 
 SURROGATES = {cls.name: cls for cls in (Linear, FastSigmoid, Exponential, PassThrough, ArcTan, Sigmoid)}

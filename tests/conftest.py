@@ -1,4 +1,5 @@
 """Shared helpers for the pipeline tests: run the repository's scripts as a user would."""
+
 import importlib.util
 import json
 import os
@@ -16,17 +17,48 @@ if not torch.cuda.is_available():  # the triton backend's kernels run on CPU ten
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny synthetic run: 16 train / 8 val images of 16x16, T=2, batch 8 (two steps per epoch).
-TINY_ARGS = ["--dataset", "synthetic", "--arch", "dl-vgg9", "--img_size", "16", "--timesteps", "2",
-             "--num_train", "16", "--num_val", "8", "--batch_size", "8", "--num_workers", "0",
-             "--optimizer", "adam", "--lr", "1e-3", "--seed", "3", "--device", "cpu"]
+TINY_ARGS = [
+    "--dataset",
+    "synthetic",
+    "--arch",
+    "dl-vgg9",
+    "--img_size",
+    "16",
+    "--timesteps",
+    "2",
+    "--num_train",
+    "16",
+    "--num_val",
+    "8",
+    "--batch_size",
+    "8",
+    "--num_workers",
+    "0",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "3",
+    "--device",
+    "cpu",
+]
 
 
 def start_script(*args, cwd=REPO, **popen_kwargs) -> subprocess.Popen:
     """Start `python <args>` from the repository root, its output piped."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     # A session of its own, so that a timeout also ends the children (torchrun's workers).
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen_kwargs)
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen_kwargs,
+    )
 
 
 def run_script(*args, check=True, timeout=240, cwd=REPO, **popen_kwargs):
@@ -55,6 +87,7 @@ def load_test_script():
 def one_line_error(capsys, main, argv, *expected):
     """main(argv) through run_main fails with exit code 2 and one `error:` line holding each of `expected`."""
     from utils.cli import run_main
+
     code = run_main(main, argv)
     err = capsys.readouterr().err
     assert code == 2, err
@@ -73,6 +106,7 @@ def read_jsonl(path):
 def tiny_ann_run(tmp_path_factory):
     """One trained tiny ANN run (2 epochs); returns its run directory."""
     model_dir = tmp_path_factory.mktemp("runs")
-    run_script("train.py", *TINY_ARGS, "--model_type", "ann", "--epochs", "2", "--model_dir", model_dir,
-               "--name", "ann")
+    run_script(
+        "train.py", *TINY_ARGS, "--model_type", "ann", "--epochs", "2", "--model_dir", model_dir, "--name", "ann"
+    )
     return model_dir / "ann"

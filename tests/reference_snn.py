@@ -4,6 +4,7 @@
 ``per_timestep_forward`` runs a SegmentationNet's parameters timestep by timestep, layer by layer, with
 plain autograd through time: the slow, obviously-correct twin of the multi-step implementation.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +20,7 @@ class _Spike(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         return grad_out * ctx.grad_fn(x), None
 
 
@@ -47,8 +48,7 @@ def lif_step(mem, current, leak, theta, grad_fn, theta_neg=None):
 def _bn_step(norm, x, t, training):
     """BN of timestep t (the t-th of T separate BatchNorm2d layers); stats buffers are cloned."""
     weight = None if norm.weight is None else norm.weight[t]
-    return F.batch_norm(x, norm.running_mean[t].clone(), norm.running_var[t].clone(), weight, None,
-                        training, 0.1, 1e-4)
+    return F.batch_norm(x, norm.running_mean[t].clone(), norm.running_var[t].clone(), weight, None, training, 0.1, 1e-4)
 
 
 def per_timestep_forward(model, frames, grad_fn=linear_grad):
@@ -72,15 +72,15 @@ def per_timestep_forward(model, frames, grad_fn=linear_grad):
         if model.fcn:
             h = skips[-1]
             for k, (stage, skip) in enumerate(zip(model.decoder, reversed(skips[:-1]))):
-                current = F.interpolate(stage.up(h), size=skip.shape[-2:], mode='bilinear',
-                                        align_corners=True) + skip
+                current = F.interpolate(stage.up(h), size=skip.shape[-2:], mode="bilinear", align_corners=True) + skip
                 if stage.act is None:
                     h = current
                 else:
-                    h, mems[('dec', k)] = lif_step(mems.get(('dec', k), 0), current, stage.act.leak,
-                                                   stage.act.threshold, grad_fn)
+                    h, mems[("dec", k)] = lif_step(
+                        mems.get(("dec", k), 0), current, stage.act.leak, stage.act.threshold, grad_fn
+                    )
             out_mem = out_mem + h
         else:
             out_mem = out_mem + model.output(h)
     out = out_mem / T
-    return F.interpolate(out, size=frames.shape[-2:], mode='bilinear', align_corners=True)
+    return F.interpolate(out, size=frames.shape[-2:], mode="bilinear", align_corners=True)

@@ -1,4 +1,5 @@
 """benchmarks/bench.py end to end on tiny models, its launch counter, and its per-timestep baseline."""
+
 import json
 import os
 import subprocess
@@ -11,15 +12,32 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
-from benchmarks.baseline import per_timestep_forward
 from benchmarks import bench
+from benchmarks.baseline import per_timestep_forward
 from benchmarks.bench import count_cuda_work, main, parse_args, profile_events
 from models import build_model
 
-TINY = ['--timesteps', '2', '--batch_size', '1', '--img_size', '16', '--steps', '1', '--eval_batches', '1',
-        '--threads', '2']
-CUDA_FIELDS = ('cuda_launches_per_step', 'cuda_kernels_per_step', 'cuda_memops_per_step', 'peak_cuda_mb',
-               'eval_peak_cuda_mb')
+TINY = [
+    "--timesteps",
+    "2",
+    "--batch_size",
+    "1",
+    "--img_size",
+    "16",
+    "--steps",
+    "1",
+    "--eval_batches",
+    "1",
+    "--threads",
+    "2",
+]
+CUDA_FIELDS = (
+    "cuda_launches_per_step",
+    "cuda_kernels_per_step",
+    "cuda_memops_per_step",
+    "peak_cuda_mb",
+    "eval_peak_cuda_mb",
+)
 
 
 def run_bench(argv, capsys):
@@ -30,60 +48,87 @@ def run_bench(argv, capsys):
 
 def test_bench_reports_the_figures_it_promises(capsys):
     result = run_bench(TINY, capsys)
-    for key in ('step_s', 'solo_step_s', 'bound_step_s', 'eval_img_per_s', 'import_rss_mb', 'peak_rss_mb',
-                'floor_peak_rss_mb'):
+    for key in (
+        "step_s",
+        "solo_step_s",
+        "bound_step_s",
+        "eval_img_per_s",
+        "import_rss_mb",
+        "peak_rss_mb",
+        "floor_peak_rss_mb",
+    ):
         assert result[key] > 0, key
-    assert result['path'] == 'multistep' and result['timesteps'] == 2 and result['img_size'] == [16, 16]
-    assert result['import_rss_mb'] <= result['framework_rss_mb'] <= result['peak_rss_mb'] <= result['floor_peak_rss_mb']
-    assert result['step_over_bound'] == pytest.approx(result['step_s'] / result['bound_step_s'], abs=2e-3)
+    assert result["path"] == "multistep" and result["timesteps"] == 2 and result["img_size"] == [16, 16]
+    assert result["import_rss_mb"] <= result["framework_rss_mb"] <= result["peak_rss_mb"] <= result["floor_peak_rss_mb"]
+    assert result["step_over_bound"] == pytest.approx(result["step_s"] / result["bound_step_s"], abs=2e-3)
     assert all(result[key] is None for key in CUDA_FIELDS)  # CPU: nothing to count
 
 
 def test_bench_trains_the_per_timestep_path(capsys):
-    result = run_bench(TINY + ['--path', 'per-timestep', '--no_floor'], capsys)
-    assert result['path'] == 'per-timestep' and result['solo_step_s'] > 0 and result['eval_img_per_s'] > 0
-    assert result['cuda_launches_per_step'] is None
+    result = run_bench(TINY + ["--path", "per-timestep", "--no_floor"], capsys)
+    assert result["path"] == "per-timestep" and result["solo_step_s"] > 0 and result["eval_img_per_s"] > 0
+    assert result["cuda_launches_per_step"] is None
 
 
 def test_bench_baseline_and_backend_flags(capsys):
-    result = run_bench(TINY + ['--baseline', '--no_floor', '--neuron_backend', 'torch'], capsys)
-    assert result['baseline'] and result['baseline_step_s'] > 0 and result['baseline_eval_img_per_s'] > 0
-    assert result['speedup_vs_baseline'] == pytest.approx(result['baseline_step_s'] / result['solo_step_s'], abs=2e-3)
-    assert result['eval_speedup_vs_baseline'] == pytest.approx(
-        result['eval_img_per_s'] / result['baseline_eval_img_per_s'], rel=2e-3)
-    assert result['neuron_backend'] == 'torch' and result['neuron_backend_requested'] == 'torch'
-    assert result['baseline_cuda_launches_per_step'] is None and 'bound_step_s' not in result
+    result = run_bench(TINY + ["--baseline", "--no_floor", "--neuron_backend", "torch"], capsys)
+    assert result["baseline"] and result["baseline_step_s"] > 0 and result["baseline_eval_img_per_s"] > 0
+    assert result["speedup_vs_baseline"] == pytest.approx(result["baseline_step_s"] / result["solo_step_s"], abs=2e-3)
+    assert result["eval_speedup_vs_baseline"] == pytest.approx(
+        result["eval_img_per_s"] / result["baseline_eval_img_per_s"], rel=2e-3
+    )
+    assert result["neuron_backend"] == "torch" and result["neuron_backend_requested"] == "torch"
+    assert result["baseline_cuda_launches_per_step"] is None and "bound_step_s" not in result
 
 
 def test_ddd17_preset_scaled_down_feeds_two_channel_events(capsys):
-    result = run_bench(['--shape', 'ddd17', '--timesteps', '2', '--batch_size', '1', '--img_size', '12', '20',
-                        '--steps', '1', '--eval_batches', '1', '--no_floor', '--threads', '2'], capsys)
-    assert (result['shape'], result['input'], result['in_channels'], result['num_classes']) == ('ddd17', 'events', 2, 6)
-    assert result['img_size'] == [12, 20] and result['solo_step_s'] > 0
+    result = run_bench(
+        [
+            "--shape",
+            "ddd17",
+            "--timesteps",
+            "2",
+            "--batch_size",
+            "1",
+            "--img_size",
+            "12",
+            "20",
+            "--steps",
+            "1",
+            "--eval_batches",
+            "1",
+            "--no_floor",
+            "--threads",
+            "2",
+        ],
+        capsys,
+    )
+    assert (result["shape"], result["input"], result["in_channels"], result["num_classes"]) == ("ddd17", "events", 2, 6)
+    assert result["img_size"] == [12, 20] and result["solo_step_s"] > 0
 
 
 def test_shape_presets_and_overrides():
-    ddd17 = parse_args(['--shape', 'ddd17'])
+    ddd17 = parse_args(["--shape", "ddd17"])
     assert (ddd17.timesteps, ddd17.batch_size, ddd17.img_size, ddd17.in_channels) == (20, 8, [200, 346], 2)
-    voc64 = parse_args(['--shape', 'voc64', '--batch_size', '2'])
+    voc64 = parse_args(["--shape", "voc64", "--batch_size", "2"])
     assert (voc64.timesteps, voc64.batch_size, voc64.img_size, voc64.num_classes) == (20, 2, [64, 64], 21)
     default = parse_args([])
     assert (default.timesteps, default.batch_size, default.img_size) == (10, 4, [64, 64])
     assert parse_args([]).neuron_backend is None  # left out of the model config unless given
     with pytest.raises(SystemExit):
-        parse_args(['--img_size', '1', '2', '3'])
+        parse_args(["--img_size", "1", "2", "3"])
 
 
 def test_dilated_switch_is_set_for_this_device_and_reported(monkeypatch):
-    switch = {'cuda-lowp': True}
-    monkeypatch.setattr(bench.convolution, 'DILATED_AS_DENSE', switch, raising=False)
-    assert bench.set_dilated_as_dense(None, torch.device('cuda')) is True  # not given: the module's default
-    assert bench.set_dilated_as_dense('off', torch.device('cuda')) is False and switch == {'cuda-lowp': False}
-    assert bench.set_dilated_as_dense(None, torch.device('cpu')) is False  # a missing key is off
-    monkeypatch.delattr(bench.convolution, 'DILATED_AS_DENSE')
-    assert bench.set_dilated_as_dense(None, torch.device('cpu')) is None
+    switch = {"cuda-lowp": True}
+    monkeypatch.setattr(bench.convolution, "DILATED_AS_DENSE", switch, raising=False)
+    assert bench.set_dilated_as_dense(None, torch.device("cuda")) is True  # not given: the module's default
+    assert bench.set_dilated_as_dense("off", torch.device("cuda")) is False and switch == {"cuda-lowp": False}
+    assert bench.set_dilated_as_dense(None, torch.device("cpu")) is False  # a missing key is off
+    monkeypatch.delattr(bench.convolution, "DILATED_AS_DENSE")
+    assert bench.set_dilated_as_dense(None, torch.device("cpu")) is None
     with pytest.raises(SystemExit):
-        bench.set_dilated_as_dense('on', torch.device('cpu'))
+        bench.set_dilated_as_dense("on", torch.device("cpu"))
 
 
 def test_counter_on_a_real_cpu_profile_sees_the_ops_and_no_gpu_work():
@@ -95,9 +140,9 @@ def test_counter_on_a_real_cpu_profile_sees_the_ops_and_no_gpu_work():
             b = b @ a
         return b
 
-    events = profile_events(three_products, torch.device('cpu'))
-    assert sum(e.name == 'aten::mm' for e in events) == 3  # the profile holds exactly the ops run
-    assert count_cuda_work(events) == {'launches': 0, 'kernels': 0, 'memops': 0}
+    events = profile_events(three_products, torch.device("cpu"))
+    assert sum(e.name == "aten::mm" for e in events) == 3  # the profile holds exactly the ops run
+    assert count_cuda_work(events) == {"launches": 0, "kernels": 0, "memops": 0}
 
 
 def _event(name, device, kind=None):
@@ -107,35 +152,48 @@ def _event(name, device, kind=None):
 CPU, GPU = DeviceType.CPU, DeviceType.CUDA
 
 
-@pytest.mark.parametrize('with_kind', [True, False])  # kineto's activity types, or names only (older torch)
+@pytest.mark.parametrize("with_kind", [True, False])  # kineto's activity types, or names only (older torch)
 def test_counter_on_a_synthetic_cuda_profile(with_kind):
-    kinds = {'kernel': 'kernel', 'Memcpy': 'gpu_memcpy', 'Memset': 'gpu_memset', 'Sync': 'cuda_sync'}
+    kinds = {"kernel": "kernel", "Memcpy": "gpu_memcpy", "Memset": "gpu_memset", "Sync": "cuda_sync"}
 
     def gpu(name, kind):
         return _event(name, GPU, kinds[kind] if with_kind else None)
+
     events = [
-        _event('aten::add', CPU, 'cpu_op'), _event('cudaLaunchKernel', CPU, 'cuda_runtime'),
-        gpu('void at::native::vectorized_elementwise_kernel<4>', 'kernel'),
-        _event('cuLaunchKernel', CPU, 'cuda_driver'), gpu('triton_poi_fused_add_0', 'kernel'),  # Triton
-        _event('cudaLaunchKernelExC_v11060', CPU, 'cuda_runtime'), gpu('sm90_xmma_gemm', 'kernel'),
-        _event('cudaMemcpyAsync', CPU, 'cuda_runtime'), gpu('Memcpy DtoD (Device -> Device)', 'Memcpy'),
-        _event('cudaMemsetAsync', CPU, 'cuda_runtime'), gpu('Memset (Device)', 'Memset'),
-        _event('cudaStreamSynchronize', CPU, 'cuda_runtime'), gpu('Stream Sync', 'Sync'),
-        _event('cudaGraphLaunch', CPU, 'cuda_runtime'),  # one launch, two kernels
-        gpu('graph kernel a', 'kernel'), gpu('graph kernel b', 'kernel'),
-        _event('cudaFuncGetAttributes', CPU, 'cuda_runtime'), _event('cudaLaunchHostFunc', CPU, 'cuda_runtime'),
+        _event("aten::add", CPU, "cpu_op"),
+        _event("cudaLaunchKernel", CPU, "cuda_runtime"),
+        gpu("void at::native::vectorized_elementwise_kernel<4>", "kernel"),
+        _event("cuLaunchKernel", CPU, "cuda_driver"),
+        gpu("triton_poi_fused_add_0", "kernel"),  # Triton
+        _event("cudaLaunchKernelExC_v11060", CPU, "cuda_runtime"),
+        gpu("sm90_xmma_gemm", "kernel"),
+        _event("cudaMemcpyAsync", CPU, "cuda_runtime"),
+        gpu("Memcpy DtoD (Device -> Device)", "Memcpy"),
+        _event("cudaMemsetAsync", CPU, "cuda_runtime"),
+        gpu("Memset (Device)", "Memset"),
+        _event("cudaStreamSynchronize", CPU, "cuda_runtime"),
+        gpu("Stream Sync", "Sync"),
+        _event("cudaGraphLaunch", CPU, "cuda_runtime"),  # one launch, two kernels
+        gpu("graph kernel a", "kernel"),
+        gpu("graph kernel b", "kernel"),
+        _event("cudaFuncGetAttributes", CPU, "cuda_runtime"),
+        _event("cudaLaunchHostFunc", CPU, "cuda_runtime"),
     ]
-    assert count_cuda_work(events) == {'launches': 4, 'kernels': 5, 'memops': 2}
+    assert count_cuda_work(events) == {"launches": 4, "kernels": 5, "memops": 2}
 
 
-@pytest.mark.parametrize('arch, cfg', [('dl-vgg9', {}), ('dl-vgg9', {'leaky': True, 'full_prop': True}),
-                                       ('fcn-vgg9', {'readout': 'sum'})])
+@pytest.mark.parametrize(
+    "arch, cfg", [("dl-vgg9", {}), ("dl-vgg9", {"leaky": True, "full_prop": True}), ("fcn-vgg9", {"readout": "sum"})]
+)
 def test_baseline_equals_the_multistep_network(arch, cfg):
     """Same parameters, same input, float64: the same loss, logits and gradients (and so an independent
     check of the baseline the benchmark times against)."""
     torch.manual_seed(5)
-    model = build_model(dict(arch=arch, timesteps=2, num_classes=4, encoder='direct', def_threshold=0.5,
-                             **cfg)).double().train()
+    model = (
+        build_model(dict(arch=arch, timesteps=2, num_classes=4, encoder="direct", def_threshold=0.5, **cfg))
+        .double()
+        .train()
+    )
     images = torch.rand(1, 3, 10, 9, dtype=torch.float64) - 0.5
     labels = torch.randint(0, 4, (1, 10, 9))
     params = list(model.parameters())
@@ -155,11 +213,11 @@ def test_baseline_equals_the_multistep_network(arch, cfg):
 
 def test_gpu_suite_script_parses_and_sums_up(tmp_path):
     """The suite's shell (no row selected, so no benchmark runs): one summary line, also written to $OUT."""
-    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_suite.sh'
-    assert subprocess.run(['bash', '-n', str(script)]).returncode == 0
-    env = {**os.environ, 'OUT': str(tmp_path), 'SUITE_ONLY': '^no such row$', 'PYTHON': sys.executable}
-    proc = subprocess.run(['bash', str(script)], env=env, capture_output=True, text=True, timeout=60)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "OUT": str(tmp_path), "SUITE_ONLY": "^no such row$", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary['row'] == 'summary' and summary['rows'] == 0
-    assert json.loads((tmp_path / 'gpu_suite.jsonl').read_text()) == summary
+    assert summary["row"] == "summary" and summary["rows"] == 0
+    assert json.loads((tmp_path / "gpu_suite.jsonl").read_text()) == summary

@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, weights-only loading, clear errors, rebuilding models."""
+
 import os
 import sys
 
@@ -6,10 +7,16 @@ import pytest
 import torch
 
 import models
-from utils.checkpoint import (FORMAT, CheckpointError, load_checkpoint, load_model, save_checkpoint)
+from utils.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_model, save_checkpoint
 
-SMALL = {"model_type": "ann", "arch": "dl-vgg9", "num_classes": 4, "in_channels": 3, "img_size": [16, 16],
-         "timesteps": 2}
+SMALL = {
+    "model_type": "ann",
+    "arch": "dl-vgg9",
+    "num_classes": 4,
+    "in_channels": 3,
+    "img_size": [16, 16],
+    "timesteps": 2,
+}
 
 
 def small_checkpoint(cfg=SMALL, seed=0):
@@ -62,10 +69,13 @@ def test_checkpoint_carrying_code_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b"", "is not a PyTorch checkpoint"),
-    (b"just some text, not a checkpoint\n", "is not a PyTorch checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"", "is not a PyTorch checkpoint"),
+        (b"just some text, not a checkpoint\n", "is not a PyTorch checkpoint"),
+    ],
+)
 def test_files_that_are_not_checkpoints(tmp_path, content, expected):
     path = tmp_path / "notes.pth"
     path.write_bytes(content)
@@ -128,7 +138,9 @@ def test_new_checkpoints_get_the_umask_permissions(tmp_path, umask, mode):
 
 def test_temp_files_of_killed_writers_are_removed(tmp_path):
     import subprocess
+
     from utils.files import HOST
+
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / f".c.pth.{HOST}.{int(finished.stdout)}.0a1b2c3d.tmp"  # its writer has ended
     live = tmp_path / f".c.pth.{HOST}.{os.getpid()}.0a1b2c3d.tmp"  # a writer still at work
@@ -144,6 +156,7 @@ def test_temp_files_of_killed_writers_are_removed(tmp_path):
 
 def test_read_only_checkpoints_are_not_replaced(tmp_path):
     from utils.files import WriteError
+
     path = tmp_path / "kept.pth"
     _, ckpt = small_checkpoint()
     save_checkpoint(path, ckpt)

@@ -1,4 +1,5 @@
 """DDD17 on trees written here in the Ev-SegNet format: ordering, scaling, THL windows, HDF5 packing, errors."""
+
 import pickle
 
 import numpy as np
@@ -8,7 +9,8 @@ from PIL import Image
 
 import data
 from data import datalists
-from data.ddd17 import DDD17, main as ddd17_main, pack
+from data.ddd17 import DDD17, pack
+from data.ddd17 import main as ddd17_main
 
 # Three recordings, gaps in frame numbers, and numbers whose string order differs from numeric order.
 KEYS = [(1487417411, f) for f in (8, 9, 10, 11, 100)] + [(99, f) for f in (1, 2, 3)] + [(1487600000, 7)]
@@ -100,11 +102,16 @@ def test_datalist_restricts_and_orders(tree, tmp_path):
     ds = DDD17(root, "train", datalist=listed)
     assert [ds.frame_keys(i)[0] for i in range(len(ds))] == [(99, 3), (1487417411, 9)]
     assert [ds.frame_keys(i)[-1] for i in range(2)] == [(99, 3), (1487417411, 9)]
-    assert [DDD17(root, "train", datalist=listed, thl=True, timesteps=2).frame_keys(i) for i in range(2)] == \
-        [[(99, 2), (99, 3)], [(1487417411, 8), (1487417411, 9)]]
+    assert [DDD17(root, "train", datalist=listed, thl=True, timesteps=2).frame_keys(i) for i in range(2)] == [
+        [(99, 2), (99, 3)],
+        [(1487417411, 8), (1487417411, 9)],
+    ]
     listed.write_text("".join(f"rec5_export_{i}\n" for i in range(7)))
-    with pytest.raises(FileNotFoundError, match=r"7 entries have no frame.*first: \['rec5_export_0', "
-                                                r"'rec5_export_1', 'rec5_export_2', 'rec5_export_3', 'rec5_export_4'\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"7 entries have no frame.*first: \['rec5_export_0', "
+        r"'rec5_export_1', 'rec5_export_2', 'rec5_export_3', 'rec5_export_4'\]",
+    ):
         DDD17(root, "train", datalist=listed)
     listed.write_text("frame_12\n")
     with pytest.raises(ValueError, match=r"not named rec<recording>_export_<frame>: \['frame_12'\]"):
@@ -126,10 +133,10 @@ def test_hdf5_round_trip_identical(tree, tmp_path_factory, capsys):
             (xf, yf), (xp, yp) = folder[i], packed[i]
             assert torch.equal(xf, xp) and torch.equal(yf, yp)
     out.rename(root / "train.h5")
-    found = DDD17(root, "train")                                         # <root>/train.h5 is preferred
+    found = DDD17(root, "train")  # <root>/train.h5 is preferred
     assert isinstance(found.frames, data.ddd17.HDF5Frames)
     found[0]
-    clone = pickle.loads(pickle.dumps(found))                            # DataLoader workers reopen the file
+    clone = pickle.loads(pickle.dumps(found))  # DataLoader workers reopen the file
     assert clone.frames.file is None and torch.equal(clone[3][0], found[3][0])
     with pytest.raises(ValueError, match="holds split 'train', not 'test'"):
         DDD17(root / "train.h5", "test")
@@ -139,7 +146,7 @@ def test_real_shape_resize_and_registry(tmp_path):
     keys = [(1487417411, 5), (1487417411, 6)]
     arrays = write_tree(tmp_path, "test", keys, shape=(200, 346))
     cfg = dict(dataset="ddd17", data_root=str(tmp_path), channels=[0, 1, 2], img_size=None)
-    val = data.build_dataset(cfg, "val")                                  # val reads the test folder
+    val = data.build_dataset(cfg, "val")  # val reads the test folder
     x, y = val[1]
     assert x.shape == (3, 200, 346) and y.shape == (200, 346)
     assert np.allclose(x.numpy(), hand_scaled(arrays[keys[1]][0], (0, 1, 2)), atol=1e-6)
@@ -167,8 +174,12 @@ def test_augment_keeps_labels_valid_and_pairs_aligned(tmp_path):
 def test_ddd17_datalists_write_and_check(tmp_path):
     write_tree(tmp_path)
     out = tmp_path / "thl.txt"
-    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--split", "train",
-                           "--out", str(out), "--timesteps", "3"]) == 0
+    assert (
+        datalists.main(
+            ["--dataset", "ddd17", "--root", str(tmp_path), "--split", "train", "--out", str(out), "--timesteps", "3"]
+        )
+        == 0
+    )
     assert out.read_text().split() == ["rec99_export_3", "rec1487417411_export_10", "rec1487417411_export_11"]
     assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(out), "--deep"]) == 0
     assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path / "none"), "--out", str(out)]) == 1
@@ -241,6 +252,7 @@ def test_packed_file_with_non_finite_events_is_named(tmp_path):
     out = tmp_path / "train.h5"
     pack(tmp_path, "train", out)
     import h5py
+
     with h5py.File(out, "r+") as f:  # as a file packed before packing checked its frames
         frame = f["events"][1]
         frame[2, 2, 0] = np.nan

@@ -1,4 +1,5 @@
 """Embedded datasets and the registry: determinism, layout, and that colour alone does not solve them."""
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,7 @@ from data.transforms import MEAN_BGR
 
 
 def miou(pred, target, num_classes):
-    cm = np.bincount(target.ravel() * num_classes + pred.ravel(), minlength=num_classes ** 2)
+    cm = np.bincount(target.ravel() * num_classes + pred.ravel(), minlength=num_classes**2)
     cm = cm.reshape(num_classes, num_classes).astype(float)
     union = cm.sum(0) + cm.sum(1) - np.diag(cm)
     present = union > 0
@@ -43,16 +44,16 @@ def test_synthetic_layout_classes_and_range():
     x, y = stack(ds, 60)
     assert x.shape == (60, 3, 40, 56) and y.shape == (60, 40, 56)
     counts = torch.bincount(y.flatten(), minlength=4)
-    assert len(counts) == 4 and (counts > 0).all()          # every class appears, nothing beyond 3
-    assert 0.1 < (y > 0).float().mean() < 0.5                # objects are large
-    rgb = to_rgb(x.permute(1, 0, 2, 3).reshape(3, -1, 56))   # values come from a 0-255 image
+    assert len(counts) == 4 and (counts > 0).all()  # every class appears, nothing beyond 3
+    assert 0.1 < (y > 0).float().mean() < 0.5  # objects are large
+    rgb = to_rgb(x.permute(1, 0, 2, 3).reshape(3, -1, 56))  # values come from a 0-255 image
     assert rgb.min() >= -1e-3 and rgb.max() <= 255 + 1e-3
     assert -0.5 < x.min() < -0.3 and 0.4 < x.max() < 0.6
 
 
 def test_shapes_have_equal_area():
     yy, xx = np.mgrid[0:400, 0:400].astype(np.float32)
-    disc_area = np.pi * 100.0 ** 2
+    disc_area = np.pi * 100.0**2
     for kind in (1, 2, 3):
         area = shape_masks(kind, 200.0, 200.0, 100.0, 0.3, yy, xx).sum()
         assert abs(area - disc_area) / disc_area < 0.01, kind
@@ -100,9 +101,9 @@ def test_events_thl_windows_match_single_frames():
     single = SyntheticEvents("val", num_samples=2, seq_len=12)
     thl = SyntheticEvents("val", num_samples=2, seq_len=12, thl=True, timesteps=5)
     assert len(single) == 24 and len(thl) == 2 * (12 - 5 + 1)
-    x, y = thl[8 + 2]            # sequence 1, target frame 2 + 4 = 6
+    x, y = thl[8 + 2]  # sequence 1, target frame 2 + 4 = 6
     assert x.shape == (5, 2, 48, 48)
-    for t in range(5):           # frame t of the window is frame 2 + t of the sequence
+    for t in range(5):  # frame t of the window is frame 2 + t of the sequence
         assert torch.allclose(x[t], single[12 + 2 + t][0], atol=1e-6)
     assert torch.equal(y, single[12 + 6][1])
     with pytest.raises(ValueError, match="exceeds the sequence length"):

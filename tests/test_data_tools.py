@@ -1,4 +1,5 @@
 """Transforms, corruptions, datalists and visualisation."""
+
 import shutil
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def grey_image(size=200, value=128.0):
 
 # ---------------------------------------------------------------- corruptions
 
+
 def test_factor_zero_returns_input():
     x = grey_image(8)
     for kind in ("gaussiannoise", "saltpepper", "gaussianblur"):
@@ -40,10 +42,14 @@ def test_gaussian_noise_has_requested_std_on_255_scale():
         noisy = apply_corruption(x, "gaussiannoise", std, "voc2012", seed=3)
         diff = rgb_by_hand(noisy) - 128.0
         assert abs(diff.std().item() - std) / std < 0.02 and abs(diff.mean().item()) < 0.2
-    assert torch.equal(apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=3),
-                       apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=3))
-    assert not torch.equal(apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=3),
-                           apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=4))
+    assert torch.equal(
+        apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=3),
+        apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=3),
+    )
+    assert not torch.equal(
+        apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=3),
+        apply_corruption(x, "gaussiannoise", 5, "voc2012", seed=4),
+    )
     events = torch.zeros(2, 200, 200)  # mid-range after per-channel scaling: 127.5 on the 0-255 scale
     diff = apply_corruption(events, "gaussiannoise", 10, "ddd17", seed=0) * 255
     assert abs(diff.std().item() - 10) < 0.2
@@ -59,7 +65,7 @@ def test_salt_pepper_flips_about_p_of_pixels():
     assert abs(frac - p) < 4 * np.sqrt(p * (1 - p) / changed.numel())
     black = (out.abs() < 1e-3).all(0)
     white = ((out - 255).abs() < 1e-3).all(0)
-    assert torch.equal(changed, black | white)          # a hit pixel is black or white in every channel
+    assert torch.equal(changed, black | white)  # a hit pixel is black or white in every channel
     assert abs(white[changed].float().mean().item() - 0.5) < 0.05
     thl = torch.zeros(4, 2, 50, 50)
     hits = apply_corruption(thl, "saltpepper", 0.2, "synthetic-events", seed=1) != 0
@@ -89,6 +95,7 @@ def test_corruption_errors():
 
 # ---------------------------------------------------------------- transforms
 
+
 def test_normalisation_round_trip_and_sizes():
     rgb = torch.randint(0, 256, (3, 5, 7)).float()
     assert torch.allclose(rgb_by_hand(normalize_image(rgb)).float(), rgb, atol=1e-4)
@@ -98,8 +105,7 @@ def test_normalisation_round_trip_and_sizes():
         parse_size([0, 4])
 
 
-@pytest.mark.parametrize("make", [lambda: ddd17_transform(None, augment=True),
-                                  lambda: voc_transform(40, augment=True)])
+@pytest.mark.parametrize("make", [lambda: ddd17_transform(None, augment=True), lambda: voc_transform(40, augment=True)])
 def test_paired_augmentation_keeps_input_and_label_aligned(make):
     torch.manual_seed(0)
     transform = make()
@@ -118,6 +124,7 @@ def test_paired_augmentation_keeps_input_and_label_aligned(make):
 
 # ---------------------------------------------------------------- datalists
 
+
 def test_voc_datalists_write_and_check(tmp_path, capsys):
     shutil.copytree(FIXTURE, tmp_path / "voc")
     voc = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
@@ -127,7 +134,7 @@ def test_voc_datalists_write_and_check(tmp_path, capsys):
         Image.fromarray(mask, mode="L").save(voc / "SegmentationClassAug" / f"{name}.png")
     assert datalists.main(["--dataset", "voc2012", "--root", str(tmp_path / "voc"), "--split", "train_aug"]) == 0
     written = voc / "ImageSets" / "Segmentation" / "train_aug.txt"
-    assert written.read_text() == "2007_000032\n"                  # 2007_000033 is in val
+    assert written.read_text() == "2007_000032\n"  # 2007_000033 is in val
     assert datalists.main(["--dataset", "voc2012", "--root", str(voc), "--check", str(written), "--deep"]) == 0
     bad = tmp_path / "bad.txt"
     bad.write_text("2007_000032\nghost_1\n")
@@ -139,6 +146,7 @@ def test_voc_datalists_write_and_check(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- visualisation
+
 
 def test_render_sample_panels():
     x, y = SyntheticShapes("val", 2)[1]
@@ -156,7 +164,7 @@ def test_render_sample_panels():
 
 def test_render_events_and_cli(tmp_path):
     x = torch.zeros(3, 2, 4, 5)
-    x[-1, 0, 1, 2], x[-1, 1, 2, 3] = 0.5, 0.5                      # last THL frame is shown
+    x[-1, 0, 1, 2], x[-1, 1, 2, 3] = 0.5, 0.5  # last THL frame is shown
     picture = np.asarray(visualize.render_sample(x, torch.zeros(4, 5, dtype=torch.long), "ddd17"))
     assert tuple(picture[1, 2]) == (255, 0, 127) and tuple(picture[2, 3]) == (127, 0, 255)
     out = tmp_path / "grid.png"

@@ -1,4 +1,5 @@
 """VOC2012 on the two real fixture samples, and every error path on copies of them."""
+
 import shutil
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def test_void_to_background_and_augment():
 
 def test_registry_uses_train_split_and_val(voc_copy):
     (voc_copy / "ImageSets" / "Segmentation" / "train_aug.txt").write_text(
-        "/JPEGImages/2007_000033.jpg /SegmentationClassAug/2007_000033.png\n")
+        "/JPEGImages/2007_000033.jpg /SegmentationClassAug/2007_000033.png\n"
+    )
     aug = voc_copy / "SegmentationClassAug"
     aug.mkdir()
     plain = np.array(Image.open(voc_copy / "SegmentationClass" / "2007_000033.png"))
@@ -132,8 +134,11 @@ def test_list_entries_without_files_are_named(voc_copy):
     listed = voc_copy / "ImageSets" / "Segmentation" / "train.txt"
     listed.write_text("2007_000032\n" + "".join(f"missing_{i}\n" for i in range(8)))
     (voc_copy / "SegmentationClass" / "2007_000032.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"9 of 9 entries .*first: \['2007_000032', 'missing_0', "
-                                                r"'missing_1', 'missing_2', 'missing_3'\]"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"9 of 9 entries .*first: \['2007_000032', 'missing_0', "
+        r"'missing_1', 'missing_2', 'missing_3'\]",
+    ):
         VOC2012(voc_copy, "train")
     listed.write_text("\n")
     with pytest.raises(ValueError, match="names no images"):

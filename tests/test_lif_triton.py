@@ -13,60 +13,63 @@ The reference: per-timestep ``F.batch_norm`` (batch statistics and running-stati
 plain LIF loop whose spike is an autograd function with the surrogate's derivative
 (tests/reference_snn.py), differentiated by torch.autograd.
 """
+
 import importlib
 import math
 import os
 import sys
 import types
 
-os.environ.setdefault('TRITON_INTERPRET', '1')
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-pytest.importorskip('triton', reason='the triton backend needs the triton package')
+pytest.importorskip("triton", reason="the triton backend needs the triton package")
 from models import lif_triton  # noqa: E402
 from models.surrogates import get_surrogate  # noqa: E402
 from tests.reference_snn import lif_step  # noqa: E402
 
-DEVICE = 'cpu' if lif_triton._INTERPRETED else 'cuda'
+DEVICE = "cpu" if lif_triton._INTERPRETED else "cuda"
 S, N, C, H, W = 3, 2, 3, 4, 4
 LEAK, EPS, MOMENTUM = 0.9, 1e-4, 0.1
 
 # The surrogates' derivatives written out again (not imported), with their default parameters.
 REFERENCE_SURROGATES = {
-    'linear': lambda x: 0.3 * torch.clamp(1 - x.abs(), min=0),
-    'fast_sigmoid': lambda x: (100.0 * x.abs() + 1) ** -2,
-    'exp': lambda x: 1.0 * torch.exp(-10.0 * x.abs()),
-    'pass_through': lambda x: torch.ones_like(x),
-    'atan': lambda x: 1.0 / (1 + (math.pi / 2 * 2.0 * x) ** 2),
-    'sigmoid': lambda x: 4.0 * torch.sigmoid(4.0 * x) * (1 - torch.sigmoid(4.0 * x)),
+    "linear": lambda x: 0.3 * torch.clamp(1 - x.abs(), min=0),
+    "fast_sigmoid": lambda x: (100.0 * x.abs() + 1) ** -2,
+    "exp": lambda x: 1.0 * torch.exp(-10.0 * x.abs()),
+    "pass_through": lambda x: torch.ones_like(x),
+    "atan": lambda x: 1.0 / (1 + (math.pi / 2 * 2.0 * x) ** 2),
+    "sigmoid": lambda x: 4.0 * torch.sigmoid(4.0 * x) * (1 - torch.sigmoid(4.0 * x)),
 }
 
 
 def thresholds(kind, dtype=torch.float64, sign=1.0):
     """A layer-, channel- or neuron-wise threshold (``sign`` -1: a negative one)."""
     gen = torch.Generator().manual_seed(7)
-    value = {'float': lambda: 0.7,
-             'scalar': lambda: torch.tensor(0.6, dtype=dtype),
-             'channel': lambda: (torch.rand(C, 1, 1, generator=gen) + 0.4).to(dtype),
-             'neuron': lambda: (torch.rand(C, H, W, generator=gen) + 0.4).to(dtype)}[kind]()
+    value = {
+        "float": lambda: 0.7,
+        "scalar": lambda: torch.tensor(0.6, dtype=dtype),
+        "channel": lambda: (torch.rand(C, 1, 1, generator=gen) + 0.4).to(dtype),
+        "neuron": lambda: (torch.rand(C, H, W, generator=gen) + 0.4).to(dtype),
+    }[kind]()
     return sign * value
 
 
-def make_x(dtype=torch.float64, layout='channels_last', seed=0, scale=1.0, shift=0.0):
+def make_x(dtype=torch.float64, layout="channels_last", seed=0, scale=1.0, shift=0.0):
     """x [S, N, C, H, W]: each step channels-last (the networks' layout), plain contiguous, 'sliced'
     (every other column of a wider tensor: not dense) or 'transposed' (dense, w before h in memory): the
     kernels work on a contiguous copy of the last two, and the outputs come back in empty_like(x)'s layout."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(S * N, C, H, 2 * W, generator=gen, dtype=torch.float64) * scale + shift
-    if layout == 'sliced':
+    if layout == "sliced":
         return x.to(dtype).view(S, N, C, H, 2 * W)[..., ::2]
     x = x[..., :W].contiguous()
-    if layout == 'transposed':
+    if layout == "transposed":
         return x.transpose(-1, -2).contiguous().transpose(-1, -2).to(dtype).view(S, N, C, H, W)
-    if layout == 'channels_last':
+    if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x.to(dtype).view(S, N, C, H, W)
 
@@ -77,14 +80,17 @@ def make_bn(n_bn, training, dtype=torch.float64, momentum=MOMENTUM, seed=1):
         weight=(torch.rand(n_bn * C, generator=gen) + 0.5).to(dtype),
         running_mean=(torch.randn(n_bn * C, generator=gen) * 0.3).to(dtype),
         running_var=(torch.rand(n_bn * C, generator=gen) + 0.5).to(dtype),
-        training=training, momentum=momentum, eps=EPS, steps=n_bn)
+        training=training,
+        momentum=momentum,
+        eps=EPS,
+        steps=n_bn,
+    )
 
 
 def clone_bn(bn, device):
     if bn is None:
         return None
-    return types.SimpleNamespace(**{k: v.clone().to(device) if torch.is_tensor(v) else v
-                                    for k, v in vars(bn).items()})
+    return types.SimpleNamespace(**{k: v.clone().to(device) if torch.is_tensor(v) else v for k, v in vars(bn).items()})
 
 
 def on(device, value):
@@ -110,8 +116,9 @@ def reference(x, u0, theta, theta_neg, surrogate, bn):
             if bn.training:
                 means.append(current.mean(dim=(0, 2, 3)))
                 invstds.append((current.var(dim=(0, 2, 3), unbiased=False) + EPS).rsqrt())
-            current = F.batch_norm(current, bn.running_mean[k], bn.running_var[k], bn.weight[k], None,
-                                   bn.training, bn.momentum, EPS)
+            current = F.batch_norm(
+                current, bn.running_mean[k], bn.running_var[k], bn.weight[k], None, bn.training, bn.momentum, EPS
+            )
         spike, u = lif_step(u, current, LEAK, theta, grad_fn, theta_neg)
         spikes.append(spike)
     if bn is not None and not bn.training:
@@ -121,8 +128,9 @@ def reference(x, u0, theta, theta_neg, surrogate, bn):
 
 
 def params_of(theta, theta_neg, surrogate, device):
-    return types.SimpleNamespace(leak=LEAK, theta=on(device, theta), theta_neg=on(device, theta_neg),
-                                 surrogate=get_surrogate(surrogate))
+    return types.SimpleNamespace(
+        leak=LEAK, theta=on(device, theta), theta_neg=on(device, theta_neg), surrogate=get_surrogate(surrogate)
+    )
 
 
 def upstream(like, mode, seed=3):
@@ -130,13 +138,23 @@ def upstream(like, mode, seed=3):
     gen = torch.Generator().manual_seed(seed)
     if mode is None:
         return None
-    if mode == 'expanded':
+    if mode == "expanded":
         return torch.randn(like.shape[1:], generator=gen, dtype=like.dtype).expand(like.shape)
     return torch.randn(like.shape, generator=gen, dtype=like.dtype)
 
 
-def run_case(surrogate='linear', theta='float', theta_neg=None, n_bn=S, training=True, with_u0=False,
-             with_grad_u_end=True, grad_spikes='full', layout='channels_last', bn=True):
+def run_case(
+    surrogate="linear",
+    theta="float",
+    theta_neg=None,
+    n_bn=S,
+    training=True,
+    with_u0=False,
+    with_grad_u_end=True,
+    grad_spikes="full",
+    layout="channels_last",
+    bn=True,
+):
     """Triton forward + backward against the reference, all in float64."""
     theta_value = thresholds(theta)
     neg_value = None if theta_neg is None else thresholds(theta_neg, sign=-1.3)
@@ -148,7 +166,7 @@ def run_case(surrogate='linear', theta='float', theta_neg=None, n_bn=S, training
     # Reference (autograd through the per-step loop).
     x_ref = x.detach().clone().requires_grad_()
     u0_ref = None if u0 is None else u0.clone().requires_grad_()
-    bn_ref = clone_bn(norm, 'cpu')
+    bn_ref = clone_bn(norm, "cpu")
     if bn_ref is not None:
         bn_ref.weight.requires_grad_()
     spikes_ref, u_ref, (mean_ref, invstd_ref) = reference(x_ref, u0_ref, theta_value, neg_value, surrogate, bn_ref)
@@ -166,9 +184,9 @@ def run_case(surrogate='linear', theta='float', theta_neg=None, n_bn=S, training
     x_tri, u0_tri = x.to(DEVICE), on(DEVICE, u0)
     spikes, compact, u, mean, invstd = lif_triton.forward(x_tri, u0_tri, params, bn_tri, True)
     assert spikes.stride() == torch.empty_like(x_tri).stride() and spikes.dtype == x.dtype
-    assert torch.equal(spikes.cpu(), spikes_ref.detach()), 'spikes differ'
+    assert torch.equal(spikes.cpu(), spikes_ref.detach()), "spikes differ"
     assert torch.equal(compact.cpu(), spikes_ref.detach().to(torch.int8))
-    assert (spikes == 1).any() and (theta_neg is None or (spikes == -1).any()), 'the case tests nothing'
+    assert (spikes == 1).any() and (theta_neg is None or (spikes == -1).any()), "the case tests nothing"
     torch.testing.assert_close(u.cpu(), u_ref.detach(), rtol=0, atol=1e-10)
     assert u.dtype == torch.float64
     if bn_tri is not None:
@@ -180,8 +198,17 @@ def run_case(surrogate='linear', theta='float', theta_neg=None, n_bn=S, training
         assert mean.numel() == 0 and invstd.numel() == 0
 
     grad_x, grad_u0, grad_weight = lif_triton.backward(
-        x_tri, u0_tri, compact, mean, invstd, None if bn_tri is None else bn_tri.weight,
-        on(DEVICE, grad_spikes_value), on(DEVICE, grad_u_end), params, bn_tri)
+        x_tri,
+        u0_tri,
+        compact,
+        mean,
+        invstd,
+        None if bn_tri is None else bn_tri.weight,
+        on(DEVICE, grad_spikes_value),
+        on(DEVICE, grad_u_end),
+        params,
+        bn_tri,
+    )
     assert grad_x.stride() == torch.empty_like(x_tri).stride() and grad_x.dtype == x.dtype
     expected = list(grads_ref)
     torch.testing.assert_close(grad_x.cpu(), expected.pop(0), rtol=0, atol=1e-10)
@@ -195,23 +222,34 @@ def run_case(surrogate='linear', theta='float', theta_neg=None, n_bn=S, training
         assert grad_weight is None
 
 
-@pytest.mark.parametrize('surrogate', sorted(REFERENCE_SURROGATES))
+@pytest.mark.parametrize("surrogate", sorted(REFERENCE_SURROGATES))
 def test_every_surrogate(surrogate):
     run_case(surrogate=surrogate)
 
 
-@pytest.mark.parametrize('case', [
-    dict(theta='scalar', theta_neg='float', n_bn=S - 1, with_u0=True),
-    dict(theta='channel', theta_neg='channel', training=False, grad_spikes='expanded'),
-    dict(theta='neuron', theta_neg='neuron', n_bn=1, layout='contiguous', with_u0=True),
-    dict(theta='neuron', theta_neg='scalar', bn=False, grad_spikes=None, with_u0=True),
-    dict(theta='channel', surrogate='atan', training=False, n_bn=S - 1, layout='contiguous',
-         grad_spikes='expanded', with_grad_u_end=False),
-    dict(theta='float', surrogate='sigmoid', bn=False, layout='contiguous', grad_spikes='expanded'),
-    dict(theta='scalar', surrogate='exp', n_bn=2, grad_spikes=None, with_u0=True),
-    dict(theta='channel', theta_neg='float', layout='sliced', grad_spikes='expanded'),
-    dict(theta='neuron', layout='transposed', training=False, with_u0=True),
-], ids=lambda case: '-'.join(f'{k}={v}' for k, v in case.items()))
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(theta="scalar", theta_neg="float", n_bn=S - 1, with_u0=True),
+        dict(theta="channel", theta_neg="channel", training=False, grad_spikes="expanded"),
+        dict(theta="neuron", theta_neg="neuron", n_bn=1, layout="contiguous", with_u0=True),
+        dict(theta="neuron", theta_neg="scalar", bn=False, grad_spikes=None, with_u0=True),
+        dict(
+            theta="channel",
+            surrogate="atan",
+            training=False,
+            n_bn=S - 1,
+            layout="contiguous",
+            grad_spikes="expanded",
+            with_grad_u_end=False,
+        ),
+        dict(theta="float", surrogate="sigmoid", bn=False, layout="contiguous", grad_spikes="expanded"),
+        dict(theta="scalar", surrogate="exp", n_bn=2, grad_spikes=None, with_u0=True),
+        dict(theta="channel", theta_neg="float", layout="sliced", grad_spikes="expanded"),
+        dict(theta="neuron", layout="transposed", training=False, with_u0=True),
+    ],
+    ids=lambda case: "-".join(f"{k}={v}" for k, v in case.items()),
+)
 def test_matches_reference(case):
     """Thresholds of every granularity, the negative threshold, BN's tail, eval BN, u0, no / expanded
     dL/dspikes, no dL/du_end, every layout."""
@@ -224,11 +262,11 @@ def test_many_tiles_and_chunks(monkeypatch):
     chunks in the finish kernel (2 at a time: the second pair half masked), and backward sums 7 tiles'
     partials."""
     module = sys.modules[__name__]
-    monkeypatch.setattr(module, 'H', 5)
-    monkeypatch.setattr(module, 'W', 5)
-    for name, value in (('_TILE', 32), ('_MIN_TILE', 32), ('_MAX_CHUNKS', 3), ('_FINISH_CHUNKS', 2)):
+    monkeypatch.setattr(module, "H", 5)
+    monkeypatch.setattr(module, "W", 5)
+    for name, value in (("_TILE", 32), ("_MIN_TILE", 32), ("_MAX_CHUNKS", 3), ("_FINISH_CHUNKS", 2)):
         monkeypatch.setattr(lif_triton, name, value)
-    run_case(theta='neuron', theta_neg='channel', n_bn=S - 1, with_u0=True, grad_spikes='expanded')
+    run_case(theta="neuron", theta_neg="channel", n_bn=S - 1, with_u0=True, grad_spikes="expanded")
     test_statistics_of_data_with_a_large_mean()
 
 
@@ -236,7 +274,7 @@ def test_momentum_zero_leaves_running_statistics():
     x = make_x().to(DEVICE)
     bn = clone_bn(make_bn(S, True, momentum=0.0), DEVICE)
     before = bn.running_mean.clone(), bn.running_var.clone()
-    lif_triton.forward(x, None, params_of(0.7, None, 'linear', DEVICE), bn, False)
+    lif_triton.forward(x, None, params_of(0.7, None, "linear", DEVICE), bn, False)
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
 
 
@@ -245,7 +283,7 @@ def test_statistics_of_data_with_a_large_mean():
     entirely, a float32 Welford (torch's CPU BN) loses ~1e-4 of it; the shifted statistics ~1e-7."""
     x = make_x(torch.float32, scale=1.0, shift=1e5).to(DEVICE)
     bn = clone_bn(make_bn(S, True, torch.float32), DEVICE)
-    _, _, _, mean, invstd = lif_triton.forward(x, None, params_of(0.7, None, 'linear', DEVICE), bn, False)
+    _, _, _, mean, invstd = lif_triton.forward(x, None, params_of(0.7, None, "linear", DEVICE), bn, False)
     x64 = x.cpu().double()
     var = x64.var(dim=(1, 3, 4), unbiased=False).flatten()
     torch.testing.assert_close(mean.cpu().double(), x64.mean(dim=(1, 3, 4)).flatten(), rtol=1e-6, atol=0)
@@ -254,15 +292,16 @@ def test_statistics_of_data_with_a_large_mean():
 
 def test_bfloat16_close_to_float32():
     """bf16 x: spikes in bf16, the membrane and statistics in float32, results close to float32's."""
-    params = params_of(thresholds('channel', torch.float32), None, 'linear', DEVICE)
+    params = params_of(thresholds("channel", torch.float32), None, "linear", DEVICE)
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
         x = make_x(torch.float32).to(torch.bfloat16).to(dtype).to(DEVICE)  # the same (bf16) values
         bn = clone_bn(make_bn(S, True, torch.float32), DEVICE)
         spikes, compact, u, mean, invstd = lif_triton.forward(x, None, params, bn, True)
-        grad_spikes = upstream(spikes.float(), 'full').to(dtype).to(DEVICE)
-        grad_x, _, grad_weight = lif_triton.backward(x, None, compact, mean, invstd, bn.weight, grad_spikes,
-                                                     None, params, bn)
+        grad_spikes = upstream(spikes.float(), "full").to(dtype).to(DEVICE)
+        grad_x, _, grad_weight = lif_triton.backward(
+            x, None, compact, mean, invstd, bn.weight, grad_spikes, None, params, bn
+        )
         assert spikes.dtype == dtype and grad_x.dtype == dtype and u.dtype == torch.float32
         assert mean.dtype == torch.float32 and grad_weight.dtype == torch.float32
         results[dtype] = [t.float().cpu() for t in (spikes, u, grad_x, grad_weight, bn.running_var)]
@@ -275,18 +314,19 @@ def test_flat_input_without_bn():
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(4, 5, 6, generator=gen, dtype=torch.float64)[:, :, ::2]  # not dense: copied
     theta = torch.rand(5, 1, generator=gen, dtype=torch.float64) + 0.3
-    spikes_ref, u_ref, _ = reference(x.clone().requires_grad_(), None, theta, None, 'linear', None)
-    params = params_of(theta, None, 'linear', DEVICE)
+    spikes_ref, u_ref, _ = reference(x.clone().requires_grad_(), None, theta, None, "linear", None)
+    params = params_of(theta, None, "linear", DEVICE)
     spikes, compact, u, _, _ = lif_triton.forward(x.to(DEVICE), None, params, None, True)
     assert torch.equal(spikes.cpu(), spikes_ref.detach()) and spikes.shape == x.shape
     torch.testing.assert_close(u.cpu(), u_ref.detach(), rtol=0, atol=1e-12)
 
     x_ref = x.clone().requires_grad_()
-    spikes_ref, _, _ = reference(x_ref, None, theta, None, 'linear', None)
-    grad_spikes = upstream(spikes_ref, 'expanded')
-    expected, = torch.autograd.grad((spikes_ref * grad_spikes).sum(), x_ref)
-    grad_x, _, _ = lif_triton.backward(x.to(DEVICE), None, compact, None, None, None, on(DEVICE, grad_spikes),
-                                       None, params, None)
+    spikes_ref, _, _ = reference(x_ref, None, theta, None, "linear", None)
+    grad_spikes = upstream(spikes_ref, "expanded")
+    (expected,) = torch.autograd.grad((spikes_ref * grad_spikes).sum(), x_ref)
+    grad_x, _, _ = lif_triton.backward(
+        x.to(DEVICE), None, compact, None, None, None, on(DEVICE, grad_spikes), None, params, None
+    )
     torch.testing.assert_close(grad_x.cpu(), expected, rtol=0, atol=1e-12)
 
 
@@ -294,40 +334,70 @@ def _torch_backend():
     """The torch implementation: models.lif_torch (same API) once it exists, else the old neurons code."""
     try:
         from models import lif_torch
+
         return lif_torch.forward, lif_torch.backward
     except ImportError:
         from models import neurons
 
         def forward(x, u0, params, bn, keep_spikes):
             spikes, u, mean, invstd = neurons._norm_lif_forward(
-                x, u0, bn.weight, bn.running_mean, bn.running_var, bn.training, bn.momentum, bn.eps, bn.steps,
-                params.leak, params.theta, params.theta_neg)
+                x,
+                u0,
+                bn.weight,
+                bn.running_mean,
+                bn.running_var,
+                bn.training,
+                bn.momentum,
+                bn.eps,
+                bn.steps,
+                params.leak,
+                params.theta,
+                params.theta_neg,
+            )
             return spikes, spikes.to(torch.int8), u, mean, invstd
 
         def backward(x, u0, compact, mean, invstd, weight, grad_spikes, grad_u_end, params, bn):
-            return neurons._norm_lif_backward(x, u0, weight, mean, invstd, compact, grad_spikes, grad_u_end,
-                                              bn.training, bn.eps, bn.steps, params.leak, params.theta,
-                                              params.theta_neg, params.surrogate)
+            return neurons._norm_lif_backward(
+                x,
+                u0,
+                weight,
+                mean,
+                invstd,
+                compact,
+                grad_spikes,
+                grad_u_end,
+                bn.training,
+                bn.eps,
+                bn.steps,
+                params.leak,
+                params.theta,
+                params.theta_neg,
+                params.surrogate,
+            )
+
         return forward, backward
 
 
-@pytest.mark.parametrize('training', [True, False])
+@pytest.mark.parametrize("training", [True, False])
 def test_matches_torch_implementation_float32(training):
     torch_forward, torch_backward = _torch_backend()
     x = make_x(torch.float32)
-    params = params_of(thresholds('channel', torch.float32), -0.9, 'fast_sigmoid', 'cpu')
+    params = params_of(thresholds("channel", torch.float32), -0.9, "fast_sigmoid", "cpu")
     gen = torch.Generator().manual_seed(9)
     u0 = torch.rand(N, C, H, W, generator=gen) * 0.5
-    grad_spikes, grad_u_end = upstream(x, 'full'), torch.randn(N, C, H, W, generator=gen)
+    grad_spikes, grad_u_end = upstream(x, "full"), torch.randn(N, C, H, W, generator=gen)
     results = []
-    for run_forward, run_backward, device in ((torch_forward, torch_backward, 'cpu'),
-                                              (lif_triton.forward, lif_triton.backward, DEVICE)):
+    for run_forward, run_backward, device in (
+        (torch_forward, torch_backward, "cpu"),
+        (lif_triton.forward, lif_triton.backward, DEVICE),
+    ):
         bn = clone_bn(make_bn(S, training, torch.float32), device)
-        p = params_of(params.theta, params.theta_neg, 'fast_sigmoid', device)
+        p = params_of(params.theta, params.theta_neg, "fast_sigmoid", device)
         xd, u0d = x.to(device), u0.to(device)
         spikes, compact, u, mean, invstd = run_forward(xd, u0d, p, bn, True)
-        grads = run_backward(xd, u0d, compact, mean, invstd, bn.weight, grad_spikes.to(device),
-                             grad_u_end.to(device), p, bn)
+        grads = run_backward(
+            xd, u0d, compact, mean, invstd, bn.weight, grad_spikes.to(device), grad_u_end.to(device), p, bn
+        )
         results.append([t.cpu() for t in (spikes, u, mean, invstd, bn.running_mean, bn.running_var, *grads)])
     (spikes_t, *rest_t), (spikes_k, *rest_k) = results
     assert torch.equal(spikes_t, spikes_k)
@@ -337,14 +407,14 @@ def test_matches_torch_implementation_float32(training):
 
 def test_import_without_triton_is_a_clear_import_error(monkeypatch):
     """models/neurons.py catches it and falls back to the torch backend."""
-    monkeypatch.setitem(sys.modules, 'triton', None)  # `import triton` now raises ImportError
-    monkeypatch.delitem(sys.modules, 'models.lif_triton')
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.delitem(sys.modules, "models.lif_triton")
     with pytest.raises(ImportError, match="neuron_backend 'triton' needs the triton package"):
-        importlib.import_module('models.lif_triton')
+        importlib.import_module("models.lif_triton")
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
-    monkeypatch.setattr(lif_triton, '_INTERPRETED', False)
-    params = params_of(1.0, None, 'linear', 'cpu')
+    monkeypatch.setattr(lif_triton, "_INTERPRETED", False)
+    params = params_of(1.0, None, "linear", "cpu")
     with pytest.raises(RuntimeError, match="runs on CUDA tensors .set TRITON_INTERPRET=1"):
         lif_triton.forward(torch.zeros(2, 3), None, params, None, False)

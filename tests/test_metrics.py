@@ -1,6 +1,6 @@
 """ConfusionMatrix metrics against a brute-force per-pixel computation."""
+
 import math
-import os
 
 import pytest
 import torch
@@ -66,7 +66,7 @@ def test_metrics_match_brute_force(seed):
     expected = brute_force_metrics(pred, target, 6)
     assert_matches(result, expected)
     assert math.isnan(result["per_class_iou"][5])  # absent from both: excluded
-    assert result["per_class_iou"][4] == 0.0       # predicted but never true: counts as IoU 0
+    assert result["per_class_iou"][4] == 0.0  # predicted but never true: counts as IoU 0
 
 
 def test_logits_are_argmaxed_and_ignore_pixels_skipped():

@@ -4,6 +4,7 @@ tensors, as ``tests/conftest.py`` sets it up) against the torch loops and the pe
 Whole networks in float64, where a spike flip between two correct implementations is practically
 impossible: spikes must agree exactly, logits and every gradient to float64 rounding.
 """
+
 import pytest
 import torch
 
@@ -12,19 +13,21 @@ from models import build_model, lif_sequence, lif_torch
 from models.surrogates import SURROGATES
 from tests.reference_snn import per_timestep_forward
 
-triton_backend = pytest.importorskip('models.lif_triton', reason='triton is not installed')
+triton_backend = pytest.importorskip("models.lif_triton", reason="triton is not installed")
 if not triton_backend._INTERPRETED:  # on a GPU machine conftest leaves the interpreter off
-    pytest.skip('these tests run the triton backend on CPU tensors in Triton\'s interpreter (TRITON_INTERPRET=1)',
-                allow_module_level=True)
+    pytest.skip(
+        "these tests run the triton backend on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)",
+        allow_module_level=True,
+    )
 torch.set_num_threads(2)
 
 
 def twin_models(**cfg):
     """The same float64 SNN twice, on the torch and the triton backend (same weights, same buffers)."""
-    base = dict(arch='dl-vgg9', timesteps=3, num_classes=3, in_channels=3, encoder='direct', def_threshold=0.4)
+    base = dict(arch="dl-vgg9", timesteps=3, num_classes=3, in_channels=3, encoder="direct", def_threshold=0.4)
     base.update(cfg)
     torch.manual_seed(0)
-    models = [build_model({**base, 'neuron_backend': name}).double() for name in ('torch', 'triton')]
+    models = [build_model({**base, "neuron_backend": name}).double() for name in ("torch", "triton")]
     models[1].load_state_dict(models[0].state_dict())
     return models
 
@@ -32,6 +35,7 @@ def twin_models(**cfg):
 def record_inputs(model):
     """Each neuron layer's input shape, from one forward (for threshold maps of the right shape)."""
     shapes = {}
+
     def remember(module, args):
         shapes.setdefault(module, args[0].shape[1:])  # returns None: the arguments stay as they are
 
@@ -49,7 +53,7 @@ def set_thresholds(models, kind):
     shapes = record_inputs(models[0])
     for lifs in zip(*(m.neuron_layers() for m in models)):
         c, h, w = shapes[lifs[0]]
-        theta = torch.rand(c, 1, 1) * 0.6 + 0.2 if kind == 'channel' else torch.rand(c, h, w) * 0.6 + 0.2
+        theta = torch.rand(c, 1, 1) * 0.6 + 0.2 if kind == "channel" else torch.rand(c, h, w) * 0.6 + 0.2
         for lif in lifs:
             lif.set_threshold(theta.double())
 
@@ -65,7 +69,7 @@ def run(model, x, target):
     loss.backward()
     model.record_spikes(False)
     grads = [p.grad.clone() for p in model.parameters()]
-    return out.detach(), grads, [s['spikes'] for s in model.spike_stats()]
+    return out.detach(), grads, [s["spikes"] for s in model.spike_stats()]
 
 
 def assert_same_run(models, size=8):
@@ -82,14 +86,14 @@ def assert_same_run(models, size=8):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('arch', ['dl-vgg9', 'fcn-vgg9'])
+@pytest.mark.parametrize("arch", ["dl-vgg9", "fcn-vgg9"])
 def test_triton_backend_trains_like_the_torch_backend(arch):
     models = twin_models(arch=arch)
-    assert [m.neuron_backend for m in models] == ['torch', 'triton']
+    assert [m.neuron_backend for m in models] == ["torch", "triton"]
     assert_same_run(models)
 
 
-@pytest.mark.parametrize('surrogate', sorted(SURROGATES))
+@pytest.mark.parametrize("surrogate", sorted(SURROGATES))
 def test_every_surrogate_through_lif_sequence(surrogate):
     """Each surrogate's slope on both backends (the whole networks below use the default one)."""
     torch.manual_seed(3)
@@ -97,7 +101,7 @@ def test_every_surrogate_through_lif_sequence(surrogate):
     theta = torch.rand(3, 1, 1, dtype=torch.float64) + 0.5
     weights = torch.randn_like(currents)
     results = []
-    for backend in ('torch', 'triton'):
+    for backend in ("torch", "triton"):
         spikes = lif_sequence(currents, 0.9, theta, surrogate, threshold_neg=-theta / 0.5, backend=backend)
         results.append((spikes, *torch.autograd.grad((spikes * weights).sum(), currents)))
     (spikes_a, grad_a), (spikes_b, grad_b) = results
@@ -106,7 +110,7 @@ def test_every_surrogate_through_lif_sequence(surrogate):
     assert grad_a.abs().sum() > 0
 
 
-@pytest.mark.parametrize('kind', ['channel', 'neuron'])
+@pytest.mark.parametrize("kind", ["channel", "neuron"])
 def test_channel_and_neuron_thresholds(kind):
     models = twin_models()
     set_thresholds(models, kind)
@@ -114,7 +118,7 @@ def test_channel_and_neuron_thresholds(kind):
 
 
 def test_imbalanced_negative_threshold_and_full_propagation():
-    assert_same_run(twin_models(arch='fcn-vgg9', leaky=True, alpha=0.5, full_prop=True, encoder='poisson'))
+    assert_same_run(twin_models(arch="fcn-vgg9", leaky=True, alpha=0.5, full_prop=True, encoder="poisson"))
 
 
 def test_memory_saving_blocks_carry_the_membrane():
@@ -132,7 +136,7 @@ def test_eval_mode_uses_running_statistics():
 
 def test_triton_backend_matches_the_per_timestep_reference():
     """The independent twin: every layer once per timestep, autograd through time (tests/reference_snn.py)."""
-    model = twin_models(encoder='direct')[1]
+    model = twin_models(encoder="direct")[1]
     frames = (torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1).expand(3, -1, -1, -1, -1)
     out = model(frames[0])
     reference = per_timestep_forward(model, frames)
@@ -150,7 +154,7 @@ def test_the_backend_is_not_part_of_the_checkpoint():
     assert_same_run([torch_model, triton_model])
     state = triton_model.state_dict()
     assert list(state) == list(torch_model.state_dict())
-    fresh = build_model(dict(torch_model.config, neuron_backend='torch')).double()
+    fresh = build_model(dict(torch_model.config, neuron_backend="torch")).double()
     fresh.load_state_dict(state)
     x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
@@ -158,24 +162,24 @@ def test_the_backend_is_not_part_of_the_checkpoint():
 
 
 def test_backend_choice_is_made_in_one_place(monkeypatch):
-    cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert neurons.backend_for('torch', cuda) is lif_torch
-    assert neurons.backend_for('auto', cpu) is lif_torch
-    assert neurons.backend_for('auto', cuda) is triton_backend
-    assert neurons.backend_for('triton', cpu) is triton_backend  # the interpreter is on in the tests
-    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert neurons.backend_for("torch", cuda) is lif_torch
+    assert neurons.backend_for("auto", cpu) is lif_torch
+    assert neurons.backend_for("auto", cuda) is triton_backend
+    assert neurons.backend_for("triton", cpu) is triton_backend  # the interpreter is on in the tests
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.warns(UserWarning, match="runs on CUDA tensors"):
         neurons._warn_triton_fallback.cache_clear()
-        assert neurons.backend_for('triton', cpu) is lif_torch
+        assert neurons.backend_for("triton", cpu) is lif_torch
     with pytest.raises(ValueError, match="unknown neuron_backend 'cuda'"):
-        build_model(dict(arch='dl-vgg9', timesteps=2, neuron_backend='cuda'))
+        build_model(dict(arch="dl-vgg9", timesteps=2, neuron_backend="cuda"))
 
 
 def test_switching_backends_keeps_the_weights():
     model = twin_models()[0]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.set_neuron_backend('triton')
-    assert model.neuron_backend == 'triton' and model.config['neuron_backend'] == 'triton'
+    model.set_neuron_backend("triton")
+    assert model.neuron_backend == "triton" and model.config["neuron_backend"] == "triton"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -186,10 +190,32 @@ def work_per_training_step(timesteps, backend):
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime.interpreter import InterpretedFunction
 
-    free = {'view', 'as_strided', 'select', 'slice', 'permute', 't', 'expand', 'reshape', '_unsafe_view', 'alias',
-            'unsqueeze', 'squeeze', 'detach', 'transpose', 'empty', 'empty_like', 'empty_strided', 'new_empty',
-            'new_empty_strided', 'promote_types', 'result_type', '_record_function_enter_new',
-            '_record_function_exit', 'set_'}
+    free = {
+        "view",
+        "as_strided",
+        "select",
+        "slice",
+        "permute",
+        "t",
+        "expand",
+        "reshape",
+        "_unsafe_view",
+        "alias",
+        "unsqueeze",
+        "squeeze",
+        "detach",
+        "transpose",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "new_empty",
+        "new_empty_strided",
+        "promote_types",
+        "result_type",
+        "_record_function_enter_new",
+        "_record_function_exit",
+        "set_",
+    }
     counted, interpreting = [], []
 
     class Count(TorchDispatchMode):
@@ -207,7 +233,7 @@ def work_per_training_step(timesteps, backend):
             interpreting.pop()
 
     torch.manual_seed(0)
-    model = build_model(dict(arch='dl-vgg9', timesteps=timesteps, num_classes=4, neuron_backend=backend))
+    model = build_model(dict(arch="dl-vgg9", timesteps=timesteps, num_classes=4, neuron_backend=backend))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     x, y = torch.rand(2, 3, 8, 8), torch.randint(0, 4, (2, 8, 8))
 
@@ -219,7 +245,7 @@ def work_per_training_step(timesteps, backend):
     step()  # the optimizer's state exists from now on
     run = InterpretedFunction.run
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(InterpretedFunction, 'run', launch)
+        patch.setattr(InterpretedFunction, "run", launch)
         with Count():
             step()
     return counted
@@ -228,10 +254,10 @@ def work_per_training_step(timesteps, backend):
 def test_triton_backend_work_per_step_does_not_grow_with_timesteps():
     """The fused kernels loop over time inside: a training step launches as much work at T=4 as at T=2
     (the torch backend launches a few ops per timestep and layer), and stays well under 300."""
-    short, long = work_per_training_step(2, 'triton'), work_per_training_step(4, 'triton')
+    short, long = work_per_training_step(2, "triton"), work_per_training_step(4, "triton")
     assert sorted(short) == sorted(long) and len(long) < 300
-    assert long.count('_lif_forward_kernel') == long.count('_lif_backward_kernel') == 8  # one per layer
-    assert len(work_per_training_step(4, 'torch')) > 1.5 * len(work_per_training_step(2, 'torch'))
+    assert long.count("_lif_forward_kernel") == long.count("_lif_backward_kernel") == 8  # one per layer
+    assert len(work_per_training_step(4, "torch")) > 1.5 * len(work_per_training_step(2, "torch"))
 
 
 def test_bf16_autocast_on_the_triton_backend():
@@ -239,8 +265,10 @@ def test_bf16_autocast_on_the_triton_backend():
     of the float32 run's on both backends (the torch backend also rounds BN's output to bf16, the kernels
     normalise in float32, so the two flip different neurons), and every parameter gets a finite gradient."""
     torch.manual_seed(0)
-    models = [build_model(dict(arch='dl-vgg9', timesteps=2, num_classes=3, neuron_backend=name, def_threshold=0.4))
-              for name in ('torch', 'triton')]
+    models = [
+        build_model(dict(arch="dl-vgg9", timesteps=2, num_classes=3, neuron_backend=name, def_threshold=0.4))
+        for name in ("torch", "triton")
+    ]
     models[1].load_state_dict(models[0].state_dict())
     x = torch.rand(2, 3, 8, 8)
 
@@ -248,12 +276,12 @@ def test_bf16_autocast_on_the_triton_backend():
         model.zero_grad()
         model.reset_spike_stats()
         model.record_spikes(True)
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         assert out.dtype == (torch.bfloat16 if amp else torch.float32)
         out.float().square().mean().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-        return torch.tensor([s['spikes'] for s in model.spike_stats()])
+        return torch.tensor([s["spikes"] for s in model.spike_stats()])
 
     exact = spike_counts(models[0], False)
     assert exact.min() > 100

@@ -1,4 +1,5 @@
 """LIF dynamics and surrogate gradients against hand-written loops and closed forms."""
+
 import math
 
 import pytest
@@ -22,13 +23,13 @@ def hand_loop(currents, leak, theta, theta_neg=None):
 
 
 THRESHOLDS = {
-    'layer': lambda: 0.8,
-    'channel': lambda: torch.tensor([0.5, 1.0, 1.5]).view(3, 1, 1),
-    'neuron': lambda: torch.rand(3, 4, 5) + 0.3,
+    "layer": lambda: 0.8,
+    "channel": lambda: torch.tensor([0.5, 1.0, 1.5]).view(3, 1, 1),
+    "neuron": lambda: torch.rand(3, 4, 5) + 0.3,
 }
 
 
-@pytest.mark.parametrize('kind', THRESHOLDS)
+@pytest.mark.parametrize("kind", THRESHOLDS)
 def test_lif_sequence_matches_hand_loop(kind):
     torch.manual_seed(0)
     currents = torch.rand(12, 2, 3, 4, 5) * 1.2 - 0.2
@@ -75,7 +76,7 @@ def test_gradient_matches_closed_form_through_time():
     torch.testing.assert_close(currents.grad, expected)
 
 
-@pytest.mark.parametrize('negative', [False, True])
+@pytest.mark.parametrize("negative", [False, True])
 def test_gradient_matches_autograd_of_per_step_reference(negative):
     torch.manual_seed(3)
     T, leak = 7, 0.95
@@ -84,49 +85,50 @@ def test_gradient_matches_autograd_of_per_step_reference(negative):
     currents = (torch.randn(T, 2, 3, 4, 4, dtype=torch.float64) * 0.8).requires_grad_()
     weights = torch.randn_like(currents)
     fast = lif_sequence(currents, leak, theta, threshold_neg=theta_neg)
-    g_fast, = torch.autograd.grad((fast * weights).sum(), currents)
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), currents)
     mem, outs = 0, []
-    surrogate = get_surrogate('linear')
+    surrogate = get_surrogate("linear")
     for t in range(T):
         s, mem = lif_step(mem, currents[t], leak, theta, surrogate.grad, theta_neg)
         outs.append(s)
     slow = torch.stack(outs)
-    g_slow, = torch.autograd.grad((slow * weights).sum(), currents)
+    (g_slow,) = torch.autograd.grad((slow * weights).sum(), currents)
     assert torch.equal(fast.detach(), slow.detach())
     torch.testing.assert_close(g_fast, g_slow)
 
 
 FORMULAS = {
-    'linear': lambda x: 0.3 * max(0.0, 1 - abs(x)),
-    'fast_sigmoid': lambda x: 1 / (100 * abs(x) + 1) ** 2,
-    'exp': lambda x: 1.0 * math.exp(-10 * abs(x)),
-    'pass_through': lambda x: 1.0,
-    'atan': lambda x: 1 / (1 + (math.pi * x) ** 2),
-    'sigmoid': lambda x: 4 * (1 / (1 + math.exp(-4 * x))) * (1 - 1 / (1 + math.exp(-4 * x))),
+    "linear": lambda x: 0.3 * max(0.0, 1 - abs(x)),
+    "fast_sigmoid": lambda x: 1 / (100 * abs(x) + 1) ** 2,
+    "exp": lambda x: 1.0 * math.exp(-10 * abs(x)),
+    "pass_through": lambda x: 1.0,
+    "atan": lambda x: 1 / (1 + (math.pi * x) ** 2),
+    "sigmoid": lambda x: 4 * (1 / (1 + math.exp(-4 * x))) * (1 - 1 / (1 + math.exp(-4 * x))),
 }
 
 
-@pytest.mark.parametrize('name', sorted(SURROGATES))
+@pytest.mark.parametrize("name", sorted(SURROGATES))
 def test_surrogate_derivative_matches_formula(name):
     theta = 2.0
     currents = torch.linspace(-1, 5, 61, dtype=torch.float64).view(1, -1).requires_grad_()
     lif_sequence(currents, 0.99, theta, surrogate=name).sum().backward()
-    expected = torch.tensor([FORMULAS[name](c / theta - 1) / theta for c in currents.detach().view(-1).tolist()],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [FORMULAS[name](c / theta - 1) / theta for c in currents.detach().view(-1).tolist()], dtype=torch.float64
+    )
     torch.testing.assert_close(currents.grad.view(-1), expected)
 
 
 def test_surrogate_hyperparameters_are_configurable():
     currents = torch.tensor([[1.5]], requires_grad=True)  # x = 0.5
-    lif_sequence(currents, threshold=1.0, surrogate='linear', gamma=1.0).sum().backward()
+    lif_sequence(currents, threshold=1.0, surrogate="linear", gamma=1.0).sum().backward()
     assert currents.grad.item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown parameter.*'scale'"):
-        get_surrogate('linear', scale=3)
+        get_surrogate("linear", scale=3)
 
 
 def test_unknown_surrogate_lists_choices():
     with pytest.raises(ValueError, match="unknown surrogate 'tanh'.*fast_sigmoid.*linear"):
-        lif_sequence(torch.zeros(2, 3), surrogate='tanh')
+        lif_sequence(torch.zeros(2, 3), surrogate="tanh")
 
 
 def test_lif_module_folds_time_and_records_spikes():
@@ -138,7 +140,7 @@ def test_lif_module_folds_time_and_records_spikes():
     expected = hand_loop(currents, 0.9, 0.6)
     assert torch.equal(out, expected)
     stats = lif.spike_stats()
-    assert stats['spikes'] == expected.sum().item() and stats['neurons'] == 48 and stats['images'] == 2
+    assert stats["spikes"] == expected.sum().item() and stats["neurons"] == 48 and stats["images"] == 2
 
 
 def test_lif_threshold_of_any_shape_survives_state_dict_round_trip():
@@ -156,16 +158,17 @@ def test_spike_function_reference_is_heaviside():
 
 def test_compiled_kernels_fire_identical_spikes_and_matching_gradients():
     from models.neurons import compile_neuron_kernels
+
     torch.manual_seed(6)
     currents = (torch.rand(6, 2, 3, 5, 5) * 1.2 - 0.2).requires_grad_()
     theta = torch.rand(3, 1, 1) + 0.5
     weights = torch.randn_like(currents)
     eager = lif_sequence(currents, 0.9, theta, threshold_neg=-theta / 0.5)
-    g_eager, = torch.autograd.grad((eager * weights).sum(), currents)
+    (g_eager,) = torch.autograd.grad((eager * weights).sum(), currents)
     compile_neuron_kernels(True)
     try:
         fused = lif_sequence(currents, 0.9, theta, threshold_neg=-theta / 0.5)
-        g_fused, = torch.autograd.grad((fused * weights).sum(), currents)
+        (g_fused,) = torch.autograd.grad((fused * weights).sum(), currents)
     finally:
         compile_neuron_kernels(False)
     assert torch.equal(eager, fused)
@@ -176,14 +179,15 @@ def test_time_sum_of_a_neuron_layer_sums_its_spikes_directly():
     """The readout's sum over time: same values and gradients as summing the time-folded view, taken on
     the neurons' own [S, N, ...] output so that their backward gets a broadcast (uncopied) gradient."""
     from models.neurons import time_split, time_sum
+
     torch.manual_seed(5)
     currents = torch.randn(4 * 2, 3, 5, 5, requires_grad=True)  # [T*N, C, H, W], T=4, N=2
     spikes = LIF(leak=0.9, threshold=0.5)(currents * 2, steps=4)
     total, plain = time_sum(spikes, 4), time_split(spikes, 4).sum(0)
     assert torch.equal(total, plain)
     weights = torch.randn_like(total)
-    grad, = torch.autograd.grad((total * weights).sum(), currents, retain_graph=True)
-    expected, = torch.autograd.grad((plain * weights).sum(), currents)
+    (grad,) = torch.autograd.grad((total * weights).sum(), currents, retain_graph=True)
+    (expected,) = torch.autograd.grad((plain * weights).sum(), currents)
     assert torch.equal(grad, expected)
     node = total.grad_fn.next_functions[0][0]  # SumBackward's input: the neurons' own backward
-    assert type(node).__name__ == '_SpikingLayerBackward'
+    assert type(node).__name__ == "_SpikingLayerBackward"

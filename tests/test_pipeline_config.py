@@ -1,5 +1,4 @@
 """Configuration: flags, YAML defaults, validation, LR schedule, the shipped configs."""
-from pathlib import Path
 
 import pytest
 
@@ -30,8 +29,16 @@ def test_yaml_values_are_defaults_and_flags_override(tmp_path):
     assert cfg["name"] == "snn-dl-vgg9-synthetic-T5"
 
 
-@pytest.mark.parametrize("flags,expected", [(["--bn"], True), (["--bn", "false"], False), (["--bn", "0"], False),
-                                            (["--bn", "1"], True), (["--full-prop", "true"], True)])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--bn"], True),
+        (["--bn", "false"], False),
+        (["--bn", "0"], False),
+        (["--bn", "1"], True),
+        (["--full-prop", "true"], True),
+    ],
+)
 def test_boolean_flag_spellings(flags, expected):
     args = train.get_args_parser().parse_args(["--dataset", "synthetic", *flags])
     key = "full_prop" if "--full-prop" in flags else "bn"
@@ -39,20 +46,67 @@ def test_boolean_flag_spellings(flags, expected):
 
 
 def test_paper_flag_names_are_accepted():
-    cfg = resolve(["--model_type", "ann", "--arch", "fcn-vgg9", "--dataset", "synthetic", "--batch_size", "4",
-                   "--img_size", "32", "--augment", "--epochs", "2", "--lr", "0.01", "--optimizer", "adam",
-                   "--timesteps", "3", "--leak_mem", "0.9", "--def_threshold", "0.5", "--bn", "false",
-                   "--leaky", "--alpha", "0.2", "--seed", "4", "--num_workers", "0", "--model_dir", "x",
-                   "--test_display", "2", "--see_model", "--surrogate", "fast_sigmoid", "--encoder", "direct"])
+    cfg = resolve(
+        [
+            "--model_type",
+            "ann",
+            "--arch",
+            "fcn-vgg9",
+            "--dataset",
+            "synthetic",
+            "--batch_size",
+            "4",
+            "--img_size",
+            "32",
+            "--augment",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.01",
+            "--optimizer",
+            "adam",
+            "--timesteps",
+            "3",
+            "--leak_mem",
+            "0.9",
+            "--def_threshold",
+            "0.5",
+            "--bn",
+            "false",
+            "--leaky",
+            "--alpha",
+            "0.2",
+            "--seed",
+            "4",
+            "--num_workers",
+            "0",
+            "--model_dir",
+            "x",
+            "--test_display",
+            "2",
+            "--see_model",
+            "--surrogate",
+            "fast_sigmoid",
+            "--encoder",
+            "direct",
+        ]
+    )
     assert cfg["model_type"] == "ann" and cfg["arch"] == "fcn-vgg9" and cfg["img_size"] == [32, 32]
     assert cfg["augment"] and cfg["leaky"] and cfg["see_model"] and cfg["test_display"] == 2
-    assert (cfg["def_threshold"], cfg["alpha"], cfg["surrogate"], cfg["encoder"]) == (0.5, 0.2, "fast_sigmoid", "direct")
+    assert (cfg["def_threshold"], cfg["alpha"], cfg["surrogate"], cfg["encoder"]) == (
+        0.5,
+        0.2,
+        "fast_sigmoid",
+        "direct",
+    )
 
 
 def test_unknown_and_malformed_yaml(tmp_path):
     bad_key = tmp_path / "typo.yaml"
     bad_key.write_text("dataset: synthetic\nleak_mme: 0.9\n")
-    with pytest.raises(ValueError, match=r"typo.yaml: unknown config key\(s\): 'leak_mme' \(did you mean 'leak_mem'\?\)"):
+    with pytest.raises(
+        ValueError, match=r"typo.yaml: unknown config key\(s\): 'leak_mme' \(did you mean 'leak_mem'\?\)"
+    ):
         resolve(["--config", str(bad_key)])
     broken = tmp_path / "broken.yaml"
     broken.write_text("dataset: [synthetic\nlr: 0.1\n")
@@ -62,11 +116,14 @@ def test_unknown_and_malformed_yaml(tmp_path):
         resolve(["--config", str(tmp_path / "missing.yaml")])
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--dataset", "synthetic", "--arch", "resnet50"], "unknown arch 'resnet50'"),
-    (["--dataset", "synthetic", "--encoder", "sequence"], "needs --thl"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--dataset", "synthetic", "--arch", "resnet50"], "unknown arch 'resnet50'"),
+        (["--dataset", "synthetic", "--encoder", "sequence"], "needs --thl"),
+    ],
+)
 def test_bad_values_name_the_value(flags, message):
     with pytest.raises(ValueError, match=message):
         resolve(flags)
@@ -82,6 +139,7 @@ def test_step_and_poly_schedules():
 
 def test_optimizers_follow_the_paper():
     import models
+
     model = models.build_model({"model_type": "ann", "num_classes": 4, "img_size": [16, 16]})
     sgd = setup.build_optimizer({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}, model)
     assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
@@ -103,8 +161,12 @@ def test_shipped_configs_resolve(path):
 
 def test_environment_yml_lists_the_requirements_pins():
     import yaml
-    requirements = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-                    if line.strip() and not line.startswith("#")]
+
+    requirements = [
+        line.strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
     assert pip_section == requirements
@@ -128,6 +190,7 @@ def test_schema_declares_every_key_once():
     import data
     import models
     from utils import config
+
     assert models.MODEL_DEFAULTS == config.defaults("model") and models.MODEL_DEFAULTS["neuron_backend"] == "auto"
     backend = config.SCHEMA["neuron_backend"]
     assert backend.execution and backend.allowed() == ("auto", "torch", "triton")
@@ -143,9 +206,17 @@ def test_schema_declares_every_key_once():
 def test_one_size_parser_and_one_ignore_index():
     from data.transforms import IGNORE_INDEX, parse_size
     from utils.config import parse_size as config_parse_size
+
     assert parse_size is config_parse_size
-    assert [parse_size(v) for v in (None, -1, [-1], 8, [8], (6, 9), "12")] == [None, None, None, [8, 8], [8, 8],
-                                                                                [6, 9], [12, 12]]
+    assert [parse_size(v) for v in (None, -1, [-1], 8, [8], (6, 9), "12")] == [
+        None,
+        None,
+        None,
+        [8, 8],
+        [8, 8],
+        [6, 9],
+        [12, 12],
+    ]
     for bad in (0, -2, [0, 4], [1, 2, 3], "big", []):
         with pytest.raises(ValueError, match="img_size must be one positive int"):
             parse_size(bad)
@@ -154,11 +225,13 @@ def test_one_size_parser_and_one_ignore_index():
 
 def data_info_ignore():
     import data
+
     return data.dataset_info("voc2012")["ignore_index"]
 
 
 def test_build_model_refuses_keys_of_no_section():
     import models
+
     with pytest.raises(ValueError, match=r"unknown config key\(s\): 'leak_mme' \(did you mean 'leak_mem'\?\)"):
         models.build_model({"leak_mme": 0.5})
     with pytest.raises(ValueError, match="unknown neuron_backend 'cuda'; choices: auto, torch, triton"):

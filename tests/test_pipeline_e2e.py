@@ -1,12 +1,11 @@
 """End to end through the scripts: train -> test.py JSON -> resume equality -> torchrun with 2 processes."""
+
 import json
-import sys
 
 import pytest
 import torch
 
 import data
-
 from tests.conftest import TINY_ARGS, read_jsonl, run_script
 from utils.checkpoint import load_checkpoint
 
@@ -55,8 +54,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 
 def test_torchrun_two_processes(tmp_path):
-    proc = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                      *TINY_ARGS, "--model_type", "ann", "--epochs", "1", "--model_dir", tmp_path, "--name", "ddp")
+    proc = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *TINY_ARGS,
+        "--model_type",
+        "ann",
+        "--epochs",
+        "1",
+        "--model_dir",
+        tmp_path,
+        "--name",
+        "ddp",
+    )
     assert proc.stdout.count("done: best val mIoU") == 1  # only rank 0 reports
     run_dir = tmp_path / "ddp"
     records = read_jsonl(run_dir / "metrics.jsonl")

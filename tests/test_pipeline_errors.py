@@ -1,4 +1,5 @@
 """Bad input -> one clear line naming the thing, non-zero exit, no traceback; NaN stop; Ctrl-C save."""
+
 import math
 import os
 
@@ -9,7 +10,7 @@ import setup
 import train
 from tests.conftest import TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script
 from utils.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from utils.cli import TrainingStopped, run_main
+from utils.cli import run_main
 
 
 def test_subprocess_exit_code_and_single_line_without_traceback(tmp_path):
@@ -24,11 +25,14 @@ def test_debug_flag_shows_the_exception(tmp_path):
         run_main(train.main, ["--dataset", "voc2012", "--data_root", str(tmp_path / "nope"), "--debug"])
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--dataset", "voc2012", "--data_root", "/no/such/voc"], ["/no/such/voc"]),
-    (["--dataset", "cityscapes"], ["unknown dataset 'cityscapes'"]),
-    (["--dataset", "synthetic", "--arch", "vgg99"], ["unknown arch 'vgg99'", "dl-vgg9"]),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--dataset", "voc2012", "--data_root", "/no/such/voc"], ["/no/such/voc"]),
+        (["--dataset", "cityscapes"], ["unknown dataset 'cityscapes'"]),
+        (["--dataset", "synthetic", "--arch", "vgg99"], ["unknown arch 'vgg99'", "dl-vgg9"]),
+    ],
+)
 def test_train_bad_flags(capsys, argv, expected):
     one_line_error(capsys, train.main, argv, *expected)
 
@@ -44,9 +48,24 @@ def test_train_bad_yaml(capsys, tmp_path):
 
 def tiny_checkpoint(path, arch="dl-vgg9", config_arch=None, **overrides):
     import models
-    cfg = {**models.MODEL_DEFAULTS, "model_type": "ann", "arch": arch, "dataset": "synthetic", "num_classes": 4,
-           "in_channels": 3, "img_size": [16, 16], "num_val": 2, "batch_size": 2, "num_workers": 0, "thl": False,
-           "augment": False, "data_root": None, "seed": 0, **overrides}
+
+    cfg = {
+        **models.MODEL_DEFAULTS,
+        "model_type": "ann",
+        "arch": arch,
+        "dataset": "synthetic",
+        "num_classes": 4,
+        "in_channels": 3,
+        "img_size": [16, 16],
+        "num_val": 2,
+        "batch_size": 2,
+        "num_workers": 0,
+        "thl": False,
+        "augment": False,
+        "data_root": None,
+        "seed": 0,
+        **overrides,
+    }
     state = models.build_model(cfg).state_dict()
     save_checkpoint(path, {"format": FORMAT, "config": {**cfg, "arch": config_arch or arch}, "state_dict": state})
     return path
@@ -81,8 +100,13 @@ def test_resume_with_another_architecture(capsys, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "dl.pth")
     data = load_checkpoint(ckpt)
     save_checkpoint(ckpt, {**data, "optimizer": {}, "scheduler": {}, "epoch": 1, "best_miou": 0.0, "rng": {}})
-    one_line_error(capsys, train.main, ["--resume", str(ckpt), *TINY_ARGS, "--arch", "fcn-vgg9", "--epochs", "2",
-                                        "--model_dir", str(tmp_path)], "dl.pth", "arch 'dl-vgg9' -> 'fcn-vgg9'")
+    one_line_error(
+        capsys,
+        train.main,
+        ["--resume", str(ckpt), *TINY_ARGS, "--arch", "fcn-vgg9", "--epochs", "2", "--model_dir", str(tmp_path)],
+        "dl.pth",
+        "arch 'dl-vgg9' -> 'fcn-vgg9'",
+    )
 
 
 class FailsLater(torch.nn.Module):

@@ -1,5 +1,6 @@
 """Run safety through the scripts: append-only run folders, Ctrl-C and failed writes at epoch boundaries,
 nonsense values refused before any data is read, the quickstart refined by flags, test.py's early checks."""
+
 import hashlib
 import json
 import resource
@@ -13,8 +14,7 @@ import torch
 from PIL import Image
 
 import train
-from tests.conftest import (REPO, TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script,
-                            start_script)
+from tests.conftest import REPO, TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script, start_script
 from tests.test_pipeline_errors import tiny_checkpoint
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.cli import run_main
@@ -26,8 +26,11 @@ ANN = [*TINY_ARGS, "--model_type", "ann"]
 
 def digest(folder) -> dict:
     """Every file under `folder` by content hash: equal digests mean byte-identical trees."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def temp_files(folder) -> list:
@@ -50,8 +53,9 @@ def test_runs_are_append_only(tmp_path, capsys):
     shutil.copy(run / "last.pth", tmp_path / "epoch1-copy.pth")
     first = digest(run)
 
-    one_line_error(capsys, train.main, [*args, "--epochs", "1"], f"{run} already holds a run", "--resume",
-                   "--overwrite", "--name")
+    one_line_error(
+        capsys, train.main, [*args, "--epochs", "1"], f"{run} already holds a run", "--resume", "--overwrite", "--name"
+    )
     assert digest(run) == first  # the refused run wrote nothing, not even config.yaml
 
     # another neuron backend is an execution choice, not another model: resuming with it is fine
@@ -59,10 +63,21 @@ def test_runs_are_append_only(tmp_path, capsys):
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2]
     two_epochs = digest(run)
-    one_line_error(capsys, train.main, ["--resume", str(run / "epoch1.pth"), "--epochs", "3"],
-                   "already holds epochs up to 2", "would rewind it", "--name")
-    one_line_error(capsys, train.main, ["--resume", str(tmp_path / "epoch1-copy.pth"), "--epochs", "3"],
-                   f"{run} holds another run", "--name")
+    one_line_error(
+        capsys,
+        train.main,
+        ["--resume", str(run / "epoch1.pth"), "--epochs", "3"],
+        "already holds epochs up to 2",
+        "would rewind it",
+        "--name",
+    )
+    one_line_error(
+        capsys,
+        train.main,
+        ["--resume", str(tmp_path / "epoch1-copy.pth"), "--epochs", "3"],
+        f"{run} holds another run",
+        "--name",
+    )
     assert digest(run) == two_epochs
 
     # an earlier checkpoint continues in a new folder, exactly as the original went on from it
@@ -76,23 +91,34 @@ def test_runs_are_append_only(tmp_path, capsys):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
     assert len(aside) == 1 and digest(aside[0]) == two_epochs  # set aside whole: no metrics line is lost
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
-    one_line_error(capsys, train.main, ["--resume", str(run / "last.pth"), "--epochs", "2", "--overwrite"],
-                   "cannot be combined with --resume")
+    one_line_error(
+        capsys,
+        train.main,
+        ["--resume", str(run / "last.pth"), "--epochs", "2", "--overwrite"],
+        "cannot be combined with --resume",
+    )
     shell = tmp_path / "shell"  # a run stopped in its first epoch
     shell.mkdir()
     (shell / "config.yaml").write_text("epochs: 1\n")
-    one_line_error(capsys, train.main, [*ANN, "--model_dir", str(tmp_path), "--name", "shell"],
-                   "holds a run that was started but completed no epoch", "--overwrite")
+    one_line_error(
+        capsys,
+        train.main,
+        [*ANN, "--model_dir", str(tmp_path), "--name", "shell"],
+        "holds a run that was started but completed no epoch",
+        "--overwrite",
+    )
 
 
 def test_changing_the_model_on_resume_names_the_settings(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "s.pth", model_type="snn", timesteps=2)
     data = load_checkpoint(ckpt)
     save_checkpoint(ckpt, {**data, "optimizer": {}, "scheduler": {}, "epoch": 1, "best_miou": 0.0, "rng": {}})
-    one_line_error(capsys, train.main, ["--resume", str(ckpt), "--epochs", "2", "--timesteps", "3",
-                                        "--leak_mem", "0.5", "--neuron_backend", "torch"],
-                   "keeps the checkpoint's model; these settings differ: timesteps 2 -> 3; leak_mem 0.99 -> 0.5. "
-                   "Drop those flags")
+    one_line_error(
+        capsys,
+        train.main,
+        ["--resume", str(ckpt), "--epochs", "2", "--timesteps", "3", "--leak_mem", "0.5", "--neuron_backend", "torch"],
+        "keeps the checkpoint's model; these settings differ: timesteps 2 -> 3; leak_mem 0.99 -> 0.5. Drop those flags",
+    )
 
 
 # ----------------------------------------------------------------------------- interrupts and failed writes
@@ -141,8 +167,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_the_metrics_line(tmp
     run = tmp_path / "d"
     assert run_main(train.main, [*ANN, "--epochs", "1", "--model_dir", str(tmp_path), "--name", "d"]) == 0
     kept = {k: v for k, v in digest(run).items() if k.endswith(".pth")}
-    proc = run_script("train.py", "--resume", run / "last.pth", "--epochs", "2", check=False,
-                      preexec_fn=limit_file_size(1 << 20))
+    proc = run_script(
+        "train.py", "--resume", run / "last.pth", "--epochs", "2", check=False, preexec_fn=limit_file_size(1 << 20)
+    )
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"cannot write {run}/" in lines[0] and "File too large; the previous file is unchanged" in lines[0]
@@ -159,7 +186,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_the_metrics_line(tmp
 
     # killed after writing last.pth, halfway through epoch 2's line: the line is restored from last.pth
     text = (run / "metrics.jsonl").read_text()
-    cut = text[:text.rindex("{") + 20]
+    cut = text[: text.rindex("{") + 20]
     (run / "metrics.jsonl").write_text(cut)
     assert run_main(train.main, ["--resume", str(run / "last.pth"), "--epochs", "3"]) == 0
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -213,13 +240,23 @@ def test_nonsense_values_are_refused_before_any_data_is_read(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
-    one_line_error(capsys, train.main, [*TINY_ARGS, "--model_dir", str(blocker)],
-                   f"run folder {blocker}/", f"{blocker} is not a folder")
+    one_line_error(
+        capsys,
+        train.main,
+        [*TINY_ARGS, "--model_dir", str(blocker)],
+        f"run folder {blocker}/",
+        f"{blocker} is not a folder",
+    )
 
 
-@pytest.mark.parametrize("flags,expected", [(["--epochs", "2.5"], "--epochs: expected an integer, got '2.5'"),
-                                            (["--bn", "maybe"], "--bn: expected a boolean"),
-                                            (["--leak-mem", "x"], "--leak_mem/--leak-mem: expected a number")])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--epochs", "2.5"], "--epochs: expected an integer, got '2.5'"),
+        (["--bn", "maybe"], "--bn: expected a boolean"),
+        (["--leak-mem", "x"], "--leak_mem/--leak-mem: expected a number"),
+    ],
+)
 def test_malformed_flags_are_one_line(capsys, flags, expected):
     with pytest.raises(SystemExit) as code:
         train.main([*TINY_ARGS, *flags])
@@ -229,8 +266,23 @@ def test_malformed_flags_are_one_line(capsys, flags, expected):
 
 # ----------------------------------------------------------------------------- the quickstart refined by flags
 def test_flags_without_config_refine_the_quickstart(tmp_path):
-    proc = run_script("train.py", "--epochs", "1", "--img_size", "16", "--timesteps", "2", "--num_train", "16",
-                      "--num_val", "8", "--batch_size", "8", "--model_dir", tmp_path)
+    proc = run_script(
+        "train.py",
+        "--epochs",
+        "1",
+        "--img_size",
+        "16",
+        "--timesteps",
+        "2",
+        "--num_train",
+        "16",
+        "--num_val",
+        "8",
+        "--batch_size",
+        "8",
+        "--model_dir",
+        tmp_path,
+    )
     first = proc.stdout.splitlines()[0]
     assert first.startswith("config: configs/quickstart.yaml (the quickstart") and "flags override" in first
     cfg = load_checkpoint(tmp_path / "quickstart-snn" / "last.pth")["config"]
@@ -266,8 +318,14 @@ def test_conversion_of_a_read_only_checkpoint(tiny_ann_run, tmp_path, capsys):
     shutil.copy(tiny_ann_run / "last.pth", ann)
     ann.chmod(0o444)
     argv = ["--model_path", str(ann), "--conversion", "--timesteps", "2"]
-    one_line_error(capsys, script.main, argv, f"caches the thresholds it calibrates in {ann}",
-                   "it is read-only (mode 0444)", f"cp {ann}")
+    one_line_error(
+        capsys,
+        script.main,
+        argv,
+        f"caches the thresholds it calibrates in {ann}",
+        "it is read-only (mode 0444)",
+        f"cp {ann}",
+    )
     assert "ANN mIoU" not in capsys.readouterr().out  # refused before evaluating or calibrating
     ann.chmod(0o644)
     assert run_main(script.main, argv) == 0
@@ -284,8 +342,24 @@ def test_voc_at_native_size_in_batches(tmp_path):
     (voc_dir / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\n2007_000033\n")
     ckpt = tiny_checkpoint(tmp_path / "voc.pth", dataset="voc2012", num_classes=21, num_val=None)
     results = tmp_path / "r.json"
-    assert run_main(load_test_script().main, ["--model_path", str(ckpt), "--data_root", str(voc), "--img_size", "-1",
-                                              "--batch_size", "2", "--results", str(results)]) == 0
+    assert (
+        run_main(
+            load_test_script().main,
+            [
+                "--model_path",
+                str(ckpt),
+                "--data_root",
+                str(voc),
+                "--img_size",
+                "-1",
+                "--batch_size",
+                "2",
+                "--results",
+                str(results),
+            ],
+        )
+        == 0
+    )
     masks = [np.array(Image.open(voc_dir / "SegmentationClass" / f"{n}.png")) for n in ("2007_000032", "2007_000033")]
     # two sizes in one batch: padding is labelled void, so exactly the images' own labelled pixels count
     assert json.loads(results.read_text())["num_pixels"] == sum(int((m != 255).sum()) for m in masks)

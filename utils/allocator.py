@@ -21,28 +21,29 @@ MB beyond the live tensors after 20 steps. The policies (``--cpu_malloc``; docs/
 mallopt is process-wide and only exists in glibc; elsewhere a policy other than ``default`` and
 ``auto`` is refused with an error rather than ignored. Python has no binding for it, hence ctypes.
 """
+
 import ctypes
 import ctypes.util
 
-POLICIES = ('auto', 'balanced', 'default', 'keep', 'release')
+POLICIES = ("auto", "balanced", "default", "keep", "release")
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 _INT_MAX = 2**31 - 1
 
 _SETTINGS = {
-    'default': [],
-    'balanced': [(_M_MMAP_THRESHOLD, 8 << 20)],
-    'keep': [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)],
-    'release': [(_M_MMAP_THRESHOLD, 1 << 20)],
+    "default": [],
+    "balanced": [(_M_MMAP_THRESHOLD, 8 << 20)],
+    "keep": [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)],
+    "release": [(_M_MMAP_THRESHOLD, 1 << 20)],
 }
 
 
 def _libc():
-    name = ctypes.util.find_library('c')
+    name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
-        return libc if hasattr(libc, 'mallopt') else None
+        return libc if hasattr(libc, "mallopt") else None
     except OSError:
         return None
 
@@ -51,8 +52,8 @@ def resolve_cpu_malloc(policy: str, memory_saving: bool = False) -> str:
     """The concrete policy ``policy`` stands for ('auto' depends on ``memory_saving``)."""
     if policy not in POLICIES:
         raise ValueError(f"cpu_malloc must be one of {list(POLICIES)}, got '{policy}'")
-    if policy == 'auto':
-        return 'release' if memory_saving else 'balanced'
+    if policy == "auto":
+        return "release" if memory_saving else "balanced"
     return policy
 
 
@@ -64,11 +65,12 @@ def set_cpu_malloc(policy: str, memory_saving: bool = False) -> str:
     if not settings:
         return policy
     libc = _libc()
-    if libc is None and requested == 'auto':
-        return 'default'  # best effort: nothing to tune outside glibc
+    if libc is None and requested == "auto":
+        return "default"  # best effort: nothing to tune outside glibc
     if libc is None:
-        raise RuntimeError(f"cpu_malloc '{policy}' needs glibc's mallopt, which this C library lacks; "
-                           "use cpu_malloc: default")
+        raise RuntimeError(
+            f"cpu_malloc '{policy}' needs glibc's mallopt, which this C library lacks; use cpu_malloc: default"
+        )
     for param, value in settings:
         if libc.mallopt(param, value) != 1:
             raise RuntimeError(f"cpu_malloc '{policy}': mallopt({param}, {value}) was refused by the C library")

@@ -7,6 +7,7 @@ Writes are atomic (temp file in the same folder, then os.replace; utils/files.py
 never leaves a half-written checkpoint behind; new files get the umask's permissions. Loading never
 unpickles code: weights_only=True only.
 """
+
 import pickle
 import re
 from pathlib import Path
@@ -68,7 +69,8 @@ def _read_file(path: Path, map_location):
             raise CheckpointError(
                 f"{path}: refused to load: the file holds Python objects or code ({found.group(1) or found.group(2)}) "
                 f"that a weights-only checkpoint never contains; nothing in it was executed. "
-                f"Only use checkpoints you trust.") from None
+                f"Only use checkpoints you trust."
+            ) from None
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
         reason = reason.group(1).strip() if reason else text.splitlines()[0]
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable as weights: {reason})") from None
@@ -76,19 +78,26 @@ def _read_file(path: Path, map_location):
         raise
     except Exception as err:  # any other parse failure (bad zip, bad magic number, truncated): not a checkpoint
         reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (torch.load failed: {type(err).__name__}: {reason})") from None
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (torch.load failed: {type(err).__name__}: {reason})"
+        ) from None
 
 
 def validate_checkpoint(checkpoint, path) -> dict:
     """Check the structure of a loaded checkpoint; the error names what is missing or wrong."""
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: not a snnseg checkpoint: expected a dict with keys "
-                              f"{', '.join(REQUIRED_KEYS)}, found a {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"{path}: not a snnseg checkpoint: expected a dict with keys "
+            f"{', '.join(REQUIRED_KEYS)}, found a {type(checkpoint).__name__}"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         hint = ""
         if PAPER_REPO_KEYS & checkpoint.keys():
-            hint = " (it looks like a checkpoint of the paper's repository: import it with `python converter.py import-paper`)"
+            hint = (
+                " (it looks like a checkpoint of the paper's repository: "
+                "import it with `python converter.py import-paper`)"
+            )
         raise CheckpointError(f"{path}: not a snnseg checkpoint: missing key(s) {', '.join(map(repr, missing))}{hint}")
     if checkpoint["format"] != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {checkpoint['format']!r} (expected {FORMAT!r})")
@@ -127,7 +136,8 @@ def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
         raise CheckpointError(
             f"{source}: its weights do not fit the model {config.get('model_type')} {config.get('arch')} "
             f"(num_classes={config.get('num_classes')}, in_channels={config.get('in_channels')}): "
-            f"the checkpoint was made for another architecture; {'; '.join(details)}")
+            f"the checkpoint was made for another architecture; {'; '.join(details)}"
+        )
     model.load_state_dict(state_dict)
 
 
@@ -135,6 +145,7 @@ def build_model_from_checkpoint(checkpoint: dict, source, overrides: dict | None
     """Rebuild the model from the checkpoint's config (plus overrides) and load its weights."""
     from models import build_model  # imported here so that utils does not need models at import time
     from utils.config import SCHEMA
+
     # Keys of older versions are dropped; the weights come from the checkpoint, not from 'pretrained'.
     config = {k: v for k, v in {**checkpoint["config"], **(overrides or {})}.items() if k in SCHEMA}
     model = build_model({**config, "pretrained": None})

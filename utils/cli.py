@@ -7,6 +7,7 @@ the file or value; here that becomes `error: <message>` on stderr and exit code 
 (`python test.py --list | head -1`) ends the program quietly. Their parsers are `ArgumentParser`s
 from here: a bad flag is one line too, not the whole usage.
 """
+
 import argparse
 import os
 import sys

@@ -3,6 +3,7 @@
 Launched as `torchrun --nproc_per_node=N train.py ...` (add --nnodes/--node_rank/--rdzv_endpoint for
 several machines) every process calls `init_distributed`; a plain `python train.py` stays single-process.
 """
+
 import os
 
 import torch

@@ -21,13 +21,14 @@ the pooled map as if it were as sparse as the spikes before the pool.
 Not counted (as in the paper's estimate): biases, BN (folded into the weights at inference), membrane updates,
 pooling on its own, bilinear resizes and the FCN skip additions.
 """
+
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 MAC_ENERGY_PJ = 4.6  # 32-bit float multiply-add, 45 nm (Horowitz 2014)
-AC_ENERGY_PJ = 0.9   # 32-bit float add, 45 nm
+AC_ENERGY_PJ = 0.9  # 32-bit float add, 45 nm
 PJ_TO_MJ = 1e-9
 
 
@@ -38,6 +39,7 @@ def _pair(value):
 @dataclass(frozen=True)
 class AxisOp:
     """One spatial axis of a conv / transposed conv / pooling: how input index i maps to output indices."""
+
     kernel: int
     stride: int
     padding: int
@@ -67,8 +69,12 @@ def axis_ops(module: nn.Module, out_hw) -> tuple:
     if isinstance(module, nn.AvgPool2d):
         if module.ceil_mode:
             raise ValueError("fan-out counting supports AvgPool2d with ceil_mode=False only")
-        kernel, stride, padding, dilation = (_pair(module.kernel_size), _pair(module.stride or module.kernel_size),
-                                             _pair(module.padding), (1, 1))
+        kernel, stride, padding, dilation = (
+            _pair(module.kernel_size),
+            _pair(module.stride or module.kernel_size),
+            _pair(module.padding),
+            (1, 1),
+        )
     else:
         if isinstance(module.padding, str):
             raise ValueError(f"fan-out counting needs numeric padding, got padding={module.padding!r}")
@@ -110,7 +116,7 @@ def is_spikes(x: torch.Tensor) -> bool:
 class LayerCount:
     name: str
     kind: str
-    input: str = ''
+    input: str = ""
     macs: float = 0.0
     sops: float = 0.0
     sops_rate_estimate: float = 0.0
@@ -121,11 +127,18 @@ class LayerCount:
     def per_image(self, mac_pj: float, ac_pj: float) -> dict:
         images = max(self.images, 1)
         macs, sops, spikes = self.macs / images, self.sops / images, self.spikes_in / images
-        return {'name': self.name, 'kind': self.kind, 'input': self.input, 'via': list(self.via),
-                'macs': macs, 'sops': sops, 'sops_rate_estimate': self.sops_rate_estimate / images,
-                'spikes_in': spikes,
-                'mean_fan_out': sops / spikes if spikes else 0.0,
-                'energy_mj': (macs * mac_pj + sops * ac_pj) * PJ_TO_MJ}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "input": self.input,
+            "via": list(self.via),
+            "macs": macs,
+            "sops": sops,
+            "sops_rate_estimate": self.sops_rate_estimate / images,
+            "spikes_in": spikes,
+            "mean_fan_out": sops / spikes if spikes else 0.0,
+            "energy_mj": (macs * mac_pj + sops * ac_pj) * PJ_TO_MJ,
+        }
 
 
 class OpCounter:
@@ -139,26 +152,27 @@ class OpCounter:
 
     def __init__(self, model: nn.Module, steps: int = None, spiking: bool = None, readout_conv: nn.Module = None):
         self.model = model
-        self.spiking = bool(getattr(model, 'spiking', False)) if spiking is None else spiking
+        self.spiking = bool(getattr(model, "spiking", False)) if spiking is None else spiking
         if steps is None:
-            steps = int(model.timesteps) + int(getattr(model, 'extra_steps', 0)) if self.spiking else 1
+            steps = int(model.timesteps) + int(getattr(model, "extra_steps", 0)) if self.spiking else 1
         self.steps = steps
         if readout_conv is None and self.spiking:
-            readout_conv = getattr(model, 'output', None)
+            readout_conv = getattr(model, "output", None)
         self.readout_conv = readout_conv
         self.layers = {}
         self._handles = []
-        self._pool_outputs = {}   # id(output) -> (pool module, its input); kept only during one forward
+        self._pool_outputs = {}  # id(output) -> (pool module, its input); kept only during one forward
         self._fanout_cache = {}
         self._last_spikes = None
 
     # ------------------------------------------------------------------------------------------ hooks
     def __enter__(self):
         from models.neurons import LIF
+
         self._handles.append(self.model.register_forward_pre_hook(self._start_forward))
         for name, module in self.model.named_modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                kind = 'conv_transpose' if isinstance(module, nn.ConvTranspose2d) else 'conv'
+                kind = "conv_transpose" if isinstance(module, nn.ConvTranspose2d) else "conv"
                 self.layers[module] = LayerCount(name, kind)
                 self._handles.append(module.register_forward_hook(self._count_conv))
             elif isinstance(module, nn.AvgPool2d):
@@ -204,14 +218,15 @@ class OpCounter:
             self._count_events(layer, module, source, chain, output_hw)
             # the common literature estimate, for comparison: input firing rate x dense MACs x steps
             rate = float((source != 0).sum()) / source.numel()
-            layer.sops_rate_estimate += rate * dense_macs(module, inputs[0].shape[1:], output.shape[1:]) * \
-                self.steps * samples
+            layer.sops_rate_estimate += (
+                rate * dense_macs(module, inputs[0].shape[1:], output.shape[1:]) * self.steps * samples
+            )
         else:
             self._count_dense(layer, module, x, output, samples)
 
     # ------------------------------------------------------------------------------------------ counts
     def _count_events(self, layer, module, source, chain, output_hw):
-        layer.input = 'spikes'
+        layer.input = "spikes"
         layer.via = [type(m).__name__ for m in chain[:-1]]
         events = (source != 0).sum(dim=(0, 1), dtype=torch.float64)  # [H, W], over samples, steps, channels
         fanout = self._spatial_fanout(chain, source.shape[-2:], output_hw)
@@ -238,7 +253,7 @@ class OpCounter:
         return tuple((in_hw[a] + 2 * p[a] - k[a]) // s[a] + 1 for a in (0, 1))
 
     def _count_dense(self, layer, module, x, output, samples):
-        layer.input = 'analog'
+        layer.input = "analog"
         per_step = dense_macs(module, x.shape[1:], output.shape[1:])
         if module is self.readout_conv or not self.spiking:
             active = samples * (self.steps if module is self.readout_conv else 1)
@@ -250,8 +265,14 @@ class OpCounter:
     def summary(self, mac_pj: float = MAC_ENERGY_PJ, ac_pj: float = AC_ENERGY_PJ) -> dict:
         """{macs, sops, energy_mj, per_layer}: per image, averaged over the images seen."""
         per_layer = [layer.per_image(mac_pj, ac_pj) for layer in self.layers.values() if layer.images]
-        macs = sum(row['macs'] for row in per_layer)
-        sops = sum(row['sops'] for row in per_layer)
-        return {'macs': macs, 'sops': sops, 'energy_mj': (macs * mac_pj + sops * ac_pj) * PJ_TO_MJ,
-                'sops_rate_estimate': sum(row['sops_rate_estimate'] for row in per_layer),
-                'mac_energy_pj': mac_pj, 'ac_energy_pj': ac_pj, 'per_layer': per_layer}
+        macs = sum(row["macs"] for row in per_layer)
+        sops = sum(row["sops"] for row in per_layer)
+        return {
+            "macs": macs,
+            "sops": sops,
+            "energy_mj": (macs * mac_pj + sops * ac_pj) * PJ_TO_MJ,
+            "sops_rate_estimate": sum(row["sops_rate_estimate"] for row in per_layer),
+            "mac_energy_pj": mac_pj,
+            "ac_energy_pj": ac_pj,
+            "per_layer": per_layer,
+        }

@@ -1,4 +1,5 @@
 """The evaluation loop shared by train.py (validation each epoch) and test.py."""
+
 import torch
 from tqdm import tqdm
 

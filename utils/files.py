@@ -5,6 +5,7 @@ file or the new one, never half of one, and a failed write (disk full, permissio
 as it was. Temp files are named `.<name>.<host>.<pid>.<random>.tmp`; those of writers that were killed
 (their process is gone) are removed by the next write of the same file.
 """
+
 import glob
 import os
 import re
@@ -38,7 +39,7 @@ def process_alive(pid: int) -> bool:
 
 
 def _is_stale(candidate: Path, prefix: str) -> bool:
-    parts = candidate.name[len(prefix):-len(".tmp")].split(".")
+    parts = candidate.name[len(prefix) : -len(".tmp")].split(".")
     if len(parts) == 3 and parts[0] == HOST and parts[1].isdigit():
         return not process_alive(int(parts[1]))
     try:  # another machine's writer may still be at work: only an old file is surely abandoned

@@ -1,5 +1,6 @@
 """Run logging: console lines (through tqdm so bars stay intact), metrics.jsonl, TensorBoard when
 installed, Weights & Biases only when asked (--wandb; imported lazily). Only rank 0 logs."""
+
 import json
 import math
 from pathlib import Path
@@ -34,6 +35,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tensorboard = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         except ImportError:
             pass  # TensorBoard is optional
@@ -41,7 +43,9 @@ class RunLogger:
             try:
                 import wandb
             except ImportError:
-                raise ValueError("--wandb was given but the wandb package is not installed (pip install wandb)") from None
+                raise ValueError(
+                    "--wandb was given but the wandb package is not installed (pip install wandb)"
+                ) from None
             self.wandb = wandb
             wandb.init(project="snn-segmentation", name=config.get("name"), config=config, dir=str(self.run_dir))
 

@@ -4,6 +4,7 @@ Rows of the matrix are the true class, columns the predicted class. Pixels whose
 `ignore_index` are not counted. Every metric is derived from the matrix at the end, so
 accumulating per batch (or per process, then all-reducing) gives exactly the split's metrics.
 """
+
 import math
 
 import torch
@@ -34,7 +35,9 @@ class ConfusionMatrix:
         bad_target = (target < 0) | (target >= n)
         if bad_target.any():
             values = sorted(set(target[bad_target].unique().tolist()))[:10]
-            raise ValueError(f"label values {values} are outside 0..{n - 1} and not the ignore index {self.ignore_index}")
+            raise ValueError(
+                f"label values {values} are outside 0..{n - 1} and not the ignore index {self.ignore_index}"
+            )
         bad_pred = (pred < 0) | (pred >= n)
         if bad_pred.any():
             values = sorted(set(pred[bad_pred].unique().tolist()))[:10]
@@ -49,8 +52,8 @@ class ConfusionMatrix:
         """miou, pixel_acc, mean_acc, fwiou (floats) and per_class_iou (list, NaN for absent classes)."""
         mat = self.mat.double()
         true_pos = mat.diag()
-        per_true = mat.sum(dim=1)   # pixels of each true class
-        per_pred = mat.sum(dim=0)   # pixels predicted as each class
+        per_true = mat.sum(dim=1)  # pixels of each true class
+        per_pred = mat.sum(dim=0)  # pixels predicted as each class
         total = mat.sum()
         union = per_true + per_pred - true_pos
         present = union > 0  # class occurs in the truth or in the prediction

@@ -4,6 +4,7 @@
 (the last completed epoch) and best.pth (the best validation mIoU so far). A new run refuses a folder
 that holds a run; a resumed run refuses to go back behind what its folder already holds. docs/runs.md.
 """
+
 import json
 import os
 import signal
@@ -79,8 +80,10 @@ def _refuse_if_running(run_dir: Path):
     if host == files.HOST and pid.isdigit() and not files.process_alive(int(pid)):
         lock.unlink(missing_ok=True)  # left by a run that was killed
         return
-    raise ValueError(f"{run_dir} is in use by a running training (process {pid} on {host}); wait for it to end, "
-                     f"or pick another --name (if that run has ended, delete {lock})")
+    raise ValueError(
+        f"{run_dir} is in use by a running training (process {pid} on {host}); wait for it to end, "
+        f"or pick another --name (if that run has ended, delete {lock})"
+    )
 
 
 def _check_claim(run_dir: Path, resume, overwrite: bool):
@@ -91,23 +94,28 @@ def _check_claim(run_dir: Path, resume, overwrite: bool):
         if not started:
             return None
         if not overwrite:
-            raise ValueError(f"{run_dir} already holds {what}: continue it with --resume {run_dir / 'last.pth'} "
-                             f"(and a larger --epochs if it finished), start it again with --overwrite (the old "
-                             f"folder is kept, renamed), or pick another --name")
+            raise ValueError(
+                f"{run_dir} already holds {what}: continue it with --resume {run_dir / 'last.pth'} "
+                f"(and a larger --epochs if it finished), start it again with --overwrite (the old "
+                f"folder is kept, renamed), or pick another --name"
+            )
         return f"moved the previous run to {set_aside(run_dir)}"
     path, epoch = resume
     if overwrite:
         raise ValueError("--overwrite starts a run afresh; it cannot be combined with --resume")
     own = Path(path).resolve().parent == run_dir.resolve()
     if not own and started:
-        raise ValueError(f"{run_dir} holds another run; continuing {path} there would mix two runs: pick a new "
-                         f"folder with --name")
+        raise ValueError(
+            f"{run_dir} holds another run; continuing {path} there would mix two runs: pick a new folder with --name"
+        )
     if not own:
         return f"continuing {path} (epoch {epoch}) in the new run folder {run_dir}"
     if held is not None and held > epoch:
-        raise ValueError(f"{run_dir} already holds epochs up to {held}; resuming {path} (epoch {epoch}) there "
-                         f"would rewind it: resume from {run_dir / 'last.pth'}, or continue from {path} in a new "
-                         f"run folder with --name")
+        raise ValueError(
+            f"{run_dir} already holds epochs up to {held}; resuming {path} (epoch {epoch}) there "
+            f"would rewind it: resume from {run_dir / 'last.pth'}, or continue from {path} in a new "
+            f"run folder with --name"
+        )
     return None
 
 
