@@ -87,6 +87,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
     """RGB shapes on clutter. Items: x float32 [3, H, W] (VOC normalisation), y int64 [H, W] in 0..3."""
 
     num_classes = len(CLASS_NAMES)
+    # Object radius as a fraction of the shorter image side. DeepLab predicts at 1/4 resolution, so at the
+    # small sizes that train in minutes on a CPU a shape must span several output cells to be segmentable.
+    radius_range = (0.22, 0.32)
 
     def __init__(self, split="train", num_samples=None, img_size=None, seed=0, max_objects=2):
         self.split_code = _split_code(split)
@@ -124,7 +127,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         """Mask of a new object that barely overlaps earlier ones (whole shapes are the cue), or None."""
         scale = min(self.height, self.width)
         for _ in range(tries):
-            radius = rng.uniform(0.15, 0.24) * scale
+            radius = rng.uniform(*self.radius_range) * scale
             cx = rng.uniform(radius, self.width - radius)
             cy = rng.uniform(radius, self.height - radius)
             mask = shape_masks(kind, cx, cy, radius, rng.uniform(0, 2 * np.pi), self.yy, self.xx)
