@@ -21,18 +21,22 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+import data
+import models
+from data import registry
 from data.transforms import IGNORE_INDEX
 from utils import files
 from utils.config import (
-    add_config_arguments as _add_keys,
-)
-from utils.config import (
+    SCHEMA,
     cli_values,
     load_yaml_config,
     merge_config,
     read_config_layer,
     save_config_yaml,
     validate_and_derive,
+)
+from utils.config import (
+    add_config_arguments as _add_keys,
 )
 from utils.logging import RunLogger
 
@@ -128,9 +132,9 @@ def check_inputs(cfg: dict):
     for key in ("data_root", "datalist", "pretrained"):
         if cfg.get(key) and not Path(cfg[key]).exists():
             raise FileNotFoundError(f"{key} {cfg[key]} does not exist")
-    if cfg["dataset"] in ("voc2012", "ddd17") and not cfg.get("data_root"):
+    if registry.get(cfg["dataset"]).needs_root and not cfg.get("data_root"):
         raise ValueError(
-            f"dataset {cfg['dataset']!r} needs data_root (a local folder); see README.md, section Data, for the layout"
+            f"dataset {cfg['dataset']!r} needs data_root (a local folder); see docs/data.md for the layout it reads"
         )
 
 
@@ -152,8 +156,6 @@ def seed_everything(seed: int):
 # ----------------------------------------------------------------------------- data
 def build_datasets(cfg: dict):
     """(train set, val set); for DDD17 the 'val' split is its test folder."""
-    import data
-
     return data.build_dataset(cfg, "train"), data.build_dataset(cfg, "val")
 
 
@@ -167,8 +169,6 @@ def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int 
     a DistributedSampler (call set_epoch each epoch) and the validation set is dealt round-robin without
     padding, so all-reduced metrics cover every validation image exactly once. Images of different sizes
     are padded to the largest of their batch (data.collate)."""
-    import data
-
     common = dict(
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
@@ -189,9 +189,7 @@ def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int 
 
 # ----------------------------------------------------------------------------- model and training
 def build_model(cfg: dict, device: torch.device | str = "cpu") -> nn.Module:
-    import models
-
-    return models.build_model(cfg).to(device)
+    return models.build_model(cfg, SCHEMA).to(device)
 
 
 def build_loss() -> nn.Module:

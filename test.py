@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+import data
 import setup
+from models.conversion import cached_thresholds
 from utils import analysis, conversion_plugin, files
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
@@ -91,8 +93,6 @@ def evaluate(model, loader, cfg: dict, device, show_bar: bool = True, input_tran
 
 def eval_config(checkpoint_cfg: dict, args, source) -> dict:
     """The checkpoint's config with the command-line overrides, checked against the model."""
-    import data
-
     cfg = dict(checkpoint_cfg)
     for key in OVERRIDES:
         if getattr(args, key) is not None:
@@ -115,14 +115,10 @@ def eval_config(checkpoint_cfg: dict, args, source) -> dict:
 
 
 def class_names_for(cfg: dict) -> list:
-    import data
-
     return list(data.dataset_info(cfg["dataset"], cfg)["class_names"])
 
 
 def build_val_loader(cfg: dict) -> DataLoader:
-    import data
-
     val_set = data.build_dataset(cfg, "val")
     return DataLoader(
         val_set,
@@ -220,8 +216,6 @@ def check_conversion(args, cfg, checkpoint):
     both must be possible before the ANN is evaluated and the layers calibrated."""
     if not getattr(args, "conversion", False) or cfg["model_type"] != "ann":
         return  # the plugin itself refuses an SNN checkpoint
-    from models.conversion import cached_thresholds
-
     if cfg["img_size"] == NATIVE_SIZE and cfg["batch_size"] > 1 and cfg["dataset"] == "voc2012":
         raise ValueError(
             "--conversion calibrates on batches of native-size VOC images, which cannot be stacked: "

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.baseline import per_timestep_forward  # noqa: E402
 from data.transforms import IGNORE_INDEX  # noqa: E402
-from models import ARCHITECTURES, build_model, convolution  # noqa: E402
+from models import ARCHITECTURES, build_model  # noqa: E402
 from utils.allocator import POLICIES, set_cpu_malloc  # noqa: E402
 from utils.config import parse_size  # noqa: E402
 
@@ -96,9 +96,9 @@ def get_args_parser():
     )
     p.add_argument(
         "--dilated_as_dense",
-        choices=["on", "off"],
-        help="run dilated convolutions in bf16/fp16 on this device as dense ones over their phases "
-        "(models.convolution.DILATED_AS_DENSE; not given: its default)",
+        choices=["auto", "on", "off"],
+        help="model config key 'dilated_as_dense': dilated convolutions as dense ones over their phases "
+        "(auto: CUDA in bf16/fp16; left out of the config when not given)",
     )
     p.add_argument(
         "--path",
@@ -159,20 +159,6 @@ def make_inputs(args, device):
     return inputs.to(device), labels.to(device)
 
 
-def set_dilated_as_dense(choice, device):
-    """Apply --dilated_as_dense; return the setting in force for low precision on ``device`` (None where
-    models.convolution has no such switch)."""
-    switch = getattr(convolution, "DILATED_AS_DENSE", None)
-    key = f"{device.type}-lowp"
-    if switch is None:
-        if choice is not None:
-            raise SystemExit("--dilated_as_dense: models.convolution has no DILATED_AS_DENSE switch")
-        return None
-    if choice is not None:
-        switch[key] = choice == "on"
-    return switch.get(key, False)
-
-
 def model_config(args, model_type):
     cfg = dict(
         model_type=model_type,
@@ -188,6 +174,8 @@ def model_config(args, model_type):
     )
     if args.neuron_backend is not None and model_type == "snn":  # only when asked: the key is new
         cfg["neuron_backend"] = args.neuron_backend
+    if args.dilated_as_dense is not None:  # likewise
+        cfg["dilated_as_dense"] = args.dilated_as_dense
     return cfg
 
 
@@ -419,7 +407,6 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.cpu_malloc = set_cpu_malloc(args.cpu_malloc, args.memory_saving)  # report the concrete policy
     device = torch.device(args.device)
-    args.dilated_as_dense = set_dilated_as_dense(args.dilated_as_dense, device)  # report what is in force
     torch.manual_seed(0)
     inputs, labels = make_inputs(args, device)
     result = {"import_rss_mb": round(peak_rss_mb(), 1)}

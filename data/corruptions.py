@@ -21,19 +21,22 @@ import math
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from data import registry
 from data.transforms import denormalize_image, normalize_image
 
 CORRUPTIONS = ("gaussiannoise", "saltpepper", "gaussianblur")
-IMAGE_DATASETS = ("voc2012", "synthetic")
-EVENT_DATASETS = ("ddd17", "synthetic-events")
+
+
+def _images(dataset):
+    return registry.get(dataset).modality == registry.IMAGES
 
 
 def _to_255(x, dataset):
-    return denormalize_image(x) if dataset in IMAGE_DATASETS else (x.float() + 0.5) * 255.0
+    return denormalize_image(x) if _images(dataset) else (x.float() + 0.5) * 255.0
 
 
 def _from_255(v, dataset):
-    return normalize_image(v) if dataset in IMAGE_DATASETS else v / 255.0 - 0.5
+    return normalize_image(v) if _images(dataset) else v / 255.0 - 0.5
 
 
 def gaussian_noise(v, std, generator):
@@ -65,8 +68,7 @@ def apply_corruption(x: torch.Tensor, kind: str, factor: float, dataset: str, se
         raise ValueError(
             f"corruption factor for {kind} must be {'in [0, 1]' if kind == 'saltpepper' else '>= 0'}, got {factor}"
         )
-    if dataset not in IMAGE_DATASETS + EVENT_DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r} for corruption; choices: {IMAGE_DATASETS + EVENT_DATASETS}")
+    registry.get(dataset)  # an unknown dataset: one line naming the choices
     if factor == 0:
         return x
     v = _to_255(x, dataset)

@@ -31,12 +31,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.palettes import DDD17_PALETTE
+from data.registry import EVENTS, DatasetSpec
 from data.transforms import ddd17_transform, scale_events
 from data.voc2012 import load_mask
 from utils import files
 from utils.cli import ArgumentParser
+from utils.keys import Key
 
-NUM_CLASSES = 6
+CLASSES = ("flat", "construction+sky", "object", "nature", "human", "vehicle")
+NUM_CLASSES = len(CLASSES)
 NUM_EVENT_CHANNELS = 6
 FORMAT = "snnseg-ddd17-1"
 NPY_MAGIC = b"\x93NUMPY"
@@ -46,6 +50,9 @@ LAYOUT = (
     "<root>/labels/<split>/rec<recording>_export_<frame>.png (Ev-SegNet DDD17), "
     "or <root>/<split>.h5 packed with `python -m data.ddd17 pack`"
 )
+
+
+CHANNELS = Key("channels", "data", [0, 1], "intlist", "event channels (0-5) of ddd17 / synthetic-events")
 
 
 def check_channels(channels):
@@ -293,6 +300,36 @@ def _write_frames(f, frames, split, compression):
         check_same_size(array, label, frames.source(i))
         events[i] = array
         labels[i] = label.numpy().astype(np.uint8)
+
+
+def build(cfg, split):
+    training = split == "train"
+    return DDD17(
+        cfg["data_root"],
+        "train" if training else "test",
+        img_size=cfg.get("img_size"),
+        channels=cfg["channels"],
+        thl=bool(cfg["thl"]),
+        timesteps=int(cfg.get("timesteps", 1)),
+        datalist=cfg["datalist"] if training else None,
+        augment=bool(cfg["augment"]) and training,
+    )
+
+
+SPEC = DatasetSpec(
+    name="ddd17",
+    build=build,
+    classes=CLASSES,
+    palette=tuple(DDD17_PALETTE),
+    modality=EVENTS,
+    in_channels=lambda cfg: len(cfg["channels"]),
+    needs_root=True,
+    keys=(
+        CHANNELS,
+        Key("datalist", "data", None, str, "ddd17 training: a list of the frames to train on", optional=True),
+    ),
+    check=lambda cfg: check_channels(cfg["channels"]),
+)
 
 
 def main(argv=None):

@@ -18,8 +18,11 @@ at a target frame, and the first T-1 frames of each sequence are only history.
 import numpy as np
 import torch
 
-from data.ddd17 import check_channels
-from data.transforms import normalize_image, parse_size, scale_events
+from data.ddd17 import CHANNELS, check_channels
+from data.palettes import SYNTHETIC_PALETTE
+from data.registry import EVENTS, IMAGES, NUM_TRAIN, NUM_VAL, DatasetSpec
+from data.transforms import normalize_image, scale_events
+from utils.keys import POSITIVE, Key, parse_size
 
 CLASS_NAMES = ("background", "disc", "triangle", "bar")
 DEFAULT_SIZE = 48
@@ -292,3 +295,64 @@ class SyntheticEvents(torch.utils.data.Dataset):
         events, label = self.frames(seq, last - self.timesteps + 1, last)
         x = scale_events(torch.from_numpy(events[:, list(self.channels)]))
         return (x if self.thl else x[0]), torch.from_numpy(label)
+
+
+def _samples(cfg, split):
+    return cfg["num_train" if split == "train" else "num_val"]
+
+
+def build_shapes(cfg, split):
+    return SyntheticShapes(
+        split, num_samples=_samples(cfg, split), img_size=cfg.get("img_size"), seed=cfg.get("seed", 0)
+    )
+
+
+def build_events(cfg, split):
+    return SyntheticEvents(
+        split,
+        num_samples=_samples(cfg, split),
+        img_size=cfg.get("img_size"),
+        seed=cfg.get("seed", 0),
+        channels=cfg["channels"],
+        thl=bool(cfg["thl"]),
+        timesteps=int(cfg.get("timesteps", 1)),
+        seq_len=int(cfg["seq_len"]),
+    )
+
+
+def check_events(cfg):
+    check_channels(cfg["channels"])
+    if cfg["thl"] and cfg.get("timesteps", 1) > cfg["seq_len"]:
+        raise ValueError(
+            f"thl with synthetic-events needs timesteps <= seq_len, got {cfg['timesteps']} > {cfg['seq_len']}"
+        )
+
+
+SHAPES_SPEC = DatasetSpec(
+    name="synthetic",
+    build=build_shapes,
+    classes=CLASS_NAMES,
+    palette=tuple(SYNTHETIC_PALETTE),
+    modality=IMAGES,
+    in_channels=3,
+    needs_root=False,
+    keys=(NUM_TRAIN, NUM_VAL),
+    synthetic=True,
+)
+EVENTS_SPEC = DatasetSpec(
+    name="synthetic-events",
+    build=build_events,
+    classes=CLASS_NAMES,
+    palette=tuple(SYNTHETIC_PALETTE),
+    modality=EVENTS,
+    in_channels=lambda cfg: len(cfg["channels"]),
+    needs_root=False,
+    keys=(
+        NUM_TRAIN,
+        NUM_VAL,
+        CHANNELS,
+        Key("seq_len", "data", 20, int, "synthetic-events: frames per sequence", interval=POSITIVE),
+    ),
+    check=check_events,
+    synthetic=True,
+)

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from data import build_dataset, dataset_info
-from data.corruptions import EVENT_DATASETS
 from data.palettes import IGNORE_COLOUR
+from data.registry import EVENTS, get
 from data.transforms import denormalize_image
 
 
@@ -35,7 +35,7 @@ def input_to_rgb(x: torch.Tensor, dataset: str) -> np.ndarray:
     x = x.detach().float().cpu()
     if x.dim() == 4:
         x = x[-1]
-    if dataset not in EVENT_DATASETS:
+    if get(dataset).modality != EVENTS:
         return denormalize_image(x).clamp(0, 255).byte().permute(1, 2, 0).numpy()
     level = ((x + 0.5).clamp(0, 1) * 255).byte().numpy()  # events are scaled to [-0.5, 0.5]
     rgb = np.zeros(x.shape[1:] + (3,), dtype=np.uint8)

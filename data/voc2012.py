@@ -18,9 +18,35 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from data.palettes import VOC_PALETTE
+from data.registry import IMAGES, DatasetSpec
 from data.transforms import IGNORE_INDEX, normalize_image, voc_transform
+from utils.keys import Key
 
-NUM_CLASSES = 21
+CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+NUM_CLASSES = len(CLASSES)
 STANDARD_SPLITS = ("train", "val", "trainval")
 LAYOUT = (
     "<root>/VOCdevkit/VOC2012 or <root> itself containing JPEGImages/*.jpg, SegmentationClass/*.png and "
@@ -147,3 +173,35 @@ class VOC2012(torch.utils.data.Dataset):
         if self.void_to_background:
             mask = torch.where(mask == IGNORE_INDEX, torch.zeros_like(mask), mask)
         return image, mask
+
+
+def build(cfg, split):
+    training = split == "train"
+    return VOC2012(
+        cfg["data_root"],
+        cfg["train_split"] if training else "val",
+        img_size=cfg.get("img_size"),
+        augment=bool(cfg["augment"]) and training,
+        void_to_background=bool(cfg["void_to_background"]) and training,
+    )
+
+
+SPEC = DatasetSpec(
+    name="voc2012",
+    build=build,
+    classes=CLASSES,
+    palette=tuple(VOC_PALETTE[:NUM_CLASSES]),
+    modality=IMAGES,
+    in_channels=3,
+    needs_root=True,
+    keys=(
+        Key("train_split", "data", "train", str, "voc2012 training list: train, train_aug, trainval or a list file"),
+        Key(
+            "void_to_background",
+            "data",
+            False,
+            bool,
+            "voc2012 training: void (255) becomes background, as in the paper",
+        ),
+    ),
+)

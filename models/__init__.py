@@ -1,59 +1,24 @@
 """Models: LIF neurons, surrogate gradients, input encoders and the ANN/SNN segmentation networks.
 
 Everything is built from a plain config dict by ``build_model(cfg)``; keys not given take
-``MODEL_DEFAULTS`` (the paper code's defaults).
+``MODEL_DEFAULTS`` (the paper code's defaults, declared in ``models/config.py``).
 """
 
-import math
-
-from utils import config as config_schema
-
 from .architectures import ARCHITECTURES, is_fcn
+from .config import MODEL_DEFAULTS, MODEL_KEYS, model_keys_of, resolve_model_config
 from .encoders import ENCODERS
 from .network import SegmentationNet
 from .neurons import LIF, compile_neuron_kernels, lif_sequence
 from .surrogates import SURROGATES, get_surrogate
 
-# The model section of the configuration schema (utils/config.py), where each key's default, type,
-# choices and range are declared once. 'conv_bias' is set for SNNs converted from ANNs (folded BN bias);
-# 'readout' 'sum' reproduces the paper code's FCN readout, which is not divided by T.
-MODEL_DEFAULTS = config_schema.defaults("model")
 
+def build_model(cfg: dict, other_keys=()) -> SegmentationNet:
+    """The ANN or SNN described by ``cfg`` (see ``MODEL_DEFAULTS``), freshly initialised.
 
-def resolve_model_config(cfg: dict) -> dict:
-    """``cfg`` completed with the defaults, coerced and checked against the configuration schema.
-
-    Keys of other sections (data, training) pass through; keys that no section declares are refused.
+    ``other_keys``: the names of the run's other settings that ``cfg`` may also hold (kept in
+    ``model.config``); any other key that is not a model key is refused.
     """
-    config_schema.check_known(cfg, "model config")
-    given = {k: v for k, v in cfg.items() if v is not None or config_schema.SCHEMA[k].optional}
-    cfg = {**MODEL_DEFAULTS, **given}
-    for key in MODEL_DEFAULTS:
-        try:
-            cfg[key] = config_schema.coerce(key, cfg[key])
-        except ValueError as err:
-            raise ValueError(f"model config {key!r}: {err}") from None
-    config_schema.check_values(cfg, section="model")
-    _check_surrogate(cfg["surrogate"], cfg["surrogate_params"])
-    if cfg["full_prop"] and cfg["model_type"] != "snn":
-        raise ValueError("'full_prop' applies to SNNs only (model_type 'snn')")
-    return cfg
-
-
-def _check_surrogate(name, params):
-    """Surrogate parameters are finite numbers the surrogate knows; errors name surrogate_params."""
-    for key, value in params.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"surrogate_params {key!r} must be a finite number, got {value!r}")
-    try:
-        get_surrogate(name, **params)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"surrogate_params {params}: {err}") from None
-
-
-def build_model(cfg: dict) -> SegmentationNet:
-    """The ANN or SNN described by ``cfg`` (see ``MODEL_DEFAULTS``), freshly initialised."""
-    cfg = resolve_model_config(cfg)  # unknown keys, choices, ranges and surrogate parameters: errors first
+    cfg = resolve_model_config(cfg, other_keys)  # unknown keys, choices, ranges, surrogate parameters: errors first
     if cfg["compile"]:
         compile_neuron_kernels(True)
     model = SegmentationNet(cfg)
@@ -67,10 +32,12 @@ __all__ = [
     "ENCODERS",
     "SURROGATES",
     "MODEL_DEFAULTS",
+    "MODEL_KEYS",
     "LIF",
     "SegmentationNet",
     "build_model",
     "resolve_model_config",
+    "model_keys_of",
     "lif_sequence",
     "get_surrogate",
     "is_fcn",

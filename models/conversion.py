@@ -27,8 +27,9 @@ import math
 import torch
 from tqdm import tqdm
 
-from utils.config import parse_size
+from utils.keys import parse_size
 
+from .config import resolve_model_config
 from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
@@ -83,11 +84,9 @@ def convert_ann(
     ann: SegmentationNet, timesteps: int, leak_mem: float = 1.0, encoder: str = "poisson"
 ) -> SegmentationNet:
     """A fresh SNN with the ANN's weights (BN folded); thresholds stay at 1.0 until calibrated."""
-    from . import build_model
-
     if ann.spiking:
         raise ValueError("conversion needs an ANN (model_type 'ann'), got an SNN")
-    snn = build_model(snn_config(ann.config, timesteps, leak_mem, encoder))
+    snn = SegmentationNet(resolve_model_config(snn_config(ann.config, timesteps, leak_mem, encoder), ann.config))
     state = {k: v.detach().clone() for k, v in ann.state_dict().items() if ".norm." not in k}
     for index, unit in enumerate(ann.body):
         if isinstance(unit, ConvUnit):

@@ -3,63 +3,20 @@
 ``conv2d`` is ``F.conv2d`` (same arguments, same result up to float rounding, autograd through it); for
 stride-1, ungrouped convolutions with numeric padding it reformulates dilated ones, in two steps:
 
-1. Only the taps that overlap the map (``tap_crop``). Tap (i, j) reads input row y + i*d - p for output
-   row y; the taps whose reads all land in the padding are the kernel's outer rows / columns (as many
-   on each side: the padding is symmetric), so the convolution runs with the weight cropped to the
-   others and the padding reduced by d per dropped tap (the input trimmed where that would be
-   negative). Where only the centre tap is left (DeepLab's 3x3, d=12 on a map of 12x12 or less) it is a
-   1x1 convolution with dilation 1: a GEMM. Taken wherever it drops a tap, on every device and dtype:
-   it removes only products with zeros. Forward and backward (autograd through the weight's slice: the
-   dropped taps get a zero gradient, exactly theirs; ``conv_backward`` crops the same way).
-   On this project's CPU (fp32, dl-vgg9's atrous layer at T=10, batch 4, maps of 8x8 and 12x12) it
-   changed nothing measurable: oneDNN already skips most of the padding. It does not apply at either
-   GPU shape below (all taps overlap there); on a GPU it is unmeasured.
-2. Dilated as dense, over the dilation's phases (``phase_conv2d``, space-to-batch). With p = m*d, output
-   row y = r + d*u reads rows r + d*(u + i - m): phase r of the output (rows r, r+d, ...) is a dense
-   convolution, padding m, of phase r of the input. The input, zero-filled up to multiples of d, is
-   split into its d*d phase sub-images stacked along the batch, one dense convolution runs over all of
-   them, and its output is interleaved back and cropped to the true size. Taken after step 1 where a
-   dilation > 1 is left, p % d == 0 on both axes (else the dilated convolution runs as it is) and
-   ``dilated_strategy`` says so (the switch ``DILATED_AS_DENSE``): by default only on CUDA in bf16 /
-   fp16, autocast included (``conv2d`` then casts input, weight and bias itself, as autocast would).
-   This covers dl-vgg9's d=2 layers as well as its atrous one.
+1. Only the taps that overlap the map (``tap_crop``): taps whose reads all land in the padding are
+   dropped and the padding reduced to match (where one tap is left, a 1x1 convolution). Exact on every
+   device: it removes only products with zeros.
+2. Dilated as dense, over the dilation's phases (``phase_conv2d``, space-to-batch): phase r of the
+   output (rows r, r+d, ...) is a dense convolution of phase r of the input, so the d*d phases run as one
+   dense convolution over a batch of sub-images. Where ``dilated_strategy`` says so: the model's
+   ``dilated_as_dense`` setting, by default CUDA in bf16 / fp16, where cuDNN's kernel for the atrous layer
+   is slow.
 
-Why step 2, and what is not known. Measured on an H200 (torch 2.11, CUDA 13): under bf16 autocast cuDNN
-runs DeepLab's atrous layer (3x3, d=12, p=12; a 16x16 map at 64x64 input, ~50x87 at DDD17's 200x346)
-with ``conv2d_grouped_direct_kernel``: 210 ms per dl-vgg9 training step at 64x64 (81 % of the GPU time),
-and at DDD17's shape (T=20, batch 8) a bf16 step 14x slower than fp32 (5.59 s vs 0.393 s). A dense
-3x3 convolution should get cuDNN's ordinary kernels. UNMEASURED: nobody has run step 2 on a GPU yet,
-neither its speed (compare ``DILATED_AS_DENSE['cuda-lowp'] = False`` against the default) nor its
-accuracy there. Its costs: the phases fill the map up to multiples of d (16x16 at d=12: 24x24, 2.25x
-the positions; 50x87: 60x96, 1.32x), which the dense convolution computes and then drops; four more
-ops each way, all copies (zero fill, split, interleave, crop; about five kernels each way: a positive
-padding fills, then copies; counted in ``tests/test_convolution.py``); and the convolution saves the
-phases for backward (2.25x / 1.32x the bf16 input autocast's convolution would keep). On CPU, where
-step 2 is off by default, oneDNN's bf16 weight gradient over the many small phase images is ~2 % off
-(batch 2) to 8 % (batch 32), against ~0.3-0.7 % for the dilated convolution: its reduction over the
-batch is not fp32. Whether cuDNN's is must be checked with the speed: ``tests/test_convolution.py``'s
-CUDA test (skipped without a GPU, never run yet) checks both the kernels and the errors at the two shapes.
-
-cuDNN's algorithm choice: ``torch.backends.cudnn.benchmark`` is not turned on, here or anywhere (it is
-PyTorch's default, off). Benchmark mode times the algorithms for every new shape; in the measurement at
-DDD17's input it did not finish within 120 s, and the event-camera inputs bring new shapes. Step 2 works
-on the heuristic choice instead, by handing cuDNN a convolution its heuristics serve well.
-
-``Conv2d`` has one more special case, in backward: atrous kernels wider than their input (training
-outside autocast, where step 2 is off: fp32). DeepLab's atrous layer on a 16x16 map spans 25 pixels:
-most of each outer tap lands in the padding. For such a convolution oneDNN (PyTorch's CPU backend,
-v3.12) computes the weight gradient on a generic path that needs ~77 MB of scratch for dl-vgg9 at T=10,
-batch 4 (independent of the batch size: it is the peak of the whole training step) and twice the time
-of the taps' real work. We compute that weight gradient by hand instead (``tap_weight_grad``): one
-matrix product per tap over the output positions where the tap lands inside the input, on
-channels-last views (no im2col). On this project's CPU: 64 ms and 24 MB (the 9.4 MB gradient included)
-instead of 129 ms and 86 MB. It skips the taps step 1 drops, so the two agree; the input's gradient and
-the forward take step 1 (at 16x16 no tap is dropped: the same oneDNN calls as before step 1 existed).
-The input is kept for backward in one byte where it is spikes. ``tests/test_convolution.py`` checks all
-of this against PyTorch's convolution in float64.
-
-``AvgPool2d`` keeps nothing for backward (its gradient depends only on the input's shape; PyTorch
-keeps the input, which memory-saving mode's replay would store as float spikes).
+``Conv2d`` computes, on the CPU, the weight gradient of an atrous kernel wider than its input by hand
+(``tap_weight_grad``: one matrix product per tap over the positions where it lands inside the input),
+where oneDNN's generic path needs much more memory and time; it keeps its input in one byte where it
+is spikes. ``AvgPool2d`` keeps nothing for backward (its gradient depends only on the input's shape).
+Why each exists, with the measurements: docs/gpu.md (mixed precision) and docs/performance.md.
 """
 
 from typing import NamedTuple, Optional
@@ -71,9 +28,9 @@ from torch.nn.modules.utils import _pair
 
 from .spikes import restored, storable
 
-# Where dilated convolutions run as dense ones over their phases (step 2), keyed by device type, with
-# '-lowp' for bf16 / fp16 (autocast's dtype where it is on). A missing key is off.
-DILATED_AS_DENSE = {"cuda-lowp": True}
+# Where dilated convolutions run as dense ones over their phases (step 2): 'auto' on CUDA in bf16 / fp16
+# (autocast's dtype where it is on), 'on' everywhere, 'off' nowhere. A model's setting: Conv2d.dense.
+DENSE_CHOICES = ("auto", "on", "off")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -91,12 +48,14 @@ def _autocast(tensor):
     return tensor.to(torch.get_autocast_dtype(tensor.device.type))
 
 
-def dilated_strategy(x) -> str:
+def dilated_strategy(x, dense: str = "auto") -> str:
     """'phases' where a dilated convolution of ``x`` runs as a dense one over its phases, else 'dilated'."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if _autocasts(x) else x.dtype
-    key = f"{device}-lowp" if dtype in LOW_PRECISION else device
-    return "phases" if DILATED_AS_DENSE.get(key, False) else "dilated"
+    if dense not in DENSE_CHOICES:
+        raise ValueError(f"dilated_as_dense must be one of {DENSE_CHOICES}, got {dense!r}")
+    if dense != "auto":
+        return "phases" if dense == "on" else "dilated"
+    dtype = torch.get_autocast_dtype(x.device.type) if _autocasts(x) else x.dtype
+    return "phases" if x.device.type == "cuda" and dtype in LOW_PRECISION else "dilated"
 
 
 # ---- Step 1: only the taps that overlap the map. ----
@@ -230,7 +189,7 @@ class ConvPlan(NamedTuple):
     phases: bool
 
 
-def conv_plan(inputs, weight, stride, padding, dilation, groups) -> Optional[ConvPlan]:
+def conv_plan(inputs, weight, stride, padding, dilation, groups, dense="auto") -> Optional[ConvPlan]:
     """How ``conv2d`` runs ``F.conv2d(inputs, weight, ...)``; None: as F.conv2d itself."""
     if _pair(stride) != (1, 1) or groups != 1 or isinstance(padding, str):
         return None
@@ -243,14 +202,15 @@ def conv_plan(inputs, weight, stride, padding, dilation, groups) -> Optional[Con
     phases = (
         max(dilation) > 1
         and all(p % d == 0 for p, d in zip(padding, dilation))
-        and dilated_strategy(inputs) == "phases"
+        and dilated_strategy(inputs, dense) == "phases"
     )
     return ConvPlan(crop, padding, dilation, phases) if crop is not None or phases else None
 
 
-def conv2d(inputs, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``F.conv2d`` (autocast included) through steps 1 and 2 where they apply (``conv_plan``)."""
-    plan = conv_plan(inputs, weight, stride, padding, dilation, groups)
+def conv2d(inputs, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, dense="auto"):
+    """``F.conv2d`` (autocast included) through steps 1 and 2 where they apply (``conv_plan``; ``dense``:
+    where step 2 applies, see ``dilated_strategy``)."""
+    plan = conv_plan(inputs, weight, stride, padding, dilation, groups, dense)
     if plan is None:
         return F.conv2d(inputs, weight, bias, stride, padding, dilation, groups)
     if plan.crop is not None:  # before autocast's casts, which then copy only the taps kept
@@ -363,7 +323,10 @@ class _Conv2dFunction(torch.autograd.Function):
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) computed by ``conv2d`` (steps 1 and 2), and in
     training by ``_Conv2dFunction`` where its backward applies: an atrous kernel wider than its input,
-    outside autocast (whose casts that function would not replay) and where step 2 is off."""
+    outside autocast (whose casts that function would not replay) and where step 2 is off.
+    ``dense`` (an execution setting, not state): where step 2 applies, see ``dilated_strategy``."""
+
+    dense = "auto"
 
     def forward(self, x):
         if self.padding_mode != "zeros":
@@ -372,13 +335,13 @@ class Conv2d(nn.Conv2d):
             torch.is_grad_enabled()
             and isinstance(self.padding, tuple)
             and not torch.is_autocast_enabled(x.device.type)
-            and dilated_strategy(x) == "dilated"
+            and dilated_strategy(x, self.dense) == "dilated"
             and _by_taps(self.weight, self.stride, self.groups, self.dilation, x)
         ):
             return _Conv2dFunction.apply(
                 x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
             )
-        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.dense)
 
 
 class _AvgPool2dFunction(torch.autograd.Function):

@@ -250,6 +250,7 @@ class SegmentationNet(nn.Module):
             dilation=token.dilation,
             bias=bool(cfg.get("conv_bias", False)),
         )
+        conv.dense = cfg.get("dilated_as_dense", "auto")
         norm = None
         if cfg["bn"]:
             norm = TimeBatchNorm(token.channels, self.timesteps, affine=self.spiking)

@@ -143,6 +143,7 @@ class _Call:
     bn: Optional[TimeBN]
     conv: Optional[tuple]  # (stride, padding, dilation) of a convolution to recompute in backward
     steps: int
+    dense: str = "auto"  # the convolution's dilated_as_dense setting (models/convolution.py)
 
 
 class _SpikingLayer(torch.autograd.Function):
@@ -160,7 +161,7 @@ class _SpikingLayer(torch.autograd.Function):
         kept, ctx.input_dtype = x, None
         if call.conv is not None:
             kept, ctx.input_dtype = spike_protocol.storable(x)
-            x = time_split(conv2d(x, conv_weight, conv_bias, *call.conv), call.steps)
+            x = time_split(conv2d(x, conv_weight, conv_bias, *call.conv, dense=call.dense), call.steps)
         spikes, compact, u, mean, invstd = call.backend.forward(x, u0, call.params, call.bn, True)
         ctx.save_for_backward(kept, u0, bn_weight, conv_weight, conv_bias, mean, invstd, compact)
         ctx.mark_non_differentiable(compact)
@@ -174,7 +175,7 @@ class _SpikingLayer(torch.autograd.Function):
         x = inputs = spike_protocol.restored(kept, ctx.input_dtype)
         if call.conv is not None:
             with torch.no_grad():
-                x = time_split(conv2d(inputs, conv_weight, conv_bias, *call.conv), call.steps)
+                x = time_split(conv2d(inputs, conv_weight, conv_bias, *call.conv, dense=call.dense), call.steps)
         grad_x, grad_u0, grad_bn_weight = call.backend.backward(
             x, u0, compact, mean, invstd, bn_weight, grad_spikes, grad_u_end, call.params, call.bn
         )
@@ -310,6 +311,7 @@ class LIF(nn.Module):
             bn,
             None if conv is None else (conv.stride, conv.padding, conv.dilation),
             steps,
+            getattr(conv, "dense", "auto"),
         )
         spikes, u, compact = _run(x if conv is not None else time_split(x, steps), u0, call, conv)
         if membranes is not None:

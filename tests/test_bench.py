@@ -119,16 +119,12 @@ def test_shape_presets_and_overrides():
         parse_args(["--img_size", "1", "2", "3"])
 
 
-def test_dilated_switch_is_set_for_this_device_and_reported(monkeypatch):
-    switch = {"cuda-lowp": True}
-    monkeypatch.setattr(bench.convolution, "DILATED_AS_DENSE", switch, raising=False)
-    assert bench.set_dilated_as_dense(None, torch.device("cuda")) is True  # not given: the module's default
-    assert bench.set_dilated_as_dense("off", torch.device("cuda")) is False and switch == {"cuda-lowp": False}
-    assert bench.set_dilated_as_dense(None, torch.device("cpu")) is False  # a missing key is off
-    monkeypatch.delattr(bench.convolution, "DILATED_AS_DENSE")
-    assert bench.set_dilated_as_dense(None, torch.device("cpu")) is None
-    with pytest.raises(SystemExit):
-        bench.set_dilated_as_dense("on", torch.device("cpu"))
+def test_dilated_as_dense_reaches_the_model_config_only_when_given():
+    assert "dilated_as_dense" not in bench.model_config(parse_args([]), "snn")
+    cfg = bench.model_config(parse_args(["--dilated_as_dense", "on"]), "snn")
+    assert cfg["dilated_as_dense"] == "on"
+    model = build_model(cfg)
+    assert {unit.conv.dense for unit in model.conv_units()} == {"on"}
 
 
 def test_counter_on_a_real_cpu_profile_sees_the_ops_and_no_gpu_work():

@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import models.convolution as convolution
 from models import build_model
 from models.convolution import (
     Conv2d,
@@ -19,6 +18,7 @@ from models.convolution import (
     conv2d,
     conv_backward,
     conv_plan,
+    dilated_strategy,
     kernel_exceeds_input,
     overlapping_taps,
     phase_conv2d,
@@ -152,13 +152,6 @@ def test_overlapping_taps_are_those_reading_inside_the_input():
             assert list(range(first, last + 1)) == reading, (k, d, p, size)
 
 
-@pytest.fixture
-def phases_on_cpu(monkeypatch):
-    """Step 2 for CPU tensors in every dtype (it is on only for CUDA in bf16 / fp16)."""
-    monkeypatch.setitem(convolution.DILATED_AS_DENSE, "cpu", True)
-    monkeypatch.setitem(convolution.DILATED_AS_DENSE, "cpu-lowp", True)
-
-
 def convolutions_run(fn):
     """fn's result and the (weight shape, padding, dilation) of each convolution it runs, backward included."""
     aten = torch.ops.aten
@@ -219,10 +212,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_conv2d_equals_pytorchs_convolution(case, phases_on_cpu):
+def test_conv2d_equals_pytorchs_convolution(case):
     size, kernel, padding, dilation, kept, phases, channels_last = CASES[case]
-    convs = assert_conv_equal(
-        lambda x, w, b: conv2d(x, w, b, 1, padding, dilation), size, kernel, padding, dilation, channels_last
+    convs = assert_conv_equal(  # step 2 forced on (by default it is on only for CUDA in bf16 / fp16)
+        lambda x, w, b: conv2d(x, w, b, 1, padding, dilation, dense="on"),
+        size,
+        kernel,
+        padding,
+        dilation,
+        channels_last,
     )
     # The convolutions run are those of the overlapping taps only (forward and backward), dense if step 2.
     expected_dilation = tuple(1 if k == 1 or phases else dilation for k in kept)
@@ -275,23 +273,28 @@ def test_phase_conv2d_is_the_dilated_convolution(size, dilation, padding, channe
     )
 
 
-def test_phases_follow_the_switch_and_the_padding(monkeypatch):
+def test_phases_follow_the_setting_and_the_padding():
     x, weight = torch.randn(1, 2, 9, 9), torch.randn(2, 2, 3, 3)
-    assert conv_plan(x, weight, 1, 2, 2, 1) is None  # default: step 2 only on CUDA in bf16 / fp16
-    monkeypatch.setitem(convolution.DILATED_AS_DENSE, "cpu-lowp", True)
-    assert conv_plan(x, weight, 1, 2, 2, 1) is None  # fp32
-    assert conv_plan(x.bfloat16(), weight.bfloat16(), 1, 2, 2, 1).phases
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's dtype, not the tensor's
-        assert conv_plan(x, weight, 1, 2, 2, 1).phases
-        assert conv_plan(x, weight, 1, 3, 2, 1) is None  # padding not a multiple of the dilation
-        assert conv_plan(x, weight, 2, 2, 2, 1) is None  # strided
-        assert conv_plan(x, weight, 1, 1, 1, 1) is None  # not dilated
+    assert conv_plan(x, weight, 1, 2, 2, 1) is None  # auto: step 2 only on CUDA in bf16 / fp16
+    assert conv_plan(x.bfloat16(), weight.bfloat16(), 1, 2, 2, 1) is None
+    assert conv_plan(x, weight, 1, 2, 2, 1, "on").phases
+    assert conv_plan(x.bfloat16(), weight.bfloat16(), 1, 2, 2, 1, "off") is None
+    assert dilated_strategy(x, "auto") == "dilated" and dilated_strategy(x, "on") == "phases"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv_plan(x, weight, 1, 2, 2, 1) is None
+        assert conv_plan(x, weight, 1, 2, 2, 1, "on").phases
+        assert conv_plan(x, weight, 1, 3, 2, 1, "on") is None  # padding not a multiple of the dilation
+        assert conv_plan(x, weight, 2, 2, 2, 1, "on") is None  # strided
+        assert conv_plan(x, weight, 1, 1, 1, 1, "on") is None  # not dilated
+    with pytest.raises(ValueError, match="dilated_as_dense must be one of"):
+        conv_plan(x, weight, 1, 2, 2, 1, "sometimes")
 
 
 @pytest.mark.parametrize("size", [(16, 16), (12, 12), (5, 13)])
-def test_conv2d_module_through_the_phases(size, phases_on_cpu):
+def test_conv2d_module_through_the_phases(size):
     """Conv2d with step 2 forced on: autograd through it (not _Conv2dFunction), PyTorch's results."""
     conv = Conv2d(3, 4, 3, padding=12, dilation=12).double()
+    conv.dense = "on"
     out = conv(torch.randn(1, 3, *size, dtype=torch.float64, requires_grad=True))
     assert not out.grad_fn.name().startswith(_Conv2dFunction.__name__)
 
@@ -309,10 +312,10 @@ def relative_error(got, want):
 
 @pytest.mark.parametrize("phases", [False, True])
 @pytest.mark.parametrize("size", [(16, 16), (12, 12)])
-def test_bf16_autocast_is_close_to_fp32(size, phases, monkeypatch):
-    monkeypatch.setitem(convolution.DILATED_AS_DENSE, "cpu-lowp", phases)
+def test_bf16_autocast_is_close_to_fp32(size, phases):
     torch.manual_seed(4)
     conv = Conv2d(16, 8, 3, padding=12, dilation=12).to(memory_format=torch.channels_last)
+    conv.dense = "on" if phases else "off"
     x = torch.randn(2, 16, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
     params = (x, conv.weight, conv.bias)
     expected = F.conv2d(x, conv.weight, conv.bias, 1, 12, 12)
@@ -349,13 +352,13 @@ def kernel_ops(fn):
     return out, log
 
 
-def test_phases_add_four_copies_each_way_for_deeplabs_atrous_layer(monkeypatch):
+def test_phases_add_four_copies_each_way_for_deeplabs_atrous_layer():
     """dl-vgg9's atrous layer (no bias) on a 16x16 map under bf16 autocast: the ops step 2 adds."""
     conv = Conv2d(8, 16, 3, padding=12, dilation=12, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(2, 8, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
     counts = {}
     for phases in (False, True):
-        monkeypatch.setitem(convolution.DILATED_AS_DENSE, "cpu-lowp", phases)
+        conv.dense = "on" if phases else "off"
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, forward = kernel_ops(lambda: conv(x))
         grad_out = torch.ones_like(out)

@@ -5,6 +5,7 @@ import pytest
 import setup
 import train
 from tests.conftest import REPO, run_script
+from utils.config import SCHEMA
 
 
 def resolve(argv):
@@ -236,6 +237,9 @@ def test_build_model_refuses_keys_of_no_section():
         models.build_model({"leak_mme": 0.5})
     with pytest.raises(ValueError, match="unknown neuron_backend 'cuda'; choices: auto, torch, triton"):
         models.build_model({"neuron_backend": "cuda"})
-    # keys of the other sections pass: build_model takes a run's whole flat config
-    cfg = models.resolve_model_config({"model_type": "ann", "num_classes": 4, "dataset": "synthetic", "lr": 0.1})
+    # keys of the run's other sections pass where the caller names them (a run's whole flat config)
+    run = {"model_type": "ann", "num_classes": 4, "dataset": "synthetic", "lr": 0.1}
+    with pytest.raises(ValueError, match=r"unknown config key\(s\): 'dataset', 'lr'"):
+        models.resolve_model_config(run)
+    cfg = models.resolve_model_config(run, SCHEMA)
     assert cfg["lr"] == 0.1 and cfg["neuron_backend"] == "auto"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from data.corruptions import apply_corruption
 from utils import plots
+from utils.checkpoint import load_model
 from utils.energy import AC_ENERGY_PJ, MAC_ENERGY_PJ, OpCounter
 from utils.evaluation import to_model_input
 
@@ -109,8 +111,6 @@ def parse_factors(text: str) -> list:
 
 
 def load_compared_model(ctx):
-    from utils.checkpoint import load_model
-
     model = load_model(ctx.args.compare).to(ctx.device)
     cfg = model.config
     for key in ("num_classes", "in_channels"):
@@ -276,8 +276,6 @@ class CorruptInputs:
     """
 
     def __init__(self, kind: str, factor: float, dataset: str, seed: int = 0):
-        from data.corruptions import apply_corruption
-
         self.apply = apply_corruption
         self.kind, self.factor, self.dataset, self.seed = kind, float(factor), dataset, int(seed)
         self.seen = 0

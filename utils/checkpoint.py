@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from models import build_model
+from utils.config import SCHEMA
 from utils.files import atomic_write
 
 FORMAT = "snnseg-1"
@@ -143,12 +145,9 @@ def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
 
 def build_model_from_checkpoint(checkpoint: dict, source, overrides: dict | None = None) -> torch.nn.Module:
     """Rebuild the model from the checkpoint's config (plus overrides) and load its weights."""
-    from models import build_model  # imported here so that utils does not need models at import time
-    from utils.config import SCHEMA
-
     # Keys of older versions are dropped; the weights come from the checkpoint, not from 'pretrained'.
     config = {k: v for k, v in {**checkpoint["config"], **(overrides or {})}.items() if k in SCHEMA}
-    model = build_model({**config, "pretrained": None})
+    model = build_model({**config, "pretrained": None}, SCHEMA)
     load_state(model, checkpoint["state_dict"], source, config)
     return model.eval()
 

@@ -1,8 +1,9 @@
 """Configuration: one schema for every key, YAML files as defaults, one flat resolved dict.
 
-SCHEMA declares each key once: its section (model, data or train), default, type, help, choices and
-accepted range. Everything else is derived from it: the flags of train.py, the reading of YAML files
-and checkpoint configs, models.MODEL_DEFAULTS, the data package's defaults and the validation.
+Each layer declares its own keys (``utils/keys.py`` is their vocabulary): the model's in
+``models/config.py``, the data's in ``data/registry.py`` and each dataset's spec, the training run's
+here. This module assembles them into SCHEMA, from which everything else is derived: the flags of
+train.py, the reading of YAML files and checkpoint configs, and the validation.
 
 Precedence (later wins): SCHEMA defaults < the checkpoint's config when resuming < --config FILE.yaml
 < command-line flags. Every key is a flag, spelled with underscores (`--leak_mem`, as in the paper's
@@ -12,186 +13,32 @@ Values are checked before any work: a bad one is one line naming the key and wha
 
 import argparse
 import difflib
-import importlib
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+import data
+from data import registry
+from models.config import MODEL_KEYS, resolve_model_config
+from utils import keys
 from utils.allocator import POLICIES
+from utils.files import atomic_write_bytes
+from utils.keys import (  # noqa: F401  (re-exported: the readers of values used by the scripts)
+    ABOVE_ZERO,
+    NATIVE_SIZE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Interval,
+    Key,
+    parse_mapping,
+    parse_size,
+    str2bool,
+)
 
-NATIVE_SIZE = -1  # img_size of "the images as they are" in configs (YAML, checkpoints)
-
-
-@dataclass(frozen=True)
-class Interval:
-    """The accepted range of a number; an open end excludes its bound."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def __contains__(self, value) -> bool:
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def describe(self, kind) -> str:
-        if kind is int and self.high is None and self.low == 1 and not self.low_open:
-            return "a positive integer"
-        noun = "an integer" if kind is int else "a finite number"
-        if self.high is None:
-            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
-        return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-
-POSITIVE = Interval(1)
-NON_NEGATIVE = Interval(0)
-ABOVE_ZERO = Interval(0, low_open=True)
-
-
-@dataclass(frozen=True)
-class Key:
-    name: str
-    section: str  # 'model', 'data' or 'train'
-    default: object
-    kind: object  # bool, int, float, str, 'size', 'intlist' or 'mapping'
-    help: str
-    choices: object = None  # a tuple, or a callable returning the names of a registry
-    interval: Interval | None = None
-    optional: bool = False  # None is a value of its own (e.g. num_train None: every sample)
-    execution: bool = False  # how the model runs, not what it computes: may differ on resume and load
-    snn_only: bool = False  # means nothing to an ANN
-    derived: bool = False  # follows from the dataset; never set by hand
-
-    def allowed(self):
-        return tuple(self.choices() if callable(self.choices) else self.choices)
-
-
-def _registry(module, name):
-    """Choices read from a registry when needed (importing models or data here would be circular)."""
-    return lambda: sorted(getattr(importlib.import_module(module), name))
-
-
-_M, _D, _T = "model", "data", "train"
-SCHEMA = {
-    key.name: key
-    for key in [
-        Key("model_type", _M, "snn", str, "snn (spiking) or ann (its analog twin)", ("snn", "ann")),
-        Key("arch", _M, "dl-vgg9", str, "architecture", _registry("models", "ARCHITECTURES")),
-        Key("in_channels", _M, 3, int, "input channels (from the dataset)", interval=POSITIVE, derived=True),
-        Key("num_classes", _M, 21, int, "classes (from the dataset)", interval=POSITIVE, derived=True),
-        Key("img_size", _M, [64, 64], "size", "input size: one int (square), H W, or -1 for the native size"),
-        Key("timesteps", _M, 20, int, "number of SNN timesteps T", interval=POSITIVE, snn_only=True),
-        Key(
-            "leak_mem",
-            _M,
-            0.99,
-            float,
-            "membrane leak per timestep (1 = no leak)",
-            interval=Interval(0, 1, low_open=True),
-            snn_only=True,
-        ),
-        Key("def_threshold", _M, 1.0, float, "firing threshold", interval=ABOVE_ZERO, snn_only=True),
-        Key(
-            "surrogate",
-            _M,
-            "linear",
-            str,
-            "surrogate gradient of the spike",
-            _registry("models", "SURROGATES"),
-            snn_only=True,
-        ),
-        Key("surrogate_params", _M, {}, "mapping", "surrogate parameters, e.g. '{gamma: 0.3}'", snn_only=True),
-        Key("bn", _M, True, bool, "batch norm through time (one statistic per timestep)"),
-        Key(
-            "encoder",
-            _M,
-            "poisson",
-            str,
-            "input coding: poisson (rate), direct (analog) or sequence (thl)",
-            _registry("models", "ENCODERS"),
-            snn_only=True,
-        ),
-        Key(
-            "full_prop",
-            _M,
-            False,
-            bool,
-            "SNN: extra zero-input steps so that the last input reaches the output",
-            snn_only=True,
-        ),
-        Key("leaky", _M, False, bool, "leaky ReLU (slope alpha) instead of ReLU"),
-        Key("alpha", _M, 0.1, float, "leaky ReLU slope", interval=ABOVE_ZERO),
-        Key("pretrained", _M, None, str, "local torchvision VGG weights (.pth) for the backbone", optional=True),
-        Key(
-            "memory_saving",
-            _M,
-            False,
-            bool,
-            "replay blocks of memory_block timesteps in backward, recomputing each spiking conv",
-            execution=True,
-        ),
-        Key(
-            "memory_block",
-            _M,
-            4,
-            int,
-            "timesteps per replayed block (memory_saving)",
-            interval=POSITIVE,
-            execution=True,
-        ),
-        Key("compile", _M, False, bool, "fuse the neurons' elementwise steps with torch.compile", execution=True),
-        Key("conv_bias", _M, False, bool, "conv biases (SNNs converted from ANNs carry the folded BN there)"),
-        Key(
-            "readout",
-            _M,
-            "mean",
-            str,
-            "output over T: mean, or sum (the paper code's FCN SNN)",
-            ("mean", "sum"),
-            snn_only=True,
-        ),
-        Key(
-            "neuron_backend",
-            _M,
-            "auto",
-            str,
-            "execution backend of the LIF neurons: auto (Triton kernels on CUDA "
-            "when Triton imports, else torch), torch, or triton",
-            ("auto", "torch", "triton"),
-            execution=True,
-        ),
-        Key("dataset", _D, "voc2012", str, "dataset", _registry("data", "DATASETS")),
-        Key("data_root", _D, None, str, "dataset folder (voc2012, ddd17)", optional=True),
-        Key("augment", _D, False, bool, "random flips, crops / affine transforms of the training split"),
-        Key("thl", _D, False, bool, "target history learning: the T frames before each label, one per timestep"),
-        Key("channels", _D, [0, 1], "intlist", "event channels (0-5) of ddd17 / synthetic-events"),
-        Key("train_split", _D, "train", str, "voc2012 training list: train, train_aug, trainval or a list file"),
-        Key(
-            "num_train",
-            _D,
-            None,
-            int,
-            "synthetic datasets: training samples (default: the dataset's own)",
-            interval=POSITIVE,
-            optional=True,
-        ),
-        Key(
-            "num_val",
-            _D,
-            None,
-            int,
-            "synthetic datasets: validation samples (default: the dataset's own)",
-            interval=POSITIVE,
-            optional=True,
-        ),
-        Key("seq_len", _D, 20, int, "synthetic-events: frames per sequence", interval=POSITIVE),
-        Key("void_to_background", _D, False, bool, "voc2012 training: void (255) becomes background, as in the paper"),
-        Key("datalist", _D, None, str, "ddd17 training: a list of the frames to train on", optional=True),
+_T = "train"
+TRAIN_KEYS = keys.key_table(
+    [
         Key("batch_size", _T, 16, int, "images per batch (per process)", interval=POSITIVE),
         Key("epochs", _T, 60, int, "training epochs", interval=POSITIVE),
         Key("lr", _T, 1e-3, float, "learning rate", interval=ABOVE_ZERO),
@@ -225,16 +72,14 @@ SCHEMA = {
             POLICIES,
         ),
     ]
-}
-
-EVENT_DATASETS = ("ddd17", "synthetic-events")
-SYNTHETIC_DATASETS = ("synthetic", "synthetic-events")
+)
+SCHEMA = keys.key_table(MODEL_KEYS.values(), registry.data_keys().values(), TRAIN_KEYS.values())
 
 
 def defaults(section: str | None = None, derived: bool = True) -> dict:
     """Default of every key (of one section)."""
     return {
-        k.name: _copy(k.default)
+        k.name: k.default_value()
         for k in SCHEMA.values()
         if (section is None or k.section == section) and (derived or not k.derived)
     }
@@ -245,101 +90,9 @@ def all_defaults() -> dict:
     return defaults(derived=False)
 
 
-def _copy(value):
-    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
-
-
-# ----------------------------------------------------------------------------- parsing values
-def str2bool(text) -> bool:
-    if isinstance(text, bool):
-        return text
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise ValueError(f"expected a boolean (true/false/1/0), got {text!r}")
-
-
-def parse_mapping(text) -> dict:
-    if isinstance(text, dict):
-        return dict(text)
-    try:
-        value = yaml.safe_load(text) if isinstance(text, str) else None
-    except yaml.YAMLError:
-        value = None
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping such as '{{gamma: 0.3}}', got {text!r}")
-    return value
-
-
-def parse_size(value):
-    """The one reader of image sizes: int, [s], [h, w] (or strings of them) -> [h, w]; None, -1 or [-1]
-    -> None, the native size. Anything else (0, other negatives, three numbers) is an error."""
-    if value is None:
-        return None
-    sizes = list(value) if isinstance(value, (list, tuple)) else [value]
-    try:
-        sizes = [_to_int(s) for s in sizes]
-    except ValueError:
-        sizes = None
-    if sizes == [NATIVE_SIZE]:
-        return None
-    if not sizes or len(sizes) > 2 or min(sizes) < 1:
-        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-        raise ValueError(
-            f"img_size must be one positive int (square), two (H W), or -1 for the native size, got {shown}"
-        )
-    return sizes * 2 if len(sizes) == 1 else sizes  # one number: a square
-
-
-def _to_int(value) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got {value!r}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
-        return int(value)
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"expected an integer, got {value!r}") from None
-
-
-def _to_float(value) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {value!r}") from None
-
-
-def _to_str(value) -> str:
-    if isinstance(value, (list, tuple, dict)):
-        raise ValueError(f"expected a single value, got {value!r}")
-    return str(value)
-
-
-_CONVERTERS = {
-    bool: str2bool,
-    int: _to_int,
-    float: _to_float,
-    str: _to_str,
-    "mapping": parse_mapping,
-    "size": lambda v: parse_size(v) or NATIVE_SIZE,
-    "intlist": lambda v: [_to_int(x) for x in (v if isinstance(v, (list, tuple)) else [v])],
-}
-
-
 def coerce(name: str, value):
     """A value from a flag, a YAML file or a checkpoint as the key's type (YAML reads 1e-3 as a string)."""
-    key = SCHEMA[name]
-    if value is None and (key.optional or key.kind == "size"):
-        return None if key.optional else NATIVE_SIZE
-    if value is None:
-        raise ValueError("needs a value, got null")
-    return _CONVERTERS[key.kind](value)
+    return keys.coerce(SCHEMA[name], value)
 
 
 # ----------------------------------------------------------------------------- checking values
@@ -356,21 +109,7 @@ def check_known(config: dict, source="config"):
 
 def check_value(name: str, value):
     """ValueError naming the key and what it accepts, if `value` (already coerced) is not allowed."""
-    key = SCHEMA[name]
-    if value is None and key.optional:
-        return
-    if key.choices is not None and value not in key.allowed():
-        raise ValueError(f"unknown {name} {value!r}; choices: {', '.join(map(str, key.allowed()))}")
-    if key.kind in (int, float) and (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or (key.interval and value not in key.interval)
-    ):
-        rule = key.interval.describe(key.kind) if key.interval else "a finite number"
-        raise ValueError(f"{name!r} must be {rule}, got {value!r}")
-    if key.kind == "size" and value != NATIVE_SIZE:
-        parse_size(value)
+    keys.check_value(SCHEMA[name], value)
 
 
 def check_values(config: dict, section: str | None = None):
@@ -380,38 +119,23 @@ def check_values(config: dict, section: str | None = None):
 
 
 def check_combinations(config: dict):
-    """Settings that are each fine but mean nothing together."""
-    dataset = config["dataset"]
-    if dataset in EVENT_DATASETS:
-        from data.ddd17 import check_channels
-
-        check_channels(config["channels"])
-    if config["thl"] and dataset not in EVENT_DATASETS:
+    """Settings that are each fine but mean nothing together (the dataset's own rules: its spec's check)."""
+    spec = registry.get(config["dataset"])
+    if config["thl"] and spec.modality != registry.EVENTS:
         raise ValueError(
-            f"thl (target history learning) needs an event dataset ({', '.join(EVENT_DATASETS)}); "
-            f"dataset is {dataset!r}"
+            f"thl (target history learning) needs an event dataset ({', '.join(registry.names(registry.EVENTS))}); "
+            f"dataset is {spec.name!r}"
         )
     if config["thl"] and config["model_type"] != "snn":
         raise ValueError("thl feeds one frame per timestep and needs model_type snn")
     if config["encoder"] == "sequence" and not config["thl"]:
         raise ValueError("encoder 'sequence' feeds one frame per timestep and needs --thl true (event data)")
-    if config["thl"] and dataset == "synthetic-events" and config["timesteps"] > config["seq_len"]:
-        raise ValueError(
-            f"thl with synthetic-events needs timesteps <= seq_len, got {config['timesteps']} > {config['seq_len']}"
-        )
-    only = {
-        "num_train": SYNTHETIC_DATASETS,
-        "num_val": SYNTHETIC_DATASETS,
-        "seq_len": ("synthetic-events",),
-        "void_to_background": ("voc2012",),
-        "datalist": ("ddd17",),
-        "data_root": ("voc2012", "ddd17"),
-    }
-    for name, datasets in only.items():
-        if dataset not in datasets and config[name] not in (None, False, SCHEMA[name].default):
-            raise ValueError(f"{name} applies to {' and '.join(datasets)} only; dataset is {dataset!r}")
-    if dataset != "voc2012" and config["train_split"] != "train":
-        raise ValueError(f"train_split applies to voc2012 only; dataset is {dataset!r}")
+    for name in registry.data_keys():
+        readers = registry.datasets_reading(name)
+        if spec.name not in readers and config[name] not in (None, False, SCHEMA[name].default):
+            raise ValueError(f"{name} applies to {' and '.join(readers)} only; dataset is {spec.name!r}")
+    if spec.check is not None:
+        spec.check(config)
 
 
 # ----------------------------------------------------------------------------- flags and files
@@ -515,9 +239,6 @@ def merge_config(*layers: dict) -> dict:
 def validate_and_derive(config: dict) -> dict:
     """Check every value and combination, then fill the keys that follow from others
     (in_channels, num_classes, name). Nothing here reads data."""
-    import data
-    from models import resolve_model_config
-
     config = dict(config)
     check_values(config)
     # THL feeds T consecutive frames, one per timestep: that is the 'sequence' encoder.
@@ -527,7 +248,7 @@ def validate_and_derive(config: dict) -> dict:
     info = data.dataset_info(config["dataset"], config)
     config["in_channels"] = int(info["in_channels"])
     config["num_classes"] = int(info["num_classes"])
-    config = resolve_model_config(config)  # the model's own rules (surrogate parameters, full_prop)
+    config = resolve_model_config(config, SCHEMA)  # the model's own rules (surrogate parameters, full_prop)
     if not config.get("name"):
         config["name"] = default_run_name(config)
     check_name(config["name"])
@@ -546,6 +267,4 @@ def default_run_name(config: dict) -> str:
 
 
 def save_config_yaml(config: dict, path):
-    from utils.files import atomic_write_bytes
-
     atomic_write_bytes(path, yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True).encode())

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+import data
 from models.conversion import (
     CONVERSION_ENCODERS,
     THRESHOLD_TYPES,
@@ -145,8 +146,6 @@ def _check_args(args, cfg):
 
 def calibration_batches(cfg: dict, count: int, seed: int, device) -> list:
     """The first `count` shuffled batches of the training split, without augmentation."""
-    import data
-
     train_set = data.build_dataset({**cfg, "augment": False}, "train")
     loader = DataLoader(
         train_set,

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from models.neurons import LIF
+
 MAC_ENERGY_PJ = 4.6  # 32-bit float multiply-add, 45 nm (Horowitz 2014)
 AC_ENERGY_PJ = 0.9  # 32-bit float add, 45 nm
 PJ_TO_MJ = 1e-9
@@ -167,8 +169,6 @@ class OpCounter:
 
     # ------------------------------------------------------------------------------------------ hooks
     def __enter__(self):
-        from models.neurons import LIF
-
         self._handles.append(self.model.register_forward_pre_hook(self._start_forward))
         for name, module in self.model.named_modules():
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):

@@ -21,8 +21,11 @@ from pathlib import Path
 
 import torch
 
+from models import ARCHITECTURES, MODEL_DEFAULTS, build_model
+from models.conversion import THRESHOLD_TYPES
+from models.network import SkipScore
 from utils.checkpoint import FORMAT
-from utils.config import NATIVE_SIZE, parse_size
+from utils.config import NATIVE_SIZE, SCHEMA, all_defaults, parse_size
 
 PAPER_SCORE_PREFIXES = ("scores_", "skips_")  # the paper's code writes scores_*; skips_* is accepted too
 
@@ -90,9 +93,6 @@ def check_paper_checkpoint(checkpoint, path) -> dict:
 # ------------------------------------------------------------------------------------------ config
 def translate_config(paper: dict, path) -> dict:
     """Our full flat config for the paper's setup() config."""
-    from models import ARCHITECTURES, MODEL_DEFAULTS
-    from utils.config import all_defaults
-
     model_type = paper["model_type"]
     if model_type not in ("ann", "snn"):
         raise ValueError(f"{path}: config model_type must be 'ann' or 'snn', got {model_type!r}")
@@ -146,8 +146,6 @@ def _size(value, path):
 # -------------------------------------------------------------------------------------- state dict
 def map_state_dict(paper_state: dict, model, path) -> dict:
     """Our state dict for ``model`` (built from the translated config) from the paper's tensors."""
-    from models.network import SkipScore
-
     ours = model.state_dict()
     source = dict(paper_state)
     mapped = {}
@@ -234,8 +232,6 @@ def _skip_positions(model, skip_type):
 # -------------------------------------------------------------------------------------- checkpoint
 def check_nested_thresholds(thresholds, path) -> dict:
     """thresholds[type][str(T)] = list, as ours; the paper's older flat {T: list} is named as such."""
-    from models.conversion import THRESHOLD_TYPES
-
     if not isinstance(thresholds, dict):
         raise ValueError(f"{path}: 'thresholds' must be a dict, found a {type(thresholds).__name__}")
     for kind, table in thresholds.items():
@@ -261,7 +257,6 @@ def check_nested_thresholds(thresholds, path) -> dict:
 
 def import_paper_checkpoint(checkpoint: dict, path) -> dict:
     """Our checkpoint dict for a loaded checkpoint of the paper's repository."""
-    from models import build_model
 
     check_paper_checkpoint(checkpoint, path)
     cfg = translate_config(checkpoint["config"], path)
@@ -270,7 +265,7 @@ def import_paper_checkpoint(checkpoint: dict, path) -> dict:
         # The paper's "convert state_dict" mode drops BN: such weights run without it.
         print(f"{path}: no BN tensors in the state dict (a converted state dict?): importing with bn false")
         cfg["bn"] = False
-    model = build_model(cfg)
+    model = build_model(cfg, SCHEMA)
     result = {
         "format": FORMAT,
         "config": cfg,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from data.visualize import render_grid, render_sample
+
 MIN_ROW_HEIGHT = 128
 
 
@@ -20,8 +22,6 @@ def upscale_factor(height: int) -> int:
 
 def prediction_grid(samples, dataset: str) -> Image.Image:
     """samples: (x, prediction, target) per image -> one grid, enlarged for small images."""
-    from data.visualize import render_grid, render_sample
-
     rows = [render_sample(x, target, dataset, pred=prediction) for x, prediction, target in samples]
     if not rows:
         raise ValueError("no images to draw: the split is empty or --num_pictures is 0")
