@@ -64,7 +64,7 @@ def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: st
         raise ValueError(f"conversion encoder must be one of {list(CONVERSION_ENCODERS)}, got {encoder!r}")
     if int(timesteps) < 1:
         raise ValueError(f"conversion timesteps must be >= 1, got {timesteps}")
-    return {
+    cfg = {
         **ann_cfg,
         "model_type": "snn",
         "timesteps": int(timesteps),
@@ -75,9 +75,11 @@ def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: st
         "readout": "mean",
         "full_prop": False,
         "def_threshold": 1.0,
-        "thl": False,
         "pretrained": None,
     }
+    if "thl" in ann_cfg:  # a run's config: the converted SNN reads single frames, never a history
+        cfg["thl"] = False
+    return cfg
 
 
 def convert_ann(

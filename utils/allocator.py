@@ -2,24 +2,21 @@
 
 PyTorch's CPU tensors come from malloc. glibc's default maps each block over 32 MB fresh from the
 kernel and unmaps it on free (so every step faults those pages in again), and serves smaller blocks
-from a heap that it can only shrink from the top: freed 8-32 MB blocks stay resident between live
-ones. For spiking dl-vgg9 (T=10, batch 4, 64x64) on this project's 2-core CPU the heap holds 250-300
-MB beyond the live tensors after 20 steps. The policies (``--cpu_malloc``; docs/performance.md):
+from a heap that it can only shrink from the top, so freed 8-32 MB blocks stay resident between live
+ones. The policies (``--cpu_malloc``; their measured cost in time and memory: docs/performance.md):
 
-- ``balanced``: map every block over 8 MB on its own (``M_MMAP_THRESHOLD = 8 MB``, which also stops
-  glibc from raising that threshold as blocks are freed): freed large blocks go back to the kernel,
-  the heap stays small. 1.04 GB instead of 1.17 GB after 20 steps, for 15-25 % slower steps.
+- ``balanced``: map every block over 8 MB on its own (``M_MMAP_THRESHOLD``, which also stops glibc
+  from raising that threshold as blocks are freed): freed large blocks go back to the kernel.
 - ``default``: glibc as it is.
 - ``keep``: serve every block from the heap and never hand freed memory back (``M_MMAP_MAX = 0``,
-  trim threshold at its maximum): after the first step no page is faulted again. The fastest steps,
-  the most memory.
-- ``release``: map every block over 1 MB on its own (``M_MMAP_THRESHOLD = 1 MB``): the least memory
-  (0.98 GB), for about 50 % slower steps.
+  trim threshold at its maximum): the fastest steps, the most memory.
+- ``release``: map every block over 1 MB on its own: the least memory, the slowest steps.
 - ``auto`` (the default): ``release`` in memory-saving mode, whose user has chosen memory over time,
   else ``balanced``; glibc's default where the C library has no mallopt.
 
-mallopt is process-wide and only exists in glibc; elsewhere a policy other than ``default`` and
-``auto`` is refused with an error rather than ignored. Python has no binding for it, hence ctypes.
+mallopt is process-wide (the heap is the process's) and only exists in glibc; elsewhere a policy other
+than ``default`` and ``auto`` is refused with an error rather than ignored. Python has no binding for
+it, hence ctypes.
 """
 
 import ctypes
