@@ -32,12 +32,15 @@ def test_kernels_compile_for_sm90_with_exact_division_and_no_fma(tmp_path):
         "_bn_grad_kernel",
     }
     assert set(report["compiled"]) == kernels and not report["failed"]
+    # Both resets (the constexpr HARD_RESET) of both LIF kernels.
+    assert report["resets"] == {name: [False, True] for name in ("_lif_backward_kernel", "_lif_forward_kernel")}
     # Spikes compare a correctly rounded u / theta with 1, and leak * u + I rounds twice (as torch does).
-    assert report["forward_ptx"] == {"div.rn.f32": True, "fma.rn.f32": False}
+    # The three forwards with a float32 membrane: float32 and bf16 x, both resets.
+    assert report["forward_ptx"] == [{"div.rn.f32": True, "fma.rn.f32": False}] * 3
 
 
 # ------------------------------------------------------------------- the subprocess (interpreter off)
-def _record_launches(lif_triton):
+def _record_launches(launch):
     """Replace each kernel by a recorder of (kernel, arguments), then drive the backend on CPU tensors."""
     import torch
 
@@ -59,10 +62,10 @@ def _record_launches(lif_triton):
         "_lif_backward_kernel",
         "_bn_grad_kernel",
     ):
-        setattr(lif_triton, name, Recorder(getattr(lif_triton, name)))
-    lif_triton._INTERPRETED = True  # let the host code run on CPU tensors; nothing is launched
+        setattr(launch, name, Recorder(getattr(launch, name)))
+    launch._INTERPRETED = True  # let the host code run on CPU tensors; nothing is launched
 
-    def drive(dtype, theta, theta_neg, surrogate):
+    def drive(dtype, theta, theta_neg, surrogate, hard_reset):
         steps, n, c, h, w = 3, 2, 8, 4, 4
         x = torch.randn(steps * n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
         x = x.view(steps, n, c, h, w)
@@ -75,15 +78,16 @@ def _record_launches(lif_triton):
             eps=1e-4,
             steps=2,
         )
-        params = types.SimpleNamespace(leak=0.9, theta=theta, theta_neg=theta_neg, surrogate=get_surrogate(surrogate))
-        u0 = torch.zeros(x[0].shape, dtype=torch.float32)
-        spikes, compact, u, mean, invstd = lif_triton.forward(x, u0, params, bn, True)
-        lif_triton.backward(
-            x, u0, compact, mean, invstd, bn.weight, torch.ones_like(x), torch.zeros_like(u), params, bn
+        params = types.SimpleNamespace(
+            leak=0.9, theta=theta, theta_neg=theta_neg, surrogate=get_surrogate(surrogate), hard_reset=hard_reset
         )
+        u0 = torch.zeros(x[0].shape, dtype=torch.float32)
+        spikes, compact, u, mean, invstd = launch.forward(x, u0, params, bn, True)
+        launch.backward(x, u0, compact, mean, invstd, bn.weight, torch.ones_like(x), torch.zeros_like(u), params, bn)
 
-    drive(torch.float32, 0.5, None, "linear")
-    drive(torch.bfloat16, torch.rand(8, 1, 1) + 0.5, -0.7, "atan")
+    drive(torch.float32, 0.5, None, "linear", False)
+    drive(torch.bfloat16, torch.rand(8, 1, 1) + 0.5, -0.7, "atan", False)
+    drive(torch.float32, torch.rand(8, 4, 4) + 0.5, -0.7, "sigmoid", True)
     return calls
 
 
@@ -109,10 +113,10 @@ def _compile_all():
     from triton.compiler import ASTSource
 
     sys.path.insert(0, str(REPO))
-    from models import lif_triton
+    from models.triton import launch
 
-    compiled, failed, forward_ptx = set(), [], None
-    for kernel, args, kwargs in _record_launches(lif_triton):
+    compiled, failed, forward_ptx, resets = set(), [], [], {}
+    for kernel, args, kwargs in _record_launches(launch):
         signature, constants = _signature(kernel, args, kwargs)
         options = {key: kwargs[key] for key in ("num_warps", "enable_fp_fusion") if key in kwargs}
         for key in options:
@@ -125,9 +129,12 @@ def _compile_all():
             failed.append(f"{kernel.__name__}: {error!r}"[:2000])
             continue
         compiled.add(kernel.__name__)
+        if "HARD_RESET" in constants:
+            resets.setdefault(kernel.__name__, set()).add(constants["HARD_RESET"])
         if kernel.__name__ == "_lif_forward_kernel" and signature.get("u_ptr") == "*fp32":
-            forward_ptx = {op: op in binary.asm["ptx"] for op in ("div.rn.f32", "fma.rn.f32")}
-    print(json.dumps({"compiled": sorted(compiled), "failed": failed, "forward_ptx": forward_ptx}))
+            forward_ptx.append({op: op in binary.asm["ptx"] for op in ("div.rn.f32", "fma.rn.f32")})
+    resets = {name: sorted(values) for name, values in resets.items()}
+    print(json.dumps({"compiled": sorted(compiled), "failed": failed, "forward_ptx": forward_ptx, "resets": resets}))
 
 
 if __name__ == "__main__":
