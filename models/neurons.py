@@ -242,7 +242,7 @@ class Neuron(nn.Module):
             state = (u,)
         if membranes is not None:
             membranes[self] = state
-        if self.recording:
+        if self.recording and not replaying:  # memory-saving mode's replay: counted in the first pass
             self._record(spikes)
         out = spikes.flatten(0, 1)
         if torch.compiler.is_compiling():  # the spike mark is a python attribute on the tensor
