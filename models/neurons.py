@@ -183,9 +183,6 @@ class Neuron(nn.Module):
         check_backend(name, self)
         self.backend = name
 
-    def describe(self) -> str:
-        return self.kind
-
     # ---- forward ----
     def recomputes_conv(self, x: torch.Tensor, norm, wanted: bool) -> bool:
         """Whether this layer should take its convolution's input and recompute the convolution in

@@ -82,3 +82,15 @@ def test_the_op_dispatches_to_the_triton_kernels_by_name():
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert results[0][0].abs().sum() > 0
+
+
+def test_bench_runs_with_compile_flags_and_another_neuron(capsys):
+    import json
+
+    from benchmarks.bench import main
+
+    tiny = ["--timesteps", "2", "--batch_size", "1", "--img_size", "16", "--steps", "1", "--eval_batches", "1"]
+    main([*tiny, "--no_floor", "--no_profile", "--compile", "--compile_model", "--neuron", "if", "--reset", "zero"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["compile"] and result["compile_model"] and (result["neuron"], result["reset"]) == ("if", "zero")
+    assert result["step_s"] > 0

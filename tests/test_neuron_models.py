@@ -316,3 +316,31 @@ def test_resume_with_another_neuron_is_refused():
 
 def test_every_shipped_neuron_is_registered():
     assert {"lif", "if", "plif"} <= set(NEURONS)
+
+
+# -------------------------------------------------------------- whole networks: generic vs the kernels
+def _interpreted_triton():
+    lif_triton = pytest.importorskip("models.lif_triton", reason="triton is not installed")
+    if not lif_triton._INTERPRETED:
+        pytest.skip("runs the triton backend on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)")
+    return lif_triton
+
+
+@pytest.mark.parametrize("arch, neuron", [("dl-vgg9", "lif"), ("fcn-vgg9", "if")])
+def test_triton_kernels_train_like_the_generic_path(arch, neuron):
+    _interpreted_triton()
+    models = twin_models(("generic", "triton"), arch=arch, neuron=neuron, timesteps=2)
+    assert [m.neuron_backend for m in models] == ["generic", "triton"]
+    assert_same_run(models)
+
+
+@pytest.mark.parametrize("arch", ["dl-vgg9", "fcn-vgg9"])
+def test_triton_kernels_hard_reset_or_a_clear_refusal(arch):
+    """Until the kernels declare HARD_RESET, asking for them with reset zero is refused at build
+    (and 'auto' runs the torch loops); once they do, they must train as the generic path does."""
+    lif_triton = _interpreted_triton()
+    if not getattr(lif_triton, "HARD_RESET", False):
+        with pytest.raises(ValueError, match="neuron_backend 'triton' does not support neuron 'lif' with reset zero"):
+            build_model(dict(arch=arch, timesteps=2, reset="zero", neuron_backend="triton"))
+        return
+    assert_same_run(twin_models(("generic", "triton"), arch=arch, reset="zero", timesteps=2))
