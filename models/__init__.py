@@ -1,4 +1,5 @@
-"""Models: LIF neurons, surrogate gradients, input encoders and the ANN/SNN segmentation networks.
+"""Models: spiking neurons (LIF, IF, PLIF; models/neurons.py), surrogate gradients, input encoders and the
+ANN/SNN segmentation networks.
 
 Everything is built from a plain config dict by ``build_model(cfg)``; keys not given take
 ``MODEL_DEFAULTS`` (the paper code's defaults, declared in ``models/config.py``).
@@ -8,7 +9,7 @@ from .architectures import ARCHITECTURES, is_fcn
 from .config import MODEL_DEFAULTS, MODEL_KEYS, model_keys_of, resolve_model_config
 from .encoders import ENCODERS
 from .network import SegmentationNet
-from .neurons import LIF, compile_neuron_kernels, lif_sequence
+from .neurons import IF, LIF, NEURONS, PLIF, RESETS, Neuron, build_neuron, lif_sequence, register_neuron
 from .surrogates import SURROGATES, get_surrogate
 
 
@@ -18,9 +19,7 @@ def build_model(cfg: dict, other_keys=()) -> SegmentationNet:
     ``other_keys``: the names of the run's other settings that ``cfg`` may also hold (kept in
     ``model.config``); any other key that is not a model key is refused.
     """
-    cfg = resolve_model_config(cfg, other_keys)  # unknown keys, choices, ranges, surrogate parameters: errors first
-    if cfg["compile"]:
-        compile_neuron_kernels(True)
+    cfg = resolve_model_config(cfg, other_keys)  # unknown keys, choices, ranges, neuron: errors first
     model = SegmentationNet(cfg)
     if cfg["pretrained"]:
         model.load_vgg_weights(cfg["pretrained"])
@@ -34,6 +33,13 @@ __all__ = [
     "MODEL_DEFAULTS",
     "MODEL_KEYS",
     "LIF",
+    "IF",
+    "PLIF",
+    "Neuron",
+    "NEURONS",
+    "RESETS",
+    "register_neuron",
+    "build_neuron",
     "SegmentationNet",
     "build_model",
     "resolve_model_config",

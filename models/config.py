@@ -14,6 +14,7 @@ from utils.keys import ABOVE_ZERO, POSITIVE, Interval, Key, check_value, coerce,
 from .architectures import ARCHITECTURES
 from .convolution import DENSE_CHOICES
 from .encoders import ENCODERS
+from .neurons import BACKENDS, NEURONS, RESETS, build_neuron
 from .surrogates import SURROGATES, get_surrogate
 
 
@@ -37,6 +38,25 @@ MODEL_KEYS = key_table(
             float,
             "membrane leak per timestep (1 = no leak)",
             interval=Interval(0, 1, low_open=True),
+            snn_only=True,
+        ),
+        Key(
+            "neuron",
+            _M,
+            "lif",
+            str,
+            "neuron model: lif, if (no leak: leak_mem is ignored) or plif (learnable leak, "
+            "initialised to leak_mem); docs/neurons.md",
+            _names(NEURONS),
+            snn_only=True,
+        ),
+        Key(
+            "reset",
+            _M,
+            "subtract",
+            str,
+            "membrane reset after a spike: subtract (the threshold) or zero",
+            RESETS,
             snn_only=True,
         ),
         Key("def_threshold", _M, 1.0, float, "firing threshold", interval=ABOVE_ZERO, snn_only=True),
@@ -80,7 +100,14 @@ MODEL_KEYS = key_table(
             interval=POSITIVE,
             execution=True,
         ),
-        Key("compile", _M, False, bool, "fuse the neurons' elementwise steps with torch.compile", execution=True),
+        Key(
+            "compile",
+            _M,
+            False,
+            bool,
+            "torch neuron backend: fuse its per-timestep elementwise steps with torch.compile (this model only)",
+            execution=True,
+        ),
         Key("conv_bias", _M, False, bool, "conv biases (SNNs converted from ANNs carry the folded BN there)"),
         Key(
             "readout",
@@ -96,9 +123,9 @@ MODEL_KEYS = key_table(
             _M,
             "auto",
             str,
-            "execution backend of the LIF neurons: auto (Triton kernels on CUDA "
-            "when Triton imports, else torch), torch, or triton",
-            ("auto", "torch", "triton"),
+            "execution backend of the neurons: auto (the fastest that supports the neuron: Triton kernels on "
+            "CUDA when Triton imports, else the torch loops, else generic), generic, torch, or triton",
+            BACKENDS,
             execution=True,
         ),
         Key(
@@ -133,6 +160,8 @@ def resolve_model_config(cfg: dict, other_keys=()) -> dict:
         except ValueError as err:
             raise ValueError(f"model config {name!r}: {err}") from None
     _check_surrogate(cfg["surrogate"], cfg["surrogate_params"])
+    if cfg["model_type"] == "snn":
+        _check_neuron(cfg)
     if cfg["full_prop"] and cfg["model_type"] != "snn":
         raise ValueError("'full_prop' applies to SNNs only (model_type 'snn')")
     return cfg
@@ -151,6 +180,23 @@ def _check_known(cfg, other_keys):
             close = difflib.get_close_matches(str(name), [*MODEL_KEYS, *other_keys], n=1)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"model config: unknown config key(s): {', '.join(hints)}")
+
+
+def _check_neuron(cfg):
+    """The neuron model can be built with these settings (e.g. plif's leak_mem), on this backend."""
+    try:
+        build_neuron(
+            cfg["neuron"],
+            leak=cfg["leak_mem"],
+            threshold=cfg["def_threshold"],
+            surrogate=cfg["surrogate"],
+            surrogate_params=cfg["surrogate_params"],
+            alpha=float(cfg["alpha"]) if cfg["leaky"] else None,
+            reset=cfg["reset"],
+            backend=cfg["neuron_backend"],
+        )
+    except ValueError as err:
+        raise ValueError(f"model config neuron {cfg['neuron']!r}: {err}") from None
 
 
 def _check_surrogate(name, params):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from models.neurons import LIF
+from models.neurons import Neuron
 
 MAC_ENERGY_PJ = 4.6  # 32-bit float multiply-add, 45 nm (Horowitz 2014)
 AC_ENERGY_PJ = 0.9  # 32-bit float add, 45 nm
@@ -177,7 +177,7 @@ class OpCounter:
                 self._handles.append(module.register_forward_hook(self._count_conv))
             elif isinstance(module, nn.AvgPool2d):
                 self._handles.append(module.register_forward_hook(self._note_pool))
-            elif isinstance(module, LIF):
+            elif isinstance(module, Neuron):
                 self._handles.append(module.register_forward_hook(self._note_spikes))
         return self
 

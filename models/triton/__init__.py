@@ -21,3 +21,5 @@ except ImportError as error:  # models/neurons.py catches this and falls back to
 
 # _INTERPRETED: whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when imported).
 from .launch import _INTERPRETED, backward, forward  # noqa: F401
+
+HARD_RESET = True  # the kernels run both resets (models/fused.py's supports() reads this)
