@@ -149,7 +149,7 @@ def check_resume(checkpoint, path, cfg):
             f"{path} holds an interrupted epoch, not an epoch boundary; resume from a checkpoint "
             f"written at the end of an epoch"
         )
-    old = resolve_model_config({k: v for k, v in checkpoint["config"].items() if k in SCHEMA})
+    old = resolve_model_config({k: v for k, v in checkpoint["config"].items() if k in SCHEMA}, SCHEMA)
     ann = old["model_type"] == cfg["model_type"] == "ann"
     changed = [
         f"{k} {old[k]!r} -> {cfg[k]!r}"
