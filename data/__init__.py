@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
+from data.events import common as _event_common
+from data.events import ddd17_events as _ddd17_events
+from data.events import dsec as _dsec
 from data.palettes import DDD17_PALETTE, SYNTHETIC_PALETTE, VOC_PALETTE
 from data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from data.synthetic import SyntheticEvents, SyntheticShapes
@@ -106,6 +109,10 @@ def _build_synthetic(cfg, split):
 
 
 def _build_synthetic_events(cfg, split):
+    if cfg["raw_events"]:  # the same shapes as raw events in the DSEC layout, read by the dsec-semantic code
+        from data.events import synthetic_raw
+
+        return synthetic_raw.build(cfg, split, _event_common.settings_from_cfg(cfg))
     return SyntheticEvents(
         split,
         num_samples=cfg["num_train" if split == "train" else "num_val"],
@@ -123,7 +130,11 @@ DATASETS = {
     "ddd17": _build_ddd17,
     "synthetic": _build_synthetic,
     "synthetic-events": _build_synthetic_events,
+    _dsec.NAME: _dsec.build,
+    _ddd17_events.NAME: _ddd17_events.build,
 }
+# Raw-event datasets, each one specification (name, classes, palette, in_channels, build, keys).
+_SPECS = {spec["name"]: spec for spec in (_dsec.SPEC, _ddd17_events.SPEC)}
 
 _INFO = {
     "voc2012": (VOC_CLASSES, 3, VOC_PALETTE[: len(VOC_CLASSES)]),
@@ -153,7 +164,16 @@ def dataset_info(name: str, cfg: dict = None) -> dict:
     default [0, 1]).
     """
     _check_name(name)
-    class_names, in_channels, palette = _INFO[name]
+    if name in _SPECS:
+        spec, resolved = _SPECS[name], _resolved(cfg)
+        class_names, palette = spec["classes"], spec["palette"]
+        class_names = class_names(resolved) if callable(class_names) else class_names
+        palette = palette(resolved) if callable(palette) else palette
+        in_channels = spec["in_channels"](resolved)
+    else:
+        class_names, in_channels, palette = _INFO[name]
+    if name == "synthetic-events" and _resolved(cfg)["raw_events"]:
+        in_channels = _event_common.in_channels_of(_resolved(cfg))
     if in_channels is None:
         in_channels = len(_resolved(cfg)["channels"])
     return dict(

@@ -292,3 +292,41 @@ class SyntheticEvents(torch.utils.data.Dataset):
         events, label = self.frames(seq, last - self.timesteps + 1, last)
         x = scale_events(torch.from_numpy(events[:, list(self.channels)]))
         return (x if self.thl else x[0]), torch.from_numpy(label)
+
+
+def _raw_events_of_sequence(dataset, seq, frame_us, rows_below=0):
+    """Raw events (x, y, t, p; t in microseconds from the sequence start) of one SyntheticEvents sequence
+    and the label of every frame. Events follow log-intensity changes between the K sub-steps of each
+    frame interval (one event per contrast threshold crossed, spread evenly inside the sub-step) plus
+    uniform noise; `rows_below` extra sensor rows under the image see only noise."""
+    objects, background = dataset._sequence(seq)
+    k = dataset.substeps
+    n_frames = dataset.seq_len
+    times = np.arange(0, n_frames * k + 1) / k  # frame f at time f, sub-steps between
+    intensity, labels = dataset._render(objects, background, times)
+    change = np.diff(np.log(intensity + 0.05), axis=0)  # [n_frames * k, H, W]
+    rng = np.random.default_rng((dataset.seed, dataset.split_code, int(seq), 13))
+    step_us = frame_us / k
+    xs, ys, ts, ps = [], [], [], []
+    height = dataset.height + rows_below
+    for s in range(change.shape[0]):
+        counts = np.floor(np.abs(change[s]) / dataset.contrast_threshold).astype(np.int64)
+        yy, xx = np.nonzero(counts)
+        n = counts[yy, xx]
+        if n.size:
+            rep_y, rep_x = np.repeat(yy, n), np.repeat(xx, n)
+            rank = np.concatenate([np.arange(1, m + 1) / (m + 1) for m in n])
+            xs.append(rep_x)
+            ys.append(rep_y)
+            ts.append(s * step_us + rank * step_us)
+            ps.append((change[s][rep_y, rep_x] > 0).astype(np.int64))
+        noise = rng.random((height, dataset.width)) < dataset.noise_rate
+        ny, nx = np.nonzero(noise)
+        xs.append(nx)
+        ys.append(ny)
+        ts.append(s * step_us + rng.random(nx.size) * step_us)
+        ps.append(rng.integers(0, 2, nx.size))
+    x, y, t, p = (np.concatenate(a) for a in (xs, ys, ts, ps))
+    t = np.floor(t).astype(np.int64)
+    order = np.argsort(t, kind="stable")
+    return dict(x=x[order], y=y[order], t=t[order], p=p[order]), labels[::k]

@@ -192,6 +192,45 @@ SCHEMA = {
         Key("seq_len", _D, 20, int, "synthetic-events: frames per sequence", interval=POSITIVE),
         Key("void_to_background", _D, False, bool, "voc2012 training: void (255) becomes background, as in the paper"),
         Key("datalist", _D, None, str, "ddd17 training: a list of the frames to train on", optional=True),
+        # Raw-event datasets (dsec-semantic, ddd17-events, synthetic-events with raw_events): see docs/data.md.
+        Key(
+            "representation",
+            _D,
+            "voxel",
+            str,
+            "raw events: voxel (bilinear voxel grid), histogram (per-polarity counts) or evsegnet (6 channels)",
+            ("voxel", "histogram", "evsegnet"),
+        ),
+        Key("bins", _D, 5, int, "raw events: time bins (channels, or timesteps with --thl)", interval=POSITIVE),
+        Key("separate_polarity", _D, False, bool, "raw events, voxel: positive and negative as two channels"),
+        Key("window_ms", _D, 50.0, float, "raw events: window length before each label (ms)", interval=ABOVE_ZERO),
+        Key(
+            "window_events",
+            _D,
+            None,
+            int,
+            "raw events: window of this many events instead of window_ms (DSEC 100000, DDD17 32000 in the papers)",
+            interval=POSITIVE,
+            optional=True,
+        ),
+        Key(
+            "event_norm",
+            _D,
+            "nonzero",
+            str,
+            "raw events: nonzero (mean/std of the non-zero entries, ESS), minmax ([-0.5, 0.5] per channel) or none",
+            ("nonzero", "minmax", "none"),
+        ),
+        Key("dsec_classes", _D, 11, int, "dsec-semantic: 11 or 19 classes", interval=Interval(11, 19)),
+        Key(
+            "dsec_labels",
+            _D,
+            "ess",
+            str,
+            "dsec-semantic: ess (drop 6 labels per sequence, then every second) or all",
+            ("ess", "all"),
+        ),
+        Key("raw_events", _D, False, bool, "synthetic-events: raw events in the DSEC layout, read as dsec-semantic"),
         Key("batch_size", _T, 16, int, "images per batch (per process)", interval=POSITIVE),
         Key("epochs", _T, 60, int, "training epochs", interval=POSITIVE),
         Key("lr", _T, 1e-3, float, "learning rate", interval=ABOVE_ZERO),
@@ -227,7 +266,7 @@ SCHEMA = {
     ]
 }
 
-EVENT_DATASETS = ("ddd17", "synthetic-events")
+EVENT_DATASETS = ("ddd17", "synthetic-events", "dsec-semantic", "ddd17-events")
 SYNTHETIC_DATASETS = ("synthetic", "synthetic-events")
 
 
@@ -405,7 +444,7 @@ def check_combinations(config: dict):
         "seq_len": ("synthetic-events",),
         "void_to_background": ("voc2012",),
         "datalist": ("ddd17",),
-        "data_root": ("voc2012", "ddd17"),
+        "data_root": ("voc2012", "ddd17", "dsec-semantic", "ddd17-events"),
     }
     for name, datasets in only.items():
         if dataset not in datasets and config[name] not in (None, False, SCHEMA[name].default):
