@@ -49,46 +49,35 @@ def normalized_time(t, bins):
     return (bins - 1) * (t - t[0]) / span
 
 
-def _splat(size, height, width, plane, x, y, values):
-    """Indices and weights that spread values at fractional (x, y) of plane `plane` of a [P, H, W] grid
-    over the 4 nearest pixels (bilinear); corners outside the image are dropped."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    x0, y0 = np.floor(x), np.floor(y)
-    indices, weights = [], []
-    for dx in (0, 1):
-        for dy in (0, 1):
-            xi, yi = x0 + dx, y0 + dy
-            w = values * (1 - np.abs(x - xi)) * (1 - np.abs(y - yi))
-            ok = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height) & (w != 0)
-            indices.append((plane[ok] * height + yi[ok].astype(np.int64)) * width + xi[ok].astype(np.int64))
-            weights.append(w[ok])
-    return np.concatenate(indices), np.concatenate(weights)
-
-
 def voxel_grid(x, y, t, p, bins, height, width, separate_polarity=False):
     """[B, 1, H, W] (signed) or [B, 2, H, W] (positive, negative) float32."""
     c = 2 if separate_polarity else 1
-    size = bins * c * height * width
     p = np.asarray(p)
     if not p.size:
         return np.zeros((bins, c, height, width), dtype=np.float32)
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     tn = normalized_time(t, bins)
-    t0 = np.floor(tn)
+    x0, y0, t0 = np.floor(x), np.floor(y), np.floor(tn)
+    fx, fy, ft = x - x0, y - y0, tn - t0
+    x0, y0, t0 = x0.astype(np.int64), y0.astype(np.int64), t0.astype(np.int64)
+    # plane of each event in bin t0: [B, C] flattened; the value carries the polarity's sign when C = 1
+    plane = t0 * c + ((p == 0) if separate_polarity else 0)
+    value = np.ones_like(ft) if separate_polarity else np.where(p > 0, 1.0, -1.0)
     indices, weights = [], []
-    for db in (0, 1):
-        b = t0 + db
-        w = 1 - np.abs(tn - b)
-        ok = (b >= 0) & (b < bins) & (w > 0)
-        if separate_polarity:
-            plane = b[ok].astype(np.int64) * 2 + (p[ok] == 0)
-            values = w[ok]
-        else:
-            plane = b[ok].astype(np.int64)
-            values = w[ok] * np.where(p[ok] > 0, 1.0, -1.0)
-        index, weight = _splat(size, height, width, plane, np.asarray(x)[ok], np.asarray(y)[ok], values)
-        indices.append(index)
-        weights.append(weight)
+    for dx, wx in ((0, 1 - fx), (1, fx)):
+        xi = x0 + dx
+        ok_x = (xi >= 0) & (xi < width)
+        for dy, wy in ((0, 1 - fy), (1, fy)):
+            yi = y0 + dy
+            ok_xy = ok_x & (yi >= 0) & (yi < height)
+            pixel = yi * width + xi
+            for db, wt in ((0, 1 - ft), (1, ft)):
+                w = value * wx * wy * wt
+                ok = ok_xy & (t0 + db < bins) & (w != 0)
+                indices.append((plane[ok] + db * c) * (height * width) + pixel[ok])
+                weights.append(w[ok])
+    size = bins * c * height * width
     grid = np.bincount(np.concatenate(indices), weights=np.concatenate(weights), minlength=size)
     return grid.reshape(bins, c, height, width).astype(np.float32)
 
@@ -156,14 +145,14 @@ def normalize(x, mode, unbiased=True):
     if mode == "none":
         return x
     if mode == "nonzero":
-        x = x.astype(np.float32, copy=True)
-        mask = x != 0
-        n = int(mask.sum())
-        if n:
-            values = x[mask].astype(np.float64)
+        x = np.array(x, dtype=np.float32, copy=True)
+        flat = x.reshape(-1)
+        index = np.flatnonzero(flat)
+        if index.size:
+            values = flat[index].astype(np.float64)
             mean = values.mean()
-            std = values.std(ddof=1) if unbiased and n > 1 else values.std()
-            x[mask] = ((values - mean) / std) if std > 0 else values - mean
+            std = values.std(ddof=1) if unbiased and index.size > 1 else values.std()
+            flat[index] = ((values - mean) / std) if std > 0 else values - mean
         return x
     if mode == "minmax":
         lo = x.min(axis=(-2, -1), keepdims=True)
