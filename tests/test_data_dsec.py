@@ -376,3 +376,46 @@ def test_train_py_learns_ddd17_events_fixture(ddd17_root, tmp_path):
     )
     records = read_jsonl(tmp_path / "ddd17" / "metrics.jsonl")
     assert max(r["val_miou"] for r in records) > 0.6, records
+
+
+def test_dataloader_workers_read_the_same_items(small_root):
+    ds = DSECSemantic(small_root, "train", labels="all")
+    direct = [ds[i] for i in range(8)]  # the main process opens its handles first; forked workers reopen theirs
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    batches = [b for _, b in zip(range(2), loader)]
+    xs = torch.cat([b[0] for b in batches])
+    assert torch.equal(xs, torch.stack([x for x, _ in direct]))
+
+
+def test_bad_settings_fail_before_training_in_one_line(capsys, tmp_path, small_root):
+    import train
+    from tests.conftest import one_line_error
+
+    runs, empty = tmp_path / "runs", tmp_path / "empty"
+    empty.mkdir()
+    base = ["--dataset", "dsec-semantic", "--model_dir", str(runs), "--epochs", "1"]
+    one_line_error(capsys, train.main, [*base, "--data_root", str(empty)], "split folder", "empty/train not found")
+    one_line_error(
+        capsys,
+        train.main,
+        [*base, "--data_root", str(small_root), "--thl", "true", "--timesteps", "4"],
+        "bins (5) must equal timesteps (4)",
+    )
+    one_line_error(capsys, train.main, [*base, "--representation", "tensor"], "unknown representation 'tensor'")
+    assert not [p for p in runs.rglob("*") if p.is_file()]  # nothing was written: no config, no checkpoint
+
+
+def test_event_loader_benchmark_runs(tmp_path, capsys):
+    import json
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    import event_loader
+
+    out = tmp_path / "loader.json"
+    argv = ["--items", "1", "--repeat", "1", "--rate", "0.05", "--seconds", "0.3", "--out", str(out)]
+    assert event_loader.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert len(result["windows_per_second"]) == 20 and all(v > 0 for v in result["windows_per_second"].values())
+    assert event_loader.main(argv) == 1  # refuses to overwrite its output
+    assert "exists" in capsys.readouterr().err

@@ -78,13 +78,17 @@ class EventFile:
         if self.ms_to_idx.size and (self.ms_to_idx[-1] > self.num_events or self.ms_to_idx[0] < 0):
             raise ValueError(f"{self.path}: ms_to_idx points outside the {self.num_events} events")
         self._file = None
+        self._pid = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_file": None, "_pid": None}
 
     def _h5(self):
-        if self._file is None:
+        # One handle per process: a handle inherited through fork (a DataLoader worker started after the
+        # main process read an item) must not be shared, so a new process opens its own.
+        if self._file is None or self._pid != os.getpid():
             self._file = _open(self.path)
+            self._pid = os.getpid()
         return self._file
 
     def _index_at_ms(self, ms):
