@@ -6,7 +6,9 @@
     collate(batch) -> (x, y): stacks items, padding those of different sizes (see collate)
 
 cfg is the flat run config; keys read here: dataset, data_root, img_size, augment, thl, timesteps,
-channels, seed, num_train, num_val, seq_len, train_split, void_to_background, datalist; a key
+channels, seed, num_train, num_val, seq_len, train_split, void_to_background, datalist, and for the
+raw-event datasets (data/events/) representation, bins, separate_polarity, window_ms, window_events,
+event_norm, dsec_classes, dsec_labels, raw_events; a key
 missing from cfg takes its default from the configuration schema (utils/config.py).
 split is 'train' or 'val' (ddd17 'val' reads its 'test' folder; voc2012 'train' reads
 cfg['train_split'], e.g. 'train_aug').

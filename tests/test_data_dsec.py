@@ -369,7 +369,7 @@ def test_train_py_learns_ddd17_events_fixture(ddd17_root, tmp_path):
         # no normalisation: the non-zero normalisation is centred, so the 5x downscaling averages it away;
         # no BN: 24 steps leave BN's running statistics far from the batch statistics the net trained with
         *("--event_norm", "none", "--bn", "false"),
-        *("--model_type", "ann", "--arch", "dl-vgg9", "--epochs", "3", "--batch_size", "4", "--optimizer", "adam"),
+        *("--model_type", "ann", "--arch", "dl-vgg9", "--epochs", "2", "--batch_size", "4", "--optimizer", "adam"),
         *("--lr", "1e-3", "--weight_decay", "0", "--scheduler", "poly", "--num_workers", "0", "--device", "cpu"),
         *("--seed", "0", "--model_dir", tmp_path, "--name", "ddd17"),
         timeout=600,
