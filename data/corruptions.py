@@ -25,7 +25,7 @@ from data.transforms import denormalize_image, normalize_image
 
 CORRUPTIONS = ("gaussiannoise", "saltpepper", "gaussianblur")
 IMAGE_DATASETS = ("voc2012", "synthetic")
-EVENT_DATASETS = ("ddd17", "synthetic-events")
+EVENT_DATASETS = ("ddd17", "synthetic-events", "dsec-semantic", "ddd17-events")
 
 
 def _to_255(x, dataset):
