@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from data import ddd17, synthetic, voc2012
+from data.events import ddd17_events, dsec
 from data.registry import DATASETS, EVENTS, IMAGES, build_dataset, dataset_info, register
 from data.transforms import IGNORE_INDEX
 
-register(voc2012.SPEC, ddd17.SPEC, synthetic.SHAPES_SPEC, synthetic.EVENTS_SPEC)
+register(voc2012.SPEC, ddd17.SPEC, synthetic.SHAPES_SPEC, synthetic.EVENTS_SPEC, dsec.SPEC, ddd17_events.SPEC)
 
 
 def collate(batch):

@@ -55,9 +55,9 @@ class DatasetSpec:
 
     ``build(cfg, split)`` returns the torch Dataset of a split ('train' or 'val') from the run config
     ``cfg`` (the data keys completed with their defaults; ``img_size``, ``timesteps`` and ``seed`` as the
-    run sets them). ``in_channels`` is a number or a function of ``cfg`` (event sets: the chosen
-    channels). ``check(cfg)``, if given, refuses settings that mean nothing for this dataset, before any
-    file is read.
+    run sets them). ``in_channels``, ``classes`` and ``palette`` are values or functions of ``cfg`` (event
+    sets: the chosen channels or representation; DSEC-Semantic: its 11 or 19 classes). ``check(cfg)``, if
+    given, refuses settings that mean nothing for this dataset, before any file is read.
     """
 
     name: str
@@ -72,17 +72,20 @@ class DatasetSpec:
     synthetic: bool = False
     notes: str = field(default="", compare=False)  # one line for --help and docs
 
-    def channels(self, cfg: dict) -> int:
-        return int(self.in_channels(cfg) if callable(self.in_channels) else self.in_channels)
-
     def info(self, cfg: dict | None = None) -> dict:
+        cfg = resolved(cfg)
+        classes, palette, channels = (_of(value, cfg) for value in (self.classes, self.palette, self.in_channels))
         return dict(
-            num_classes=len(self.classes),
-            in_channels=self.channels(resolved(cfg)),
-            class_names=list(self.classes),
+            num_classes=len(classes),
+            in_channels=int(channels),
+            class_names=list(classes),
             ignore_index=IGNORE_INDEX,
-            palette=[tuple(c) for c in self.palette],
+            palette=[tuple(c) for c in palette],
         )
+
+
+def _of(value, cfg):
+    return value(cfg) if callable(value) else value
 
 
 DATASETS: dict = {}

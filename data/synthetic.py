@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from data.ddd17 import CHANNELS, check_channels
+from data.events import common as event_common
+from data.events import synthetic_raw
 from data.palettes import SYNTHETIC_PALETTE
 from data.registry import EVENTS, IMAGES, NUM_TRAIN, NUM_VAL, DatasetSpec
 from data.transforms import normalize_image, scale_events
@@ -296,6 +298,43 @@ class SyntheticEvents(torch.utils.data.Dataset):
         x = scale_events(torch.from_numpy(events[:, list(self.channels)]))
         return (x if self.thl else x[0]), torch.from_numpy(label)
 
+    def raw_events(self, seq, frame_us, rows_below=0):
+        """Raw events (x, y, t, p; t in microseconds from the sequence start) of one SyntheticEvents sequence
+        and the label of every frame. Events follow log-intensity changes between the K sub-steps of each
+        frame interval (one event per contrast threshold crossed, spread evenly inside the sub-step) plus
+        uniform noise; `rows_below` extra sensor rows under the image see only noise."""
+        objects, background = self._sequence(seq)
+        k = self.substeps
+        n_frames = self.seq_len
+        times = np.arange(0, n_frames * k + 1) / k  # frame f at time f, sub-steps between
+        intensity, labels = self._render(objects, background, times)
+        change = np.diff(np.log(intensity + 0.05), axis=0)  # [n_frames * k, H, W]
+        rng = np.random.default_rng((self.seed, self.split_code, int(seq), 13))
+        step_us = frame_us / k
+        xs, ys, ts, ps = [], [], [], []
+        height = self.height + rows_below
+        for s in range(change.shape[0]):
+            counts = np.floor(np.abs(change[s]) / self.contrast_threshold).astype(np.int64)
+            yy, xx = np.nonzero(counts)
+            n = counts[yy, xx]
+            if n.size:
+                rep_y, rep_x = np.repeat(yy, n), np.repeat(xx, n)
+                rank = np.concatenate([np.arange(1, m + 1) / (m + 1) for m in n])
+                xs.append(rep_x)
+                ys.append(rep_y)
+                ts.append(s * step_us + rank * step_us)
+                ps.append((change[s][rep_y, rep_x] > 0).astype(np.int64))
+            noise = rng.random((height, self.width)) < self.noise_rate
+            ny, nx = np.nonzero(noise)
+            xs.append(nx)
+            ys.append(ny)
+            ts.append(s * step_us + rng.random(nx.size) * step_us)
+            ps.append(rng.integers(0, 2, nx.size))
+        x, y, t, p = (np.concatenate(a) for a in (xs, ys, ts, ps))
+        t = np.floor(t).astype(np.int64)
+        order = np.argsort(t, kind="stable")
+        return dict(x=x[order], y=y[order], t=t[order], p=p[order]), labels[::k]
+
 
 def _samples(cfg, split):
     return cfg["num_train" if split == "train" else "num_val"]
@@ -308,6 +347,15 @@ def build_shapes(cfg, split):
 
 
 def build_events(cfg, split):
+    if cfg["raw_events"]:  # the same shapes as raw events in the DSEC layout, read by the dsec-semantic code
+        generator = SyntheticEvents(
+            split,
+            num_samples=_samples(cfg, split),
+            img_size=cfg.get("img_size"),
+            seed=cfg.get("seed", 0),
+            seq_len=int(cfg["seq_len"]),
+        )
+        return synthetic_raw.build(generator, split, event_common.settings_from_cfg(cfg))
     return SyntheticEvents(
         split,
         num_samples=_samples(cfg, split),
@@ -320,9 +368,13 @@ def build_events(cfg, split):
     )
 
 
+def events_in_channels(cfg):
+    return event_common.in_channels_of(cfg) if cfg["raw_events"] else len(cfg["channels"])
+
+
 def check_events(cfg):
     check_channels(cfg["channels"])
-    if cfg["thl"] and cfg.get("timesteps", 1) > cfg["seq_len"]:
+    if cfg["thl"] and not cfg["raw_events"] and cfg.get("timesteps", 1) > cfg["seq_len"]:
         raise ValueError(
             f"thl with synthetic-events needs timesteps <= seq_len, got {cfg['timesteps']} > {cfg['seq_len']}"
         )
@@ -345,13 +397,17 @@ EVENTS_SPEC = DatasetSpec(
     classes=CLASS_NAMES,
     palette=tuple(SYNTHETIC_PALETTE),
     modality=EVENTS,
-    in_channels=lambda cfg: len(cfg["channels"]),
+    in_channels=events_in_channels,
     needs_root=False,
     keys=(
         NUM_TRAIN,
         NUM_VAL,
         CHANNELS,
         Key("seq_len", "data", 20, int, "synthetic-events: frames per sequence", interval=POSITIVE),
+        Key(
+            "raw_events", "data", False, bool, "synthetic-events: raw events in the DSEC layout, read as dsec-semantic"
+        ),
+        *event_common.KEYS,
     ),
     check=check_events,
     synthetic=True,

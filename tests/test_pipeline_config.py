@@ -154,7 +154,10 @@ def test_shipped_configs_resolve(path):
     cfg = resolve(["--config", str(path)])
     if not path.name.startswith("quickstart"):  # paper experiments keep the paper's defaults
         assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["optimizer"]) == (16, 60, 1e-3, "sgd")
-        if cfg["model_type"] == "snn":
+        if cfg["model_type"] == "snn" and cfg["dataset"] in ("dsec-semantic", "ddd17-events"):
+            # the raw-event benchmarks' protocol: one voxel bin per timestep (Spike-BRGNet: 5)
+            assert (cfg["timesteps"], cfg["bins"], cfg["thl"], cfg["leak_mem"]) == (5, 5, True, 0.99)
+        elif cfg["model_type"] == "snn":
             assert (cfg["timesteps"], cfg["leak_mem"], cfg["def_threshold"]) == (20, 0.99, 1.0)
     else:
         assert cfg["dataset"].startswith("synthetic")
