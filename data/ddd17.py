@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.event_frames import NUM_EVENT_CHANNELS, check_channels
 from data.transforms import ddd17_transform, scale_events
 from data.voc2012 import load_mask
 from utils import files
 from utils.cli import ArgumentParser
 
 NUM_CLASSES = 6
-NUM_EVENT_CHANNELS = 6
 FORMAT = "snnseg-ddd17-1"
 NPY_MAGIC = b"\x93NUMPY"
 NAME = re.compile(r"^rec(\d+)_export_(\d+)$")
@@ -46,13 +46,6 @@ LAYOUT = (
     "<root>/labels/<split>/rec<recording>_export_<frame>.png (Ev-SegNet DDD17), "
     "or <root>/<split>.h5 packed with `python -m data.ddd17 pack`"
 )
-
-
-def check_channels(channels):
-    channels = tuple(int(c) for c in channels)
-    if not channels or any(not 0 <= c < NUM_EVENT_CHANNELS for c in channels) or len(set(channels)) != len(channels):
-        raise ValueError(f"channels: event channels must be distinct indices in 0..5, got {list(channels)}")
-    return channels
 
 
 def frame_key(name):

@@ -18,7 +18,7 @@ at a target frame, and the first T-1 frames of each sequence are only history.
 import numpy as np
 import torch
 
-from data.ddd17 import check_channels
+from data.event_frames import check_channels
 from data.transforms import normalize_image, parse_size, scale_events
 
 CLASS_NAMES = ("background", "disc", "triangle", "bar")

@@ -15,14 +15,19 @@ import difflib
 import importlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from utils.allocator import POLICIES
+from utils.cli import shown
 
 NATIVE_SIZE = -1  # img_size of "the images as they are" in configs (YAML, checkpoints)
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a huge one is a mistake
+MAX_VALUE_CHARS = 4096  # the longest path Linux accepts
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Interval:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    note: str = ""  # why the range is what it is, for the message
 
     def __contains__(self, value) -> bool:
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
@@ -43,9 +49,12 @@ class Interval:
         if kind is int and self.high is None and self.low == 1 and not self.low_open:
             return "a positive integer"
         noun = "an integer" if kind is int else "a finite number"
+        number = (lambda x: f"{int(x)}") if kind is int else (lambda x: f"{x:g}")
         if self.high is None:
-            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
-        return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{noun} {'>' if self.low_open else '>='} {number(self.low)}"
+        low, high = number(self.low), number(self.high)
+        text = f"{noun} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return text + (f" ({self.note})" if self.note else "")
 
 
 POSITIVE = Interval(1)
@@ -199,8 +208,15 @@ SCHEMA = {
         Key("momentum", _T, 0.9, float, "SGD momentum", interval=Interval(0, 1, high_open=True)),
         Key("weight_decay", _T, 5e-4, float, "weight decay", interval=NON_NEGATIVE),
         Key("scheduler", _T, "step", str, "step (x0.1 at 50%% and 80%% of the epochs) or poly", ("step", "poly")),
-        Key("seed", _T, 0, int, "random seed", interval=NON_NEGATIVE),
-        Key("num_workers", _T, 2, int, "data loading processes", interval=NON_NEGATIVE),
+        Key("seed", _T, 0, int, "random seed", interval=Interval(0, 2**32 - 1, note="NumPy's seeds")),
+        Key(
+            "num_workers",
+            _T,
+            2,
+            int,
+            "data loading processes",
+            interval=Interval(0, 4 * CPUS, note=f"at most 4 per CPU; this machine has {CPUS}"),
+        ),
         Key("model_dir", _T, "trained_models", str, "folder of the run folders"),
         Key(
             "name",
@@ -258,7 +274,7 @@ def str2bool(text) -> bool:
         return True
     if lowered in ("0", "false", "no", "n", "off"):
         return False
-    raise ValueError(f"expected a boolean (true/false/1/0), got {text!r}")
+    raise ValueError(f"expected a boolean (true/false/1/0), got {shown(text)}")
 
 
 def parse_mapping(text) -> dict:
@@ -269,7 +285,7 @@ def parse_mapping(text) -> dict:
     except yaml.YAMLError:
         value = None
     if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping such as '{{gamma: 0.3}}', got {text!r}")
+        raise ValueError(f"expected a mapping such as '{{gamma: 0.3}}', got {shown(text)}")
     return value
 
 
@@ -286,38 +302,39 @@ def parse_size(value):
     if sizes == [NATIVE_SIZE]:
         return None
     if not sizes or len(sizes) > 2 or min(sizes) < 1:
-        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        given = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         raise ValueError(
-            f"img_size must be one positive int (square), two (H W), or -1 for the native size, got {shown}"
+            f"img_size must be one positive int (square), two (H W), or -1 for the native size, "
+            f"got {shown(given, quote=False)}"
         )
     return sizes * 2 if len(sizes) == 1 else sizes  # one number: a square
 
 
 def _to_int(value) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {shown(value)}")
     if isinstance(value, float):
         if not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {shown(value)}")
         return int(value)
     try:
         return int(str(value).strip())
     except ValueError:
-        raise ValueError(f"expected an integer, got {value!r}") from None
+        raise ValueError(f"expected an integer, got {shown(value)}") from None
 
 
 def _to_float(value) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {shown(value)}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {value!r}") from None
+        raise ValueError(f"expected a number, got {shown(value)}") from None
 
 
 def _to_str(value) -> str:
     if isinstance(value, (list, tuple, dict)):
-        raise ValueError(f"expected a single value, got {value!r}")
+        raise ValueError(f"expected a single value, got {shown(value)}")
     return str(value)
 
 
@@ -349,8 +366,8 @@ def check_known(config: dict, source="config"):
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(str(name), list(SCHEMA), n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = difflib.get_close_matches(str(name)[:100], list(SCHEMA), n=1)
+            hints.append(shown(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{source}: unknown config key(s): {', '.join(hints)}")
 
 
@@ -360,7 +377,7 @@ def check_value(name: str, value):
     if value is None and key.optional:
         return
     if key.choices is not None and value not in key.allowed():
-        raise ValueError(f"unknown {name} {value!r}; choices: {', '.join(map(str, key.allowed()))}")
+        raise ValueError(f"unknown {name} {shown(value)}; choices: {', '.join(map(str, key.allowed()))}")
     if key.kind in (int, float) and (
         not isinstance(value, (int, float))
         or isinstance(value, bool)
@@ -368,7 +385,7 @@ def check_value(name: str, value):
         or (key.interval and value not in key.interval)
     ):
         rule = key.interval.describe(key.kind) if key.interval else "a finite number"
-        raise ValueError(f"{name!r} must be {rule}, got {value!r}")
+        raise ValueError(f"{name!r} must be {rule}, got {shown(value)}")
     if key.kind == "size" and value != NATIVE_SIZE:
         parse_size(value)
 
@@ -486,22 +503,78 @@ def read_config_layer(values: dict, source, strict: bool = True) -> dict:
     return result
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line, first_line):
+        super().__init__(f"duplicate key {shown(key)} at line {line} (first at line {first_line})")
+
+
+def _unique_mapping(loader, node, deep=False):
+    """A YAML mapping whose keys are all different: a repeated key would silently override the first."""
+    first = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # the stock constructor reports an unhashable key itself
+        if key in first:
+            raise _DuplicateKey(key, key_node.start_mark.line + 1, first[key])
+        first[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing duplicate keys."""
+
+
+_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _long_value(values, where=""):
+    """The first string in `values` longer than MAX_VALUE_CHARS, as (where, length), or None."""
+    if isinstance(values, str):
+        return (where, len(values)) if len(values) > MAX_VALUE_CHARS else None
+    items = values.items() if isinstance(values, dict) else enumerate(values) if isinstance(values, list) else ()
+    for key, value in items:
+        found = _long_value(value, f"{where}.{key}" if where else str(key)[:100])
+        if found:
+            return found
+    return None
+
+
 def load_yaml_config(path) -> dict:
-    """Read a YAML config file: a mapping of known keys. Errors name the file and the key."""
+    """Read a YAML config file: a mapping of known keys. Errors name the file and the key (and the line
+    of a key given twice); a file over MAX_CONFIG_BYTES or a value over MAX_VALUE_CHARS is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {size:,} bytes is too large for a config file (at most {MAX_CONFIG_BYTES:,})")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_ConfigLoader)
+    except _DuplicateKey as err:
+        raise ValueError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{path}: malformed YAML{at}: {problem}") from None
+        raise ValueError(f"{path}: malformed YAML{at}: {shown(problem, quote=False)}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
+    except ValueError as err:  # a value YAML cannot build, e.g. an integer of 5000 digits
+        raise ValueError(f"{path}: {shown(str(err), 200, quote=False)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, found a {type(values).__name__}")
+    long_value = _long_value(values)
+    if long_value:
+        raise ValueError(
+            f"{path}: the value of {long_value[0]!r} is {long_value[1]:,} characters long (at most {MAX_VALUE_CHARS:,})"
+        )
     return read_config_layer(values, path)
 
 
