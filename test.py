@@ -30,6 +30,7 @@ from utils.cli import ArgumentParser, run_main
 from utils.config import NATIVE_SIZE, SCHEMA, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
+from utils.runs import interrupt_handling
 
 # In this order: the conversion may replace the model that the analyses then look at.
 STEPS = (conversion_plugin, analysis)
@@ -288,6 +289,11 @@ def check_resources(args, cfg, loader, device):
 
 
 def main(argv=None):
+    with interrupt_handling():  # SIGTERM ends it as Ctrl-C does: a file being written is discarded whole
+        evaluate_checkpoint(argv)
+
+
+def evaluate_checkpoint(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     plugins = STEPS
     args = get_args_parser(plugins=plugins).parse_args(argv)
