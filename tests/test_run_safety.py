@@ -424,6 +424,24 @@ def test_resume_applies_optimizer_settings_refuses_others_and_follows_the_folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moved", "r"]
 
 
+def test_resume_rules_are_those_docs_runs_md_states():
+    from utils.runs import resume_rule
+
+    documented = {
+        "refused": "model_type arch img_size timesteps leak_mem def_threshold surrogate surrogate_params bn encoder "
+        "full_prop leaky alpha conv_bias readout dataset thl channels seq_len optimizer seed",
+        "applied": "epochs lr momentum weight_decay scheduler batch_size amp augment train_split num_train num_val "
+        "void_to_background datalist",
+        "free": "neuron_backend compile memory_saving memory_block device num_workers cpu_malloc data_root pretrained "
+        "model_dir name test_display see_model wandb",
+    }
+    assert {key: resume_rule(key) for rule, keys in documented.items() for key in keys.split()} == {
+        key: rule for rule, keys in documented.items() for key in keys.split()
+    }
+    text = (REPO / "docs" / "runs.md").read_text()
+    assert all(f"`{key}`" in text for keys in documented.values() for key in keys.split())
+
+
 # ----------------------------------------------------------------------------- signals and early ends
 def lines_in(path) -> int:
     return path.read_text().count("\n") if path.is_file() else 0
