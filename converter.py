@@ -11,6 +11,7 @@ Every file is read with torch.load(weights_only=True): a checkpoint that carries
 import argparse
 import sys
 
+from utils import preflight
 from utils.checkpoint import FORMAT, save_checkpoint, validate_checkpoint
 from utils.cli import ArgumentParser, run_main
 from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
@@ -125,6 +126,10 @@ def nest_thresholds(checkpoint, path, threshold_type: str) -> dict:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    inputs = [("the input", args.path, "file")]
+    preflight.check_inputs(inputs)
+    if getattr(args, "output", None):  # never replaces its input: refused before anything is read
+        preflight.check_outputs([("-o", args.output, "file")], inputs=inputs)
     checkpoint = read_weights_only(args.path)
     if args.command == "inspect":
         print("\n".join(inspect_lines(checkpoint, args.path)))

@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader
 import data
 import setup
 from models.conversion import cached_thresholds
-from utils import analysis, conversion_plugin, files
+from utils import analysis, conversion_plugin, files, preflight
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
 from utils.cli import ArgumentParser, run_main
 from utils.config import NATIVE_SIZE, SCHEMA, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
+from utils.runs import interrupt_handling
 
 # In this order: the conversion may replace the model that the analyses then look at.
 STEPS = (conversion_plugin, analysis)
@@ -195,11 +196,35 @@ def plugin_flags(plugin) -> list:
     return list(vars(probe.parse_args([])))
 
 
+def check_paths(args):
+    """Every file test.py reads or writes, before any work (utils/preflight.py): inputs exist and are
+    files, outputs can be written and replace none of the inputs."""
+    inputs = [("--model_path", args.model_path, "file"), ("--compare", getattr(args, "compare", None), "file")]
+    preflight.check_inputs(inputs)
+    outputs = [("--results", args.results, "file")]
+    if getattr(args, "save_predictions", None):
+        outputs.append(("--save_predictions", args.save_predictions, "folder"))
+    if getattr(args, "plot", False):
+        outputs.append(("--plot_dir", args.plot_dir, "folder"))
+    if getattr(args, "conversion", False):
+        outputs.append(("--conversion_plot", conversion_plugin._plot_path(args), "file"))
+        if args.save_snn:
+            combos = [(kind, steps) for kind in args.threshold_type for steps in args.timesteps]
+            per_model = "{T}" in args.save_snn or "{type}" in args.save_snn
+            for kind, steps in combos if per_model else combos[:1]:
+                path = args.save_snn.replace("{T}", str(steps)).replace("{type}", kind)
+                outputs.append(("--save_snn", path, "file"))
+    preflight.check_outputs(outputs, inputs=inputs)
+
+
 def check_flags(args, argv, plugins):
-    """Flags that cannot work, before any work: outputs that cannot be written, plugin values out of
+    """Flags that cannot work, before any work: paths (check_paths), the seed, plugin values out of
     range, and conversion settings given without --conversion (they would be ignored)."""
-    if args.results:
-        files.check_output(args.results, "--results")
+    check_paths(args)
+    try:
+        check_value("seed", args.seed)
+    except ValueError as err:
+        raise ValueError(f"--seed: {err}") from None
     for plugin in plugins:
         if hasattr(plugin, "check_args"):
             plugin.check_args(args)
@@ -237,7 +262,32 @@ def check_conversion(args, cfg, checkpoint):
         )
 
 
+def check_resources(args, cfg, loader, device):
+    """Before any work: one evaluation batch (at the largest T asked for) fits in the memory of `device`
+    (utils/preflight.py's estimate)."""
+    size = preflight.largest_input_size(loader.dataset, cfg)
+    if size is None:
+        return
+    conversion = getattr(args, "conversion", False) and cfg["model_type"] == "ann"
+    steps = max(args.timesteps) if conversion else cfg["timesteps"] if cfg["model_type"] == "snn" else 1
+    preflight.check_memory(
+        cfg,
+        cfg["batch_size"],
+        steps,
+        size,
+        device,
+        training=False,
+        what="the converted SNN's evaluation" if conversion else "the evaluation",
+        lower=("--timesteps, " if steps > 1 else "") + "--batch_size or --img_size",
+    )
+
+
 def main(argv=None):
+    with interrupt_handling():  # SIGTERM ends it as Ctrl-C does: a file being written is discarded whole
+        evaluate_checkpoint(argv)
+
+
+def evaluate_checkpoint(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     plugins = STEPS
     args = get_args_parser(plugins=plugins).parse_args(argv)
@@ -255,7 +305,9 @@ def main(argv=None):
     set_cpu_malloc(args.cpu_malloc)
     torch.manual_seed(args.seed)
     model = build_model_from_checkpoint(checkpoint, args.model_path, overrides=cfg).to(device)
-    ctx = EvalContext(args, cfg, checkpoint, model, build_val_loader(cfg), device, class_names_for(cfg))
+    loader = build_val_loader(cfg)
+    check_resources(args, cfg, loader, device)
+    ctx = EvalContext(args, cfg, checkpoint, model, loader, device, class_names_for(cfg))
     for plugin in plugins:
         if hasattr(plugin, "prepare_model"):
             ctx.model = plugin.prepare_model(ctx)

@@ -12,7 +12,9 @@ A run writes <model_dir>/<name>/: config.yaml, metrics.jsonl (appended, one line
 """
 
 import math
+import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,14 +25,26 @@ from tqdm import tqdm
 
 import setup
 from models import resolve_model_config
+from utils import preflight
 from utils.allocator import set_cpu_malloc
 from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoint
 from utils.cli import ArgumentParser, TrainingStopped, run_main
-from utils.config import SCHEMA
+from utils.config import SCHEMA, read_config_layer
 from utils.distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from utils.evaluation import autocast, evaluate, to_model_input
 from utils.files import WriteError
-from utils.runs import claim_run_dir, holding_interrupts, read_metrics, release_run_dir
+from utils.runs import (
+    RunInterrupted,
+    check_run_name,
+    claim_run_dir,
+    describe_changes,
+    holding_interrupts,
+    interrupt_handling,
+    read_metrics,
+    release_run_dir,
+    resume_changes,
+    resume_location,
+)
 
 
 def get_args_parser(add_help: bool = True) -> ArgumentParser:
@@ -132,15 +146,10 @@ def make_checkpoint(model, optimizer, scheduler, cfg, epochs_done, best_miou, ge
     }
 
 
-# Settings a resumed run keeps: those that define the model (not how it executes) and the dataset.
-RESUME_FIXED = [
-    name for name, key in SCHEMA.items() if key.section == "model" and not key.execution and name != "pretrained"
-] + ["dataset"]
-
-
-def check_resume(checkpoint, path, cfg):
+def check_resume(checkpoint, path, cfg) -> dict:
     """Before any work: the checkpoint is a training checkpoint at an epoch boundary, --epochs goes further
-    and the model settings are the checkpoint's (a run's epochs all train one model)."""
+    and every changed setting may change (utils/runs.py, resume_changes: the model is the checkpoint's, the
+    optimizer settings are applied). Returns the changes {key: [old, new]}."""
     for key in ("optimizer", "scheduler", "epoch", "best_miou", "rng"):
         if key not in checkpoint:
             raise ValueError(f"{path}: cannot resume: the checkpoint has no {key!r} (not a training checkpoint)")
@@ -149,22 +158,13 @@ def check_resume(checkpoint, path, cfg):
             f"{path} holds an interrupted epoch, not an epoch boundary; resume from a checkpoint "
             f"written at the end of an epoch"
         )
-    old = resolve_model_config({k: v for k, v in checkpoint["config"].items() if k in SCHEMA}, SCHEMA)
-    ann = old["model_type"] == cfg["model_type"] == "ann"
-    changed = [
-        f"{k} {old[k]!r} -> {cfg[k]!r}"
-        for k in RESUME_FIXED
-        if old.get(k) != cfg[k] and not (ann and SCHEMA[k].snn_only)
-    ]
-    if changed:
-        raise ValueError(
-            f"{path}: a resumed run keeps the checkpoint's model; these settings differ: "
-            f"{'; '.join(changed)}. Drop those flags, or start a new run"
-        )
+    old = resolve_model_config(read_config_layer(checkpoint["config"], path, strict=False), SCHEMA)
+    changes = resume_changes(old, cfg, path)
     if int(checkpoint["epoch"]) >= cfg["epochs"]:
         raise ValueError(
             f"{path} has already trained {checkpoint['epoch']} epochs; pass --epochs larger than that to go on"
         )
+    return changes
 
 
 def resume_from(checkpoint, path, model, optimizer, scheduler, generator, cfg) -> tuple[int, float]:
@@ -173,11 +173,22 @@ def resume_from(checkpoint, path, model, optimizer, scheduler, generator, cfg) -
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     start_epoch = int(checkpoint["epoch"])
-    # The schedule follows the *current* config (e.g. a larger --epochs), like an uninterrupted run of that length.
-    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base_lr * setup.lr_factor(start_epoch, cfg)
+    apply_optimizer_settings(optimizer, scheduler, cfg, start_epoch)
     restore_rng_state(checkpoint["rng"], generator)
     return start_epoch, float(checkpoint["best_miou"])
+
+
+def apply_optimizer_settings(optimizer, scheduler, cfg: dict, epoch: int):
+    """The optimizer settings of `cfg` (lr, weight_decay, momentum) over those the checkpoint stored; the
+    schedule follows the current config (a larger --epochs, another --scheduler), as an uninterrupted run
+    of these settings would from `epoch` on. Unchanged settings leave every value as it was."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg["lr"]
+        group["weight_decay"] = cfg["weight_decay"]
+        if cfg["optimizer"] == "sgd":
+            group["momentum"] = cfg["momentum"]
+        group["lr"] = cfg["lr"] * setup.lr_factor(epoch, cfg)
+    scheduler.base_lrs = [cfg["lr"]] * len(optimizer.param_groups)
 
 
 def on_main_process(is_main: bool, action):
@@ -196,40 +207,92 @@ def on_main_process(is_main: bool, action):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    dist_info = init_distributed(args.device or "auto")
-    try:
-        train(args, dist_info)
-    finally:
-        cleanup()
+    with interrupt_handling():  # SIGINT and SIGTERM: utils/runs.py
+        dist_info = init_distributed(args.device or "auto")
+        try:
+            train(args, dist_info)
+        finally:
+            cleanup()
 
 
-def prepare(args, is_main: bool):
-    """Everything that can refuse the run, before any work: (config, resumed checkpoint, run folder, note)."""
+def prepare(args, dist_info: dict):
+    """Everything that can refuse the run, before any work: (config, resumed checkpoint, run folder,
+    changes from the checkpoint's settings)."""
+    is_main = dist_info["rank"] == 0
+    preflight.check_inputs([("--config", args.config, "file"), ("--resume", args.resume, "file")])
     resumed = load_checkpoint(args.resume) if args.resume else None
-    cfg = setup.resolve_config(args, base=resumed["config"] if resumed else None, base_source=args.resume)
+    base = {**resumed["config"], **resume_location(resumed["config"], args.resume)} if resumed else None
+    cfg = setup.resolve_config(args, base=base, base_source=args.resume)
+    check_run_name(cfg["name"])
+    changes = check_resume(resumed, args.resume, cfg) if resumed is not None else {}
     if is_main:
-        print(setup.describe_config(args, args.resume), flush=True)
-    if resumed is not None:
-        check_resume(resumed, args.resume, cfg)
+        first = describe_changes(changes, int(resumed["epoch"]) + 1) if changes else ""
+        print(setup.describe_config(args, args.resume) + (f"; {first}" if first else ""), flush=True)
+    preflight.check_inputs(
+        [("data_root", cfg.get("data_root"), "any"), ("datalist", cfg.get("datalist"), "file")]
+        + [("pretrained", cfg.get("pretrained"), "file")]
+    )
     setup.check_run(cfg)
-    setup.resolve_device(cfg)  # an unavailable device is refused before the run folder is claimed
-    run_dir = Path(cfg["model_dir"]) / cfg["name"]
-    resume = (args.resume, int(resumed["epoch"])) if resumed else None
-    note = on_main_process(is_main, lambda: claim_run_dir(run_dir, resume, args.overwrite))
-    return cfg, resumed, run_dir, note
+    device = setup.resolve_device(cfg, dist_info["local_rank"])  # refused before the run folder is claimed
+    check_resources(cfg, device)  # at the native size, again once the images are known
+    return cfg, resumed, Path(cfg["model_dir"]) / cfg["name"], changes
 
 
 def train(args, dist_info: dict):
     is_main = dist_info["rank"] == 0
-    cfg, resumed, run_dir, note = prepare(args, is_main)
+    cfg, resumed, run_dir, changes = prepare(args, dist_info)
+    resume = (args.resume, int(resumed["epoch"])) if resumed else None
+    claimed = on_main_process(is_main, lambda: claim_run_dir(run_dir, resume, args.overwrite))
+    note, created = claimed if is_main else (None, [])
+    own_folder = resumed is not None and Path(args.resume).resolve().parent == run_dir.resolve()
+    # What the run has kept so far and how to go on from it, for the line an interrupt ends with.
+    progress = dict(
+        cfg=cfg,
+        run_dir=run_dir,
+        changes=changes,  # recorded in the first metrics line of this start
+        # the checkpoint a resume would start from: (path, epoch); updated at each epoch boundary
+        kept=None
+        if resumed is None
+        else (run_dir / "last.pth" if own_folder else Path(args.resume), int(resumed["epoch"])),
+        world_size=dist_info["world_size"],
+    )
     try:
-        run(args, dist_info, cfg, resumed, run_dir, note)
+        run(args, dist_info, cfg, resumed, run_dir, note, progress)
+    except KeyboardInterrupt as err:  # SIGINT or SIGTERM (utils/runs.py); nothing more is written now
+        signum = getattr(err, "signum", signal.SIGINT)
+        raise RunInterrupted(signum, interrupted_message(progress, signal.Signals(signum).name)) from None
+    except RuntimeError as err:
+        if not peer_lost(err):
+            raise
+        reason = "another process of this run stopped"
+        raise RunInterrupted(signal.SIGTERM, interrupted_message(progress, reason)) from None
     finally:
         if is_main:
-            release_run_dir(run_dir)
+            release_run_dir(run_dir, created)
 
 
-def run(args, dist_info, cfg, resumed, run_dir, note):
+def check_resources(cfg: dict, device, train_set=None):
+    """Before any work: a training step fits in the memory of `device` (utils/preflight.py's estimate; on
+    the CPU the processes of this machine share it). At the native size the largest image of `train_set`
+    counts; without it, the check waits for it."""
+    size = preflight.largest_input_size(train_set, cfg)
+    if size is None:
+        return
+    snn = cfg["model_type"] == "snn"
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    preflight.check_memory(
+        cfg,
+        cfg["batch_size"] * processes,
+        cfg["timesteps"] if snn else 1,
+        size,
+        device,
+        training=True,
+        what="training",
+        lower="--batch_size or --img_size" + (", --timesteps, or use --memory_saving" if snn else ""),
+    )
+
+
+def run(args, dist_info, cfg, resumed, run_dir, note, progress):
     rank, world_size = dist_info["rank"], dist_info["world_size"]
     is_main = rank == 0
     device = setup.resolve_device(cfg, dist_info["local_rank"])
@@ -237,6 +300,8 @@ def run(args, dist_info, cfg, resumed, run_dir, note):
 
     setup.seed_everything(cfg["seed"])
     train_set, val_set = setup.build_datasets(cfg)
+    if not isinstance(cfg["img_size"], list):  # the native size: checked now that the images are known
+        check_resources(cfg, device, train_set)
     train_loader, val_loader, generator = setup.build_loaders(cfg, train_set, val_set, rank, world_size)
     model = setup.build_model(cfg, device)
     criterion = setup.build_loss()
@@ -258,7 +323,6 @@ def run(args, dist_info, cfg, resumed, run_dir, note):
 
     logger = setup.build_logger(cfg, run_dir, enabled=is_main)
     if is_main:
-        setup.save_config_yaml(cfg, run_dir / "config.yaml")
         if resumed is not None and Path(args.resume).resolve().parent == run_dir.resolve():
             restore_record(logger, resumed)
         logger.info(
@@ -267,15 +331,15 @@ def run(args, dist_info, cfg, resumed, run_dir, note):
             f"{world_size} process(es), epochs {start_epoch + 1}..{cfg['epochs']}, files in {run_dir}"
             + (f"; {note}" if note else "")
         )
-    state = dict(
+    state = progress  # run_epochs and commit_epoch keep it up to date
+    state.update(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        cfg=cfg,
         generator=generator,
-        run_dir=run_dir,
         logger=logger,
         is_main=is_main,
+        config_written=False,  # config.yaml is written with the first epoch boundary of this start
     )
     try:
         best_miou = run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, best_miou, state)
@@ -296,7 +360,6 @@ def restore_record(logger, checkpoint):
 
 def run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, best_miou, state) -> float:
     cfg, run_dir, is_main = state["cfg"], state["run_dir"], state["is_main"]
-    done = start_epoch  # epochs whose boundary is written
     try:
         for epoch in tqdm(
             range(start_epoch, cfg["epochs"]),
@@ -313,6 +376,7 @@ def run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, be
             loss = train_one_epoch(
                 net, train_loader, criterion, state["optimizer"], device, epoch, cfg, show_bar=is_main
             )
+            check_finite_state(state["model"], epoch)
             state["scheduler"].step()
             record = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             improved = False
@@ -334,42 +398,82 @@ def run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, be
             with holding_interrupts():  # Ctrl-C waits until the epoch boundary is written whole
                 if is_main:
                     commit_epoch(state, record, best_miou, improved)
-                done = epoch + 1
+                else:
+                    state["kept"] = (run_dir / "last.pth", epoch + 1)
             state["logger"].info(
                 f"epoch {epoch + 1}/{cfg['epochs']}: loss {loss:.4f}, lr {lr:.3g}"
                 + (f", val mIoU {record['val_miou']:.4f}" if "val_miou" in record else "")
                 + f", {record['time']:.1f}s"
             )
     except TrainingStopped as err:
-        raise TrainingStopped(f"{err}; training stopped, {kept(run_dir, done)}. Try a lower --lr.") from None
-    except KeyboardInterrupt:
-        if is_main:  # nothing is written now: last.pth stays the boundary of the last completed epoch
-            print(
-                f"\ninterrupted; {kept(run_dir, done)}"
-                + (
-                    f": continue with `python train.py --resume {run_dir / 'last.pth'}`, which repeats the "
-                    f"unfinished epoch from its start"
-                    if done
-                    else ""
-                ),
-                file=sys.stderr,
-            )
-        raise
+        raise TrainingStopped(f"{err}; training stopped, {kept(state)}. Try a lower --lr.") from None
     return best_miou
 
 
-def kept(run_dir: Path, epochs_done: int) -> str:
+def peer_lost(err: RuntimeError) -> bool:
+    """A collective failed because another process of a torchrun run ended (Ctrl-C, killed, crashed)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return is_distributed() and (
+        isinstance(err, getattr(dist, "DistError", ())) or any(w in text for w in ("gloo", "NCCL", "Connection"))
+    )
+
+
+def check_finite_state(model, epoch: int):
+    """Stop like a non-finite loss does when a weight or a BN statistic became NaN/inf (a huge --lr can
+    leave the loss finite while the statistics overflow); every process stops together."""
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if is_distributed():
+        bad = bad or ("a tensor of another process" if all_reduce_sum([1.0 if bad else 0.0])[0] else None)
+    if bad:
+        raise TrainingStopped(f"{bad} became NaN or infinite in epoch {epoch + 1}")
+
+
+def kept(state) -> str:
+    if state["kept"] is None:
+        return "no epoch was completed, so no checkpoint was written"
+    path, epoch = state["kept"]
+    return f"the last good checkpoint is {path} (epoch {epoch})"
+
+
+def resume_command(state) -> str:
+    """The command that continues from the last good checkpoint."""
+    path, _ = state["kept"]
+    cfg, run_dir = state["cfg"], state["run_dir"]
+    if state["world_size"] > 1:
+        nodes = int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        launch = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', state['world_size'])}"
+        launch += "" if nodes <= 1 else " (and the node options of this run)"
+        command = f"{launch} train.py --resume {path}"
+    else:
+        command = f"python train.py --resume {path}"
+    if Path(path).resolve().parent != run_dir.resolve():  # nothing saved in this run's folder yet
+        command += f" --model_dir {cfg['model_dir']} --name {cfg['name']}"
+        command += "".join(
+            f" --{k} {new}" for k, (old, new) in state["changes"].items() if k not in ("model_dir", "name")
+        )
+    return command
+
+
+def interrupted_message(state, reason: str) -> str:
+    """One line: why the run ended, what is kept, and how to go on."""
+    if state["kept"] is None:
+        return f"interrupted ({reason}); {kept(state)}: start the run again"
     return (
-        f"the last good checkpoint is {run_dir / 'last.pth'} (epoch {epochs_done})"
-        if epochs_done
-        else "no epoch was completed, so no checkpoint was written"
+        f"interrupted ({reason}); {kept(state)}: continue with `{resume_command(state)}`, which repeats the "
+        f"unfinished epoch from its start"
     )
 
 
 def commit_epoch(state, record: dict, best_miou: float, improved: bool):
-    """Write the epoch boundary: best.pth if the mIoU improved, last.pth, then the metrics line. If a
-    checkpoint cannot be written, the line is still appended (marked) and training stops."""
+    """Write the epoch boundary: config.yaml (first boundary of this start: the settings have run now),
+    best.pth if the mIoU improved, last.pth, then the metrics line; the first line of a resumed run that
+    changed settings says which ("changes": {key: [old, new]}). If a file cannot be written, the line is
+    still appended (marked) and training stops."""
     epoch = record["epoch"]
+    if state["changes"]:
+        record["changes"] = state["changes"]
 
     def save(name, **extra):
         save_checkpoint(
@@ -387,16 +491,24 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
         )
 
     try:
+        if not state["config_written"]:
+            setup.save_config_yaml(state["cfg"], state["run_dir"] / "config.yaml")
+            state["config_written"] = True
         if improved:
             save("best.pth", metrics={k: v for k, v in record.items() if k.startswith("val_")})
         save("last.pth", record=record)
     except WriteError as err:
         state["logger"].log_epoch({**record, "checkpoint_error": str(err)})
+        go_on = (
+            f"continue with `{resume_command(state)}`"
+            if state["kept"] is not None
+            else "start the run again with --overwrite (no epoch of it was saved)"
+        )
         raise WriteError(
-            f"{err}. Epoch {epoch}'s metrics are in {state['logger'].jsonl_path}; once the cause is "
-            f"fixed, continue with `python train.py --resume {state['run_dir'] / 'last.pth'}`"
+            f"{err}. Epoch {epoch}'s metrics are in {state['logger'].jsonl_path}; once the cause is fixed, {go_on}"
         ) from None
     state["logger"].log_epoch(record)
+    state["kept"], state["changes"] = (state["run_dir"] / "last.pth", epoch), {}
 
 
 def report_done(run_dir: Path, best_miou: float):

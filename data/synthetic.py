@@ -18,7 +18,7 @@ at a target frame, and the first T-1 frames of each sequence are only history.
 import numpy as np
 import torch
 
-from data.ddd17 import CHANNELS, check_channels
+from data.event_frames import CHANNELS, check_channels
 from data.events import common as event_common
 from data.events import synthetic_raw
 from data.palettes import SYNTHETIC_PALETTE

@@ -45,8 +45,22 @@ TINY_ARGS = [
 ]
 
 
-def start_script(*args, cwd=REPO, **popen_kwargs) -> subprocess.Popen:
-    """Start `python <args>` from the repository root, its output piped."""
+def _default_signals(then=None):
+    """For a child: SIGINT and SIGTERM act as in a terminal, whatever the test run inherited (a suite
+    started in the background or under nohup ignores SIGINT, and an ignored SIGINT stays ignored in the
+    scripts, as it should for such a job); then `then`, the caller's own preexec_fn."""
+
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if then is not None:
+            then()
+
+    return setup
+
+
+def start_script(*args, cwd=REPO, preexec_fn=None, **popen_kwargs) -> subprocess.Popen:
+    """Start `python <args>` from the repository root, its output piped, with default signal handling."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     # A session of its own, so that a timeout also ends the children (torchrun's workers).
     return subprocess.Popen(
@@ -57,6 +71,7 @@ def start_script(*args, cwd=REPO, **popen_kwargs) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_default_signals(preexec_fn),
         **popen_kwargs,
     )
 

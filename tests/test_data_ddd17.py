@@ -10,7 +10,7 @@ from PIL import Image
 import data
 from data import datalists
 from data.ddd17 import DDD17, pack
-from data.ddd17 import main as ddd17_main
+from data.ddd17.__main__ import main as ddd17_main
 
 # Three recordings, gaps in frame numbers, and numbers whose string order differs from numeric order.
 KEYS = [(1487417411, f) for f in (8, 9, 10, 11, 100)] + [(99, f) for f in (1, 2, 3)] + [(1487600000, 7)]

@@ -3,6 +3,8 @@ nonsense values refused before any data is read, the quickstart refined by flags
 
 import hashlib
 import json
+import os
+import re
 import resource
 import shutil
 import signal
@@ -11,8 +13,10 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+import converter
 import train
 from tests.conftest import REPO, TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script, start_script
 from tests.test_pipeline_errors import tiny_checkpoint
@@ -22,6 +26,7 @@ from utils.files import HOST
 from utils.runs import read_metrics
 
 ANN = [*TINY_ARGS, "--model_type", "ann"]
+CPUS = len(os.sched_getaffinity(0))
 
 
 def digest(folder) -> dict:
@@ -31,6 +36,15 @@ def digest(folder) -> dict:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def run_files(folder) -> dict:
+    """digest() of the files that make a run (TensorBoard's event files, if installed, left out)."""
+    return {k: v for k, v in digest(folder).items() if not k.startswith("tensorboard/")}
+
+
+def error_lines(err) -> list:
+    return [line for line in err.splitlines() if line.startswith("error:")]
 
 
 def temp_files(folder) -> list:
@@ -215,8 +229,10 @@ NONSENSE = [
     (["--alpha", "nan"], "'alpha' must be a finite number > 0, got nan"),
     (["--momentum", "1"], "'momentum' must be a finite number in [0, 1), got 1.0"),
     (["--weight_decay=-1e-4"], "'weight_decay' must be a finite number >= 0"),
-    (["--seed", "-1"], "'seed' must be an integer >= 0"),
-    (["--num_workers", "-2"], "'num_workers' must be an integer >= 0"),
+    (["--seed", "-1"], "'seed' must be an integer in [0, 4294967295] (NumPy's seeds), got -1"),
+    (["--seed", str(2**64)], f"'seed' must be an integer in [0, 4294967295] (NumPy's seeds), got {2**64}"),
+    (["--num_workers", "-2"], "'num_workers' must be an integer in [0, "),
+    (["--num_workers", "1000"], f"(at most 4 per CPU; this machine has {CPUS}), got 1000"),
     (["--memory_block", "0"], "'memory_block' must be a positive integer"),
     (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'; choices: sgd, adam"),
     (["--neuron_backend", "cuda"], "unknown neuron_backend 'cuda'; choices: auto, torch, triton"),
@@ -228,6 +244,10 @@ NONSENSE = [
     (["--dataset", "ddd17", "--channels", "0", "7"], "channels: event channels must be distinct indices in 0..5"),
     (["--dataset", "ddd17", "--thl", "--model_type", "ann"], "thl feeds one frame per timestep and needs model_type"),
     (["--name", "../elsewhere"], "name must be a folder name inside model_dir"),
+    (["--name", "."], "name must be one folder name inside model_dir (no '/', not '.' or '..', at most 255 bytes)"),
+    (["--name", "a/b"], "one folder name inside model_dir (no '/', not '.' or '..', at most 255 bytes), got 'a/b'"),
+    (["--name", "x" * 256], "at most 255 bytes), got 'xxxxx"),
+    (["--config", str(REPO / "configs")], f"--config {REPO / 'configs'} is a folder, not a file"),
 ]
 
 
@@ -370,3 +390,315 @@ def test_broken_pipe_ends_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before anything is written, as with `| head -0`
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and err == ""
+
+
+# ----------------------------------------------------------------------------- resuming with other settings
+def test_resume_applies_optimizer_settings_refuses_others_and_follows_the_folder(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert run_main(train.main, [*ANN, "--epochs", "1", "--model_dir", str(tmp_path), "--name", "r"]) == 0
+    shutil.copytree(run, tmp_path / "copy")  # a copied run folder: continued where it is, not refused
+    kept = run_files(run)
+    for flags, *expected in [
+        (["--optimizer", "sgd"], "a resumed run keeps its optimizer ('adam', asked for 'sgd')", "Drop --optimizer"),
+        (["--seed", "4"], "a resumed run keeps its seed (3, asked for 4)", "Drop --seed"),
+        (["--arch", "fcn-vgg9"], "keeps the checkpoint's model; these settings differ: arch 'dl-vgg9' -> 'fcn-vgg9'"),
+    ]:
+        one_line_error(capsys, train.main, ["--resume", str(run / "last.pth"), "--epochs", "2", *flags], *expected)
+    assert run_files(run) == kept  # config.yaml included: nothing was rewritten
+
+    capsys.readouterr()
+    assert run_main(train.main, ["--resume", str(run / "last.pth"), "--epochs", "2", "--lr", "0.5"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("; from epoch 2: epochs 1 -> 2; lr 0.001 -> 0.5")
+    assert run_main(train.main, ["--resume", str(tmp_path / "copy" / "last.pth"), "--epochs", "2"]) == 0
+    changed, same = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("r", "copy"))
+    # The paper's step schedule at epoch 2 of 2: x0.1 at int(0.5 * 2) = 1 and at int(0.8 * 2) = 1.
+    assert changed[1]["lr"] == pytest.approx(0.5 * 0.01) and same[1]["lr"] == pytest.approx(0.001 * 0.01)
+    assert changed[1]["loss"] != same[1]["loss"]  # the new lr trained, it was not only written down
+    assert changed[1]["changes"] == {"epochs": [1, 2], "lr": [0.001, 0.5]}
+    assert same[1]["changes"] == {"epochs": [1, 2], "name": ["r", "copy"]}
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 0.5
+    assert yaml.safe_load((tmp_path / "copy" / "config.yaml").read_text())["lr"] == 0.001
+
+    (tmp_path / "copy").rename(tmp_path / "moved")  # a moved run folder goes on where it is now
+    assert run_main(train.main, ["--resume", str(tmp_path / "moved" / "last.pth"), "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "moved" / "metrics.jsonl")] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved", "r"]
+
+
+def test_resume_rules_are_those_docs_runs_md_states():
+    from utils.runs import resume_rule
+
+    documented = {
+        "refused": "model_type arch img_size timesteps leak_mem def_threshold surrogate surrogate_params bn encoder "
+        "full_prop leaky alpha conv_bias readout dataset thl channels seq_len optimizer seed",
+        "applied": "epochs lr momentum weight_decay scheduler batch_size amp augment train_split num_train num_val "
+        "void_to_background datalist",
+        "free": "neuron_backend compile memory_saving memory_block device num_workers cpu_malloc data_root pretrained "
+        "model_dir name test_display see_model wandb",
+    }
+    assert {key: resume_rule(key) for rule, keys in documented.items() for key in keys.split()} == {
+        key: rule for rule, keys in documented.items() for key in keys.split()
+    }
+    text = (REPO / "docs" / "runs.md").read_text()
+    assert all(f"`{key}`" in text for keys in documented.values() for key in keys.split())
+
+
+# ----------------------------------------------------------------------------- signals and early ends
+def lines_in(path) -> int:
+    return path.read_text().count("\n") if path.is_file() else 0
+
+
+def test_sigterm_is_ctrl_c_and_a_start_stopped_before_its_first_epoch_changes_nothing(tmp_path):
+    run = tmp_path / "t"
+    proc = start_script("train.py", *ANN, "--epochs", "30", "--model_dir", tmp_path, "--name", "t")
+    wait_for(lambda: lines_in(run / "metrics.jsonl") >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    last = load_checkpoint(run / "last.pth")
+    assert proc.returncode == 128 + signal.SIGTERM and last["epoch"] == len(read_jsonl(run / "metrics.jsonl")), err
+    hint = (
+        f"interrupted (SIGTERM); the last good checkpoint is {run / 'last.pth'} (epoch {last['epoch']}): "
+        f"continue with `python train.py --resume {run / 'last.pth'}`"
+    )
+    assert hint in err and "Traceback" not in err and not (run / ".running").exists()
+
+    # a resumed start with a new --lr, stopped before its first epoch boundary: no file changes
+    kept = run_files(run)
+    proc = start_script("train.py", "--resume", run / "last.pth", "--lr", "0.5")
+    wait_for(lambda: (run / ".running").is_file(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and f"--resume {run / 'last.pth'}" in err and "Traceback" not in err, err
+    assert run_files(run) == kept  # config.yaml still says the lr that ran
+
+    # a new run stopped before its first epoch boundary leaves no folder and names no file to resume
+    proc = start_script("train.py", *ANN, "--model_dir", tmp_path / "new", "--name", "n")
+    wait_for(lambda: (tmp_path / "new" / "n" / ".running").is_file(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "no epoch was completed, so no checkpoint was written" in err and "--resume" not in err
+    assert not (tmp_path / "new").exists()
+
+
+def test_advice_names_only_files_that_exist(tmp_path, capsys):
+    run = tmp_path / "f"
+    # the disk is full from the start: epoch 1's checkpoint cannot be written, so there is nothing to resume
+    proc = run_script(
+        *["train.py", *ANN, "--epochs", "1", "--model_dir", tmp_path, "--name", "f"],
+        check=False,
+        preexec_fn=limit_file_size(8192),
+    )
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and not (run / "last.pth").exists(), proc.stderr
+    assert "start the run again with --overwrite (no epoch of it was saved)" in lines[0] and "--resume" not in lines[0]
+    line = one_line_error(
+        capsys,
+        train.main,
+        [*ANN, "--model_dir", str(tmp_path), "--name", "f"],
+        f"{run} already holds a run that was started but completed no epoch: it has no last.pth to resume from",
+        "--overwrite",
+    )
+    assert "--resume" not in line
+
+
+def test_non_finite_weights_or_statistics_stop_the_run(tmp_path, capsys):
+    # Adam's first step moves every weight by about lr: the loss stays finite, the BN statistics overflow.
+    one_line_error(
+        capsys,
+        train.main,
+        [*ANN, "--lr", "1e30", "--epochs", "2", "--model_dir", str(tmp_path / "runs"), "--name", "big"],
+        "became NaN or infinite in epoch 1; training stopped, no epoch was completed, so no checkpoint was written",
+    )
+    assert not (tmp_path / "runs").exists()  # made for this start, removed with it
+
+
+def test_a_run_name_is_one_folder(tmp_path, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "keep.txt").write_text("a file of the user")
+    for name in (".", "..", "a/b", str(tmp_path)):
+        one_line_error(
+            capsys,
+            train.main,
+            [*ANN, "--model_dir", str(models), "--name", name, "--overwrite"],
+            "name must be",
+            "folder name inside model_dir",
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"] and (models / "keep.txt").is_file()
+
+
+# ----------------------------------------------------------------------------- paths, values and files checked first
+def test_every_path_test_py_uses_is_checked_before_any_work(tiny_ann_run, tmp_path, capsys):
+    script = load_test_script()
+    model = tmp_path / "m.pth"
+    shutil.copy(tiny_ann_run / "best.pth", model)
+    before = model.read_bytes()
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    for flags, expected in [
+        (["--results", str(model)], f"--results {model} is the same file as --model_path {model}"),
+        (["--save_predictions", str(blocker)], f"--save_predictions {blocker} cannot be written: it is a file"),
+        (["--plot", "--plot_dir", str(blocker / "p")], f"--plot_dir {blocker}/p cannot be written"),
+        (["--compare", str(tmp_path / "gone.pth")], f"--compare {tmp_path / 'gone.pth'} not found"),
+        (["--compare", str(tmp_path)], f"--compare {tmp_path} is a folder, not a file"),
+        (["--conversion", "--timesteps", "2", "--save_snn", str(model)], f"--save_snn {model} is the same file as"),
+        (["--conversion", "--conversion_plot", str(blocker / "c.png")], f"--conversion_plot {blocker}/c.png cannot"),
+        (["--seed", str(2**64)], "--seed: 'seed' must be an integer in [0, 4294967295]"),
+    ]:
+        one_line_error(capsys, script.main, ["--model_path", str(model), *flags], expected)
+    one_line_error(capsys, script.main, ["--model_path", str(tmp_path)], f"--model_path {tmp_path} is a folder")
+    assert "mIoU" not in capsys.readouterr().out  # nothing was evaluated
+    assert model.read_bytes() == before
+
+
+def test_converter_never_replaces_its_input(tmp_path, capsys):
+    source = tiny_checkpoint(tmp_path / "a.pth")
+    before = source.read_bytes()
+    (tmp_path / "link.pth").hardlink_to(source)
+    for output in (source, tmp_path / "." / "a.pth", tmp_path / "link.pth"):
+        one_line_error(
+            capsys,
+            converter.main,
+            ["thresholds", str(source), "--type", "layer", "-o", str(output)],
+            f"-o {output} is the same file as the input {source}: it would be replaced",
+        )
+    assert source.read_bytes() == before
+
+
+def test_config_files_are_checked_whole(tmp_path, capsys):
+    def refused(text, *expected):
+        config = tmp_path / "c.yaml"
+        config.write_text(text)
+        line = one_line_error(capsys, train.main, ["--config", str(config)], f"{config}: ", *expected)
+        assert len(line) < 400, len(line)  # a huge value is not repeated in the message
+
+    refused("epochs: 1\nlr: 0.1\nepochs: 2\n", "duplicate key 'epochs' at line 3 (first at line 1)")
+    refused("name: " + "x" * (2 << 20) + "\n", "2,097,159 bytes is too large for a config file (at most 1,048,576)")
+    refused("name: " + "x" * 100_000 + "\n", "the value of 'name' is 100,000 characters long (at most 4,096)")
+    refused("seed: " + "9" * 5000 + "\n", "Exceeds the limit")
+    refused("epochs: " + "y" * 4000 + "\n", "'epochs'", "expected an integer, got 'yyy", "(4,002 characters)")
+    assert not (tmp_path / "trained_models").exists()
+
+
+def test_a_checkpoint_with_integer_weights_is_refused(tmp_path, capsys):
+    path = tiny_checkpoint(tmp_path / "int.pth")
+    checkpoint = load_checkpoint(path)
+    first_float = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"] = {k: v.long() for k, v in checkpoint["state_dict"].items()}
+    save_checkpoint(path, checkpoint)
+    one_line_error(
+        capsys,
+        load_test_script().main,
+        ["--model_path", str(path)],
+        f"{path}: {first_float!r} holds int64 values where the model has floating-point weights",
+    )
+
+
+# ----------------------------------------------------------------------------- work that cannot fit in memory
+def test_memory_estimate_refuses_what_cannot_fit_and_passes_what_can(tiny_ann_run, tmp_path, capsys):
+    from utils.preflight import estimate_bytes
+
+    script = load_test_script()
+    model = str(tiny_ann_run / "best.pth")
+    cfg = load_checkpoint(model)["config"]
+    # Evaluation: the largest layer output of dl-vgg9 is its first conv (64 channels at full resolution),
+    # all T steps of a batch at once, float32, times the safety factor 3 (docs/runs.md); plus the weights.
+    weights = 4 * sum(v.numel() for k, v in load_checkpoint(model)["state_dict"].items() if "running" not in k)
+    expected = 64 * 16 * 16 * 1000 * 8 * 4 * 3
+    assert estimate_bytes(cfg, 8, 1000, (16, 16), training=False) - weights == pytest.approx(expected, rel=0.01)
+
+    argv = ["--model_path", model, "--conversion", "--timesteps", "2,1000000"]
+    line = one_line_error(capsys, script.main, argv, "the converted SNN's evaluation needs about", "T=1000000")
+    assert "dl-vgg9 at 16x16" in line and "batch 8" in line and "lower --timesteps, --batch_size or --img_size" in line
+    assert "ANN mIoU" not in capsys.readouterr().out  # refused before the ANN was evaluated
+
+    # training: refused before the data is built (the synthetic set would allocate its 30000x30000 grid)
+    line = one_line_error(
+        capsys,
+        train.main,
+        [*ANN, "--img_size", "30000", "--model_dir", str(tmp_path / "runs"), "--name", "huge"],
+        "training needs about",
+        "lower --batch_size or --img_size",
+    )
+    assert not (tmp_path / "runs").exists()
+    # ... and what fits passes: the tiny run of the other tests, evaluated at T=2 and at its own size
+    assert run_main(script.main, ["--model_path", model, "--num_workers", "0"]) == 0
+
+
+def jpeg_claiming_size(path, height: int, width: int):
+    """A small JPEG whose header (SOF0) says height x width: a huge image as far as its header is read."""
+    Image.new("RGB", (8, 8)).save(path, "JPEG")
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+
+
+def test_voc_native_size_with_a_huge_image_is_refused_before_evaluating(tmp_path, capsys):
+    voc = tmp_path / "voc"
+    shutil.copytree(REPO.parent / "shared" / "fixtures" / "voc2012-mini", voc)
+    voc_dir = voc / "VOCdevkit" / "VOC2012"
+    jpeg_claiming_size(voc_dir / "JPEGImages" / "2007_000033.jpg", 30000, 30000)
+    ckpt = tiny_checkpoint(tmp_path / "voc.pth", dataset="voc2012", num_classes=21, num_val=None)
+    argv = ["--model_path", str(ckpt), "--data_root", str(voc), "--img_size", "-1", "--batch_size", "1"]
+    one_line_error(capsys, load_test_script().main, argv, "the evaluation needs about", "at 30000x30000", "lower")
+    assert "mIoU" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- torchrun
+def worker_pids(launcher) -> dict:
+    """{rank: pid} of the workers torchrun (process `launcher`) started."""
+    workers = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == launcher:
+                environ = dict(
+                    item.split("=", 1) for item in open(f"/proc/{entry}/environ").read().split("\0") if "=" in item
+                )
+                workers[int(environ["RANK"])] = int(entry)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return workers
+
+
+def torchrun_train(*args):
+    return start_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args)
+
+
+def test_torchrun_interrupt_ends_every_rank_with_the_resume_hint(tmp_path):
+    run = tmp_path / "ddp"
+    hint = f"continue with `torchrun --nproc_per_node=2 train.py --resume {run / 'last.pth'}`"
+
+    def ended_cleanly(proc):
+        _, err = proc.communicate(timeout=240)
+        epoch = load_checkpoint(run / "last.pth")["epoch"]
+        hints = [line for line in err.splitlines() if hint in line]
+        assert len(hints) == 2, err  # one from each rank
+        assert all(f"the last good checkpoint is {run / 'last.pth'} (epoch {epoch})" in line for line in hints)
+        assert 'train.py", line' not in err  # no worker's traceback (torchrun reports the exit codes itself)
+        assert epoch == len(read_jsonl(run / "metrics.jsonl")) and not (run / ".running").exists()
+        return epoch
+
+    # Ctrl-C sent to one worker only: the other is stopped by torchrun or loses its peer; both say how to go on
+    proc = torchrun_train(*ANN, "--epochs", "30", "--model_dir", tmp_path, "--name", "ddp")
+    wait_for(lambda: lines_in(run / "metrics.jsonl") >= 1, proc)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGINT)
+    epoch = ended_cleanly(proc)
+
+    # Ctrl-C in a terminal: SIGINT to torchrun and to every worker
+    proc = torchrun_train("--resume", run / "last.pth")
+    wait_for(lambda: lines_in(run / "metrics.jsonl") > epoch, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    ended_cleanly(proc)
+
+
+def test_python_m_data_modules_run_without_runpy_warning():
+    # runpy warns when the module it runs was imported already by its package (data/__init__.py)
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    documented = {m for doc in docs for m in re.findall(r"python -m (data\.\w+)", doc.read_text())}
+    assert "data.ddd17" in documented
+    probe = "import sys, data; print(' '.join(m for m in sys.modules if m.startswith('data.')))"
+    assert not documented & set(run_script("-c", probe).stdout.split())
+    proc = run_script("-m", "data.ddd17", "--help")
+    assert "pack" in proc.stdout and proc.stderr == ""

@@ -145,6 +145,13 @@ def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
             f"(num_classes={config.get('num_classes')}, in_channels={config.get('in_channels')}): "
             f"the checkpoint was made for another architecture; {'; '.join(details)}"
         )
+    # load_state_dict would copy integer (or boolean) values into float weights without a word
+    wrong = [k for k in own if own[k].is_floating_point() and not state_dict[k].is_floating_point()]
+    if wrong:
+        raise CheckpointError(
+            f"{source}: {wrong[0]!r} holds {str(state_dict[wrong[0]].dtype).replace('torch.', '')} values where "
+            f"the model has floating-point weights ({len(wrong)} such tensor(s)); the file is not a trained model"
+        )
     model.load_state_dict(state_dict)
 
 

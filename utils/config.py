@@ -14,6 +14,7 @@ Values are checked before any work: a bad one is one line naming the key and wha
 import argparse
 import difflib
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -23,6 +24,7 @@ from data import registry
 from models.config import MODEL_KEYS, resolve_model_config
 from utils import keys
 from utils.allocator import POLICIES
+from utils.cli import shown
 from utils.files import atomic_write_bytes
 from utils.keys import (  # noqa: F401  (re-exported: the readers of values used by the scripts)
     ABOVE_ZERO,
@@ -36,6 +38,10 @@ from utils.keys import (  # noqa: F401  (re-exported: the readers of values used
     str2bool,
 )
 
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a huge one is a mistake
+MAX_VALUE_CHARS = 4096  # the longest path Linux accepts
+
 _T = "train"
 TRAIN_KEYS = keys.key_table(
     [
@@ -46,8 +52,15 @@ TRAIN_KEYS = keys.key_table(
         Key("momentum", _T, 0.9, float, "SGD momentum", interval=Interval(0, 1, high_open=True)),
         Key("weight_decay", _T, 5e-4, float, "weight decay", interval=NON_NEGATIVE),
         Key("scheduler", _T, "step", str, "step (x0.1 at 50%% and 80%% of the epochs) or poly", ("step", "poly")),
-        Key("seed", _T, 0, int, "random seed", interval=NON_NEGATIVE),
-        Key("num_workers", _T, 2, int, "data loading processes", interval=NON_NEGATIVE),
+        Key("seed", _T, 0, int, "random seed", interval=Interval(0, 2**32 - 1, note="NumPy's seeds")),
+        Key(
+            "num_workers",
+            _T,
+            2,
+            int,
+            "data loading processes",
+            interval=Interval(0, 4 * CPUS, note=f"at most 4 per CPU; this machine has {CPUS}"),
+        ),
         Key("model_dir", _T, "trained_models", str, "folder of the run folders"),
         Key(
             "name",
@@ -102,8 +115,8 @@ def check_known(config: dict, source="config"):
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(str(name), list(SCHEMA), n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = difflib.get_close_matches(str(name)[:100], list(SCHEMA), n=1)
+            hints.append(shown(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"{source}: unknown config key(s): {', '.join(hints)}")
 
 
@@ -210,22 +223,78 @@ def read_config_layer(values: dict, source, strict: bool = True) -> dict:
     return result
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line, first_line):
+        super().__init__(f"duplicate key {shown(key)} at line {line} (first at line {first_line})")
+
+
+def _unique_mapping(loader, node, deep=False):
+    """A YAML mapping whose keys are all different: a repeated key would silently override the first."""
+    first = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            continue  # the stock constructor reports an unhashable key itself
+        if key in first:
+            raise _DuplicateKey(key, key_node.start_mark.line + 1, first[key])
+        first[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing duplicate keys."""
+
+
+_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _long_value(values, where=""):
+    """The first string in `values` longer than MAX_VALUE_CHARS, as (where, length), or None."""
+    if isinstance(values, str):
+        return (where, len(values)) if len(values) > MAX_VALUE_CHARS else None
+    items = values.items() if isinstance(values, dict) else enumerate(values) if isinstance(values, list) else ()
+    for key, value in items:
+        found = _long_value(value, f"{where}.{key}" if where else str(key)[:100])
+        if found:
+            return found
+    return None
+
+
 def load_yaml_config(path) -> dict:
-    """Read a YAML config file: a mapping of known keys. Errors name the file and the key."""
+    """Read a YAML config file: a mapping of known keys. Errors name the file and the key (and the line
+    of a key given twice); a file over MAX_CONFIG_BYTES or a value over MAX_VALUE_CHARS is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {size:,} bytes is too large for a config file (at most {MAX_CONFIG_BYTES:,})")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=_ConfigLoader)
+    except _DuplicateKey as err:
+        raise ValueError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ValueError(f"{path}: malformed YAML{at}: {problem}") from None
+        raise ValueError(f"{path}: malformed YAML{at}: {shown(problem, quote=False)}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
+    except ValueError as err:  # a value YAML cannot build, e.g. an integer of 5000 digits
+        raise ValueError(f"{path}: {shown(str(err), 200, quote=False)}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, found a {type(values).__name__}")
+    long_value = _long_value(values)
+    if long_value:
+        raise ValueError(
+            f"{path}: the value of {long_value[0]!r} is {long_value[1]:,} characters long (at most {MAX_VALUE_CHARS:,})"
+        )
     return read_config_layer(values, path)
 
 

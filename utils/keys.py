@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from utils.cli import shown
+
 NATIVE_SIZE = -1  # img_size of "the images as they are" in configs (YAML, checkpoints)
 
 
@@ -21,6 +23,7 @@ class Interval:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    note: str = ""  # why the range is what it is, for the message
 
     def __contains__(self, value) -> bool:
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
@@ -31,9 +34,12 @@ class Interval:
         if kind is int and self.high is None and self.low == 1 and not self.low_open:
             return "a positive integer"
         noun = "an integer" if kind is int else "a finite number"
+        number = (lambda x: f"{int(x)}") if kind is int else (lambda x: f"{x:g}")
         if self.high is None:
-            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
-        return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{noun} {'>' if self.low_open else '>='} {number(self.low)}"
+        low, high = number(self.low), number(self.high)
+        text = f"{noun} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return text + (f" ({self.note})" if self.note else "")
 
 
 POSITIVE = Interval(1)
@@ -83,7 +89,7 @@ def str2bool(text) -> bool:
         return True
     if lowered in ("0", "false", "no", "n", "off"):
         return False
-    raise ValueError(f"expected a boolean (true/false/1/0), got {text!r}")
+    raise ValueError(f"expected a boolean (true/false/1/0), got {shown(text)}")
 
 
 def parse_mapping(text) -> dict:
@@ -94,7 +100,7 @@ def parse_mapping(text) -> dict:
     except yaml.YAMLError:
         value = None
     if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping such as '{{gamma: 0.3}}', got {text!r}")
+        raise ValueError(f"expected a mapping such as '{{gamma: 0.3}}', got {shown(text)}")
     return value
 
 
@@ -111,38 +117,39 @@ def parse_size(value):
     if sizes == [NATIVE_SIZE]:
         return None
     if not sizes or len(sizes) > 2 or min(sizes) < 1:
-        shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        given = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
         raise ValueError(
-            f"img_size must be one positive int (square), two (H W), or -1 for the native size, got {shown}"
+            f"img_size must be one positive int (square), two (H W), or -1 for the native size, "
+            f"got {shown(given, quote=False)}"
         )
     return sizes * 2 if len(sizes) == 1 else sizes  # one number: a square
 
 
 def _to_int(value) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {shown(value)}")
     if isinstance(value, float):
         if not value.is_integer():
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {shown(value)}")
         return int(value)
     try:
         return int(str(value).strip())
     except ValueError:
-        raise ValueError(f"expected an integer, got {value!r}") from None
+        raise ValueError(f"expected an integer, got {shown(value)}") from None
 
 
 def _to_float(value) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {shown(value)}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {value!r}") from None
+        raise ValueError(f"expected a number, got {shown(value)}") from None
 
 
 def _to_str(value) -> str:
     if isinstance(value, (list, tuple, dict)):
-        raise ValueError(f"expected a single value, got {value!r}")
+        raise ValueError(f"expected a single value, got {shown(value)}")
     return str(value)
 
 
@@ -171,7 +178,7 @@ def check_value(key: Key, value):
     if value is None and key.optional:
         return
     if key.choices is not None and value not in key.allowed():
-        raise ValueError(f"unknown {key.name} {value!r}; choices: {', '.join(map(str, key.allowed()))}")
+        raise ValueError(f"unknown {key.name} {shown(value)}; choices: {', '.join(map(str, key.allowed()))}")
     if key.kind in (int, float) and (
         not isinstance(value, (int, float))
         or isinstance(value, bool)
@@ -179,6 +186,6 @@ def check_value(key: Key, value):
         or (key.interval and value not in key.interval)
     ):
         rule = key.interval.describe(key.kind) if key.interval else "a finite number"
-        raise ValueError(f"{key.name!r} must be {rule}, got {value!r}")
+        raise ValueError(f"{key.name!r} must be {rule}, got {shown(value)}")
     if key.kind == "size" and value != NATIVE_SIZE:
         parse_size(value)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from data.ddd17 import CHANNELS
+from data.event_frames import CHANNELS
 from data.events import representations as rep
 from utils.keys import ABOVE_ZERO, POSITIVE, Key
 

@@ -23,7 +23,6 @@ history only and are not targets (`dropped_targets` counts them).
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import h5py
@@ -31,17 +30,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.event_frames import CHANNELS, NUM_EVENT_CHANNELS, check_channels
 from data.palettes import DDD17_PALETTE
 from data.registry import EVENTS, DatasetSpec
 from data.transforms import ddd17_transform, scale_events
 from data.voc2012 import load_mask
 from utils import files
-from utils.cli import ArgumentParser
 from utils.keys import Key
 
 CLASSES = ("flat", "construction+sky", "object", "nature", "human", "vehicle")
 NUM_CLASSES = len(CLASSES)
-NUM_EVENT_CHANNELS = 6
 FORMAT = "snnseg-ddd17-1"
 NPY_MAGIC = b"\x93NUMPY"
 NAME = re.compile(r"^rec(\d+)_export_(\d+)$")
@@ -50,16 +48,6 @@ LAYOUT = (
     "<root>/labels/<split>/rec<recording>_export_<frame>.png (Ev-SegNet DDD17), "
     "or <root>/<split>.h5 packed with `python -m data.ddd17 pack`"
 )
-
-
-CHANNELS = Key("channels", "data", [0, 1], "intlist", "event channels (0-5) of ddd17 / synthetic-events")
-
-
-def check_channels(channels):
-    channels = tuple(int(c) for c in channels)
-    if not channels or any(not 0 <= c < NUM_EVENT_CHANNELS for c in channels) or len(set(channels)) != len(channels):
-        raise ValueError(f"channels: event channels must be distinct indices in 0..5, got {list(channels)}")
-    return channels
 
 
 def frame_key(name):
@@ -330,30 +318,3 @@ SPEC = DatasetSpec(
     ),
     check=lambda cfg: check_channels(cfg["channels"]),
 )
-
-
-def main(argv=None):
-    parser = ArgumentParser(prog="python -m data.ddd17", description="DDD17 tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    pack_cmd = commands.add_parser("pack", help="pack a split into one HDF5 file")
-    pack_cmd.add_argument("root", help="folder with events/ and labels/ (Ev-SegNet layout)")
-    pack_cmd.add_argument("split", help="train or test")
-    pack_cmd.add_argument("out", help="output .h5 file, e.g. ROOT/train.h5 (then DDD17(ROOT) reads it)")
-    pack_cmd.add_argument(
-        "--compression",
-        default="gzip",
-        choices=["gzip", "lzf", "none"],
-        help="gzip: smallest; lzf: faster to pack; none: fastest to read, as large as the .npy",
-    )
-    args = parser.parse_args(argv)
-    try:
-        n = pack(args.root, args.split, args.out, None if args.compression == "none" else args.compression)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"packed {n} frames of {args.split} into {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
