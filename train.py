@@ -35,7 +35,6 @@ from utils.evaluation import autocast, evaluate, to_model_input
 from utils.files import WriteError
 from utils.runs import (
     RunInterrupted,
-    check_run_name,
     claim_run_dir,
     describe_changes,
     holding_interrupts,
@@ -223,7 +222,6 @@ def prepare(args, dist_info: dict):
     resumed = load_checkpoint(args.resume) if args.resume else None
     base = {**resumed["config"], **resume_location(resumed["config"], args.resume)} if resumed else None
     cfg = setup.resolve_config(args, base=base, base_source=args.resume)
-    check_run_name(cfg["name"])
     changes = check_resume(resumed, args.resume, cfg) if resumed is not None else {}
     if is_main:
         first = describe_changes(changes, int(resumed["epoch"]) + 1) if changes else ""

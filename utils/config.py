@@ -325,9 +325,14 @@ def validate_and_derive(config: dict) -> dict:
 
 
 def check_name(name: str):
-    path = Path(name)
-    if not name.strip() or path.is_absolute() or ".." in path.parts:
-        raise ValueError(f"name must be a folder name inside model_dir (not absolute, no '..'), got {name!r}")
+    """A run name is one folder name: no separator, not '.' or '..' (with --overwrite, '.' would set the
+    whole model_dir aside)."""
+    separators = [s for s in ("/", os.sep, os.altsep, "\0") if s and s in name]
+    if not name.strip() or name in (".", "..") or separators or len(os.fsencode(name)) > 255:
+        raise ValueError(
+            f"name must be one folder name inside model_dir (no '/', not '.' or '..', at most 255 bytes), "
+            f"got {shown(name)}"
+        )
 
 
 def default_run_name(config: dict) -> str:

@@ -51,17 +51,6 @@ def saved_epoch(run_dir: Path):
 
 
 # ----------------------------------------------------------------------------- names and folders
-def check_run_name(name: str):
-    """A run name is one folder name: no separator, not '.' or '..' (with --overwrite, '.' would set the
-    whole model_dir aside)."""
-    separators = [s for s in ("/", os.sep, os.altsep, "\0") if s and s in name]
-    if not name.strip() or name in (".", "..") or separators or len(os.fsencode(name)) > 255:
-        raise ValueError(
-            f"name must be one folder name inside model_dir (no '/', not '.' or '..', at most 255 bytes), "
-            f"got {shown(name)}"
-        )
-
-
 def run_folder_of(checkpoint_path) -> Path | None:
     """The run folder a checkpoint lies in (as the user's path spells it), or None for a checkpoint that
     lies elsewhere: a run folder holds last.pth / best.pth / config.yaml / metrics.jsonl."""
