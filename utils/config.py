@@ -182,7 +182,7 @@ def add_config_arguments(parser: argparse.ArgumentParser):
                 type=_flag_type(key.name),
                 default=None,
                 help=help_text,
-                metavar="{" + ",".join(key.allowed()) + "}",
+                metavar="{" + ",".join(map(str, key.allowed())) + "}",
             )
         elif key.kind is bool:
             group.add_argument(
