@@ -180,9 +180,9 @@ class DecoderStage(nn.Module):
         self.up = nn.ConvTranspose2d(classes, classes, kernel_size=3, stride=2, bias=False)
         self.act = act
 
-    def forward(self, x, skip, steps, t0=0, membranes=None):
+    def forward(self, x, skip, steps, t0=0, membranes=None, replaying=False):
         x = F.interpolate(self.up(x), size=skip.shape[-2:], mode="bilinear", align_corners=True) + skip
-        return x if self.act is None else self.act(x, steps, None, t0, membranes)
+        return x if self.act is None else self.act(x, steps, None, t0, membranes, replaying=replaying)
 
 
 def _time_slice(h, steps, t0, k):
@@ -373,7 +373,7 @@ class SegmentationNet(nn.Module):
         if self.fcn:
             h = skips[-1]
             for stage, skip in zip(self.decoder, reversed(skips[:-1])):
-                h = stage(h, skip, steps, t0, membranes)
+                h = stage(h, skip, steps, t0, membranes, replaying)
         total = h if steps == 1 else time_sum(h, steps)
         return (total, *[membranes[neuron] for neuron in neurons])
 

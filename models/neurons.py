@@ -386,7 +386,11 @@ def state_dict_neuron_errors(kind: str, state_dict: dict) -> Optional[str]:
 
 def _neuron_keys(kind: str) -> list:
     """The state-dict entries a neuron model adds to the threshold (its learnable parameters)."""
-    return [name for name, _ in get_neuron(kind)(name="probe", backend="generic").named_parameters()]
+    try:
+        probe = get_neuron(kind)(name="probe", backend="generic")
+    except (TypeError, ValueError):  # a model that needs arguments of its own: nothing to compare
+        return []
+    return [name for name, _ in probe.named_parameters()]
 
 
 # ----------------------------------------------------------------------------------------- public API

@@ -42,8 +42,13 @@ def test_custom_op_registration_passes_opcheck(bn, u0, hard):
     torch.library.opcheck(spiking_layer, op_args(bn=bn, u0=u0, hard=hard))
 
 
-def test_compiled_training_step_has_no_graph_break_and_matches_eager():
-    cfg = dict(arch="dl-vgg9", timesteps=2, num_classes=3, encoder="direct", neuron_backend="torch", reset="zero")
+@pytest.mark.parametrize(
+    "neuron, backend, reset", [("lif", "torch", "zero"), ("plif", "generic", "subtract")], ids=["torch-op", "generic"]
+)
+def test_compiled_training_step_has_no_graph_break_and_matches_eager(neuron, backend, reset):
+    """The torch loops through the custom op; PLIF on the generic path traces as ordinary autograd."""
+    cfg = dict(arch="dl-vgg9", timesteps=2, num_classes=3, encoder="direct", neuron=neuron, neuron_backend=backend)
+    cfg["reset"] = reset
     models = []
     for _ in range(2):
         torch.manual_seed(0)

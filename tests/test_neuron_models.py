@@ -249,6 +249,14 @@ def test_generic_memory_saving_carries_the_state_and_counts_bn_once():
     assert all(int(n.num_batches_tracked) == 1 for n in generic.modules() if hasattr(n, "num_batches_tracked"))
 
 
+def test_memory_saving_replay_does_not_count_spikes_twice():
+    """On the torch loops too: the blocks replayed in backward are not recorded again (fcn-vgg9: the
+    decoder's neurons as well)."""
+    saving, plain = twin_models(("torch", "torch"), arch="fcn-vgg9", memory_saving=True, memory_block=2, timesteps=4)
+    plain.config["memory_saving"] = plain.memory_saving = False
+    assert_same_run([saving, plain])
+
+
 def test_eval_mode_after_training_on_the_other_backend():
     models = twin_models(neuron="if", reset="zero")
     assert_same_run(models)
