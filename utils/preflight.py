@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import models
 from utils import files
 
 # ----------------------------------------------------------------------------- paths
@@ -93,8 +94,6 @@ PROBE_SIZE = 64
 
 @functools.lru_cache(maxsize=8)
 def _profile(model_cfg_json: str):
-    import models
-
     cfg = json.loads(model_cfg_json)
     twin = models.build_model(cfg).eval()
     sizes = []
