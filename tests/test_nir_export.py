@@ -138,6 +138,41 @@ def assert_agree(peer_logits, peer_spikes, our_logits, our_spikes):
     assert agree >= 0.98
 
 
+# ------------------------------------------------------------------------------- shared batch norm
+def test_shared_batch_norm_takes_one_statistic_over_all_timesteps():
+    """bntt: false: training-mode BN normalises with the mean and (biased) variance over (T, N, H, W)
+    together, updates the running statistics with momentum 0.1 (unbiased variance), and in eval mode is
+    the same affine map at every step."""
+    from models.network import TimeBatchNorm
+
+    steps, n, c = 3, 2, 4
+    norm = TimeBatchNorm(c, steps, affine=True, shared=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([[0.5, 1.0, 2.0, 3.0]]))
+    x = torch.randn(steps * n, c, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    out = norm.train()(x, steps)
+    per_channel = x.transpose(0, 1).reshape(c, -1).double()
+    mean, var = per_channel.mean(1), per_channel.var(1, unbiased=False)
+    expected = (
+        (x.double() - mean.view(1, c, 1, 1)) / (var.view(1, c, 1, 1) + 1e-4).sqrt() * norm.weight.view(1, c, 1, 1)
+    )
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    count = per_channel.shape[1]
+    torch.testing.assert_close(norm.running_mean[0].double(), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        norm.running_var[0].double(), 0.9 + 0.1 * var * count / (count - 1), rtol=1e-5, atol=1e-6
+    )
+    frame = torch.randn(n, c, 5, 5)
+    eval_out = norm.eval()(frame.repeat(steps, 1, 1, 1), steps)
+    for t in range(steps):  # every step the same map
+        torch.testing.assert_close(eval_out[t * n : (t + 1) * n], eval_out[:n])
+    # the model: one [1, C] row per BN, spiking conv units in front of the neurons, gradients reach the scale
+    model = build_model(dict(model_type="snn", num_classes=3, img_size=16, timesteps=3, bntt=False, encoder="direct"))
+    assert all(unit.norm.weight.shape == (1, unit.conv.out_channels) for unit in model.conv_units())
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(unit.norm.weight.grad.abs().sum() > 0 for unit in model.conv_units()[:2])
+
+
 # ---------------------------------------------------------------------------------------- snnTorch
 @pytest.mark.parametrize("full_prop", [False, True])
 def test_snntorch_runs_the_exported_deployable_model_with_our_spikes_and_logits(tmp_path, full_prop):
