@@ -1,4 +1,5 @@
-"""Models: LIF neurons, surrogate gradients, input encoders and the ANN/SNN segmentation networks.
+"""Models: spiking neurons (LIF, IF, PLIF; models/neurons.py), surrogate gradients, input encoders and the
+ANN/SNN segmentation networks.
 
 Everything is built from a plain config dict by ``build_model(cfg)``; keys not given take
 ``MODEL_DEFAULTS`` (the paper code's defaults).
@@ -11,7 +12,7 @@ from utils import config as config_schema
 from .architectures import ARCHITECTURES, is_fcn
 from .encoders import ENCODERS
 from .network import SegmentationNet
-from .neurons import LIF, compile_neuron_kernels, lif_sequence
+from .neurons import IF, LIF, NEURONS, PLIF, RESETS, Neuron, build_neuron, lif_sequence, register_neuron
 from .surrogates import SURROGATES, get_surrogate
 
 # The model section of the configuration schema (utils/config.py), where each key's default, type,
@@ -35,9 +36,28 @@ def resolve_model_config(cfg: dict) -> dict:
             raise ValueError(f"model config {key!r}: {err}") from None
     config_schema.check_values(cfg, section="model")
     _check_surrogate(cfg["surrogate"], cfg["surrogate_params"])
+    if cfg["model_type"] == "snn":
+        _check_neuron(cfg)
     if cfg["full_prop"] and cfg["model_type"] != "snn":
         raise ValueError("'full_prop' applies to SNNs only (model_type 'snn')")
     return cfg
+
+
+def _check_neuron(cfg):
+    """The neuron model can be built with these settings (e.g. plif's leak_mem), on this backend."""
+    try:
+        build_neuron(
+            cfg["neuron"],
+            leak=cfg["leak_mem"],
+            threshold=cfg["def_threshold"],
+            surrogate=cfg["surrogate"],
+            surrogate_params=cfg["surrogate_params"],
+            alpha=float(cfg["alpha"]) if cfg["leaky"] else None,
+            reset=cfg["reset"],
+            backend=cfg["neuron_backend"],
+        )
+    except ValueError as err:
+        raise ValueError(f"model config neuron {cfg['neuron']!r}: {err}") from None
 
 
 def _check_surrogate(name, params):
@@ -54,8 +74,6 @@ def _check_surrogate(name, params):
 def build_model(cfg: dict) -> SegmentationNet:
     """The ANN or SNN described by ``cfg`` (see ``MODEL_DEFAULTS``), freshly initialised."""
     cfg = resolve_model_config(cfg)  # unknown keys, choices, ranges and surrogate parameters: errors first
-    if cfg["compile"]:
-        compile_neuron_kernels(True)
     model = SegmentationNet(cfg)
     if cfg["pretrained"]:
         model.load_vgg_weights(cfg["pretrained"])
@@ -68,6 +86,12 @@ __all__ = [
     "SURROGATES",
     "MODEL_DEFAULTS",
     "LIF",
+    "IF",
+    "PLIF",
+    "Neuron",
+    "NEURONS",
+    "RESETS",
+    "register_neuron",
     "SegmentationNet",
     "build_model",
     "resolve_model_config",

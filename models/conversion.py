@@ -1,11 +1,13 @@
 """ANN-to-SNN conversion by threshold balancing (docs/design.md, section 8).
 
     snn = convert_ann(ann, timesteps=64)                          # BN folded, IF neurons, thresholds 1.0
+    snn = convert_ann(ann, 64, neuron="if", reset="zero")         # the same with a hard reset
     raw = calibrate_thresholds(snn, batches, 'channel')           # layer by layer, as the paper's code
     apply_thresholds(snn, raw, 'channel', scaling_factor=0.7)
 
 The ANN's (affine-free) BN is folded into each conv's weight and bias, every ReLU becomes an IF/LIF neuron
-with reset by subtraction, and the thresholds come from the input currents the partly converted SNN
+(``neuron`` 'lif' with ``leak_mem``, 1.0 by default, or 'if') with reset by subtraction (or to zero,
+``reset`` 'zero'), and the thresholds come from the input currents the partly converted SNN
 produces on calibration batches. Like the paper's code, calibration keeps the earlier layers at their raw
 (unscaled) thresholds and the scaling factor is applied only when the SNN is used; so the raw thresholds
 are what a checkpoint caches (``thresholds[type][str(T)]``), independent of the scaling factor.
@@ -33,6 +35,7 @@ from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
 CONVERSION_ENCODERS = ("poisson", "direct")
+CONVERSION_NEURONS = ("lif", "if")  # neurons without learnable parameters: nothing for the ANN to give them
 
 
 def fold_batchnorm(unit: ConvUnit):
@@ -57,8 +60,17 @@ def fold_batchnorm(unit: ConvUnit):
     return weight * scale.view(-1, 1, 1, 1), (bias - norm.running_mean[0].double()) * scale
 
 
-def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: str = "poisson") -> dict:
+def snn_config(
+    ann_cfg: dict,
+    timesteps: int,
+    leak_mem: float = 1.0,
+    encoder: str = "poisson",
+    neuron: str = "lif",
+    reset: str = "subtract",
+) -> dict:
     """The converted SNN's config: the ANN's, with IF/LIF neurons, no BN and conv biases (folded BN)."""
+    if neuron not in CONVERSION_NEURONS:
+        raise ValueError(f"conversion builds neurons {list(CONVERSION_NEURONS)}, got neuron {neuron!r}")
     if encoder not in CONVERSION_ENCODERS:
         raise ValueError(f"conversion encoder must be one of {list(CONVERSION_ENCODERS)}, got {encoder!r}")
     if int(timesteps) < 1:
@@ -68,6 +80,8 @@ def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: st
         "model_type": "snn",
         "timesteps": int(timesteps),
         "leak_mem": float(leak_mem),
+        "neuron": neuron,
+        "reset": reset,
         "bn": False,
         "conv_bias": True,
         "encoder": encoder,
@@ -80,14 +94,20 @@ def snn_config(ann_cfg: dict, timesteps: int, leak_mem: float = 1.0, encoder: st
 
 
 def convert_ann(
-    ann: SegmentationNet, timesteps: int, leak_mem: float = 1.0, encoder: str = "poisson"
+    ann: SegmentationNet,
+    timesteps: int,
+    leak_mem: float = 1.0,
+    encoder: str = "poisson",
+    neuron: str = "lif",
+    reset: str = "subtract",
 ) -> SegmentationNet:
-    """A fresh SNN with the ANN's weights (BN folded); thresholds stay at 1.0 until calibrated."""
+    """A fresh SNN with the ANN's weights (BN folded); thresholds stay at 1.0 until calibrated.
+    ``neuron`` 'lif' (leak ``leak_mem``) or 'if' (no leak); ``reset`` 'subtract' or 'zero'."""
     from . import build_model
 
     if ann.spiking:
         raise ValueError("conversion needs an ANN (model_type 'ann'), got an SNN")
-    snn = build_model(snn_config(ann.config, timesteps, leak_mem, encoder))
+    snn = build_model(snn_config(ann.config, timesteps, leak_mem, encoder, neuron, reset))
     state = {k: v.detach().clone() for k, v in ann.state_dict().items() if ".norm." not in k}
     for index, unit in enumerate(ann.body):
         if isinstance(unit, ConvUnit):

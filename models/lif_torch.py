@@ -8,15 +8,17 @@ API (shared by both backends; ``models/neurons.py`` chooses one):
 
 ``forward(x, u0, params, bn, keep_spikes) -> (spikes, compact, u, mean, invstd)``
     ``x`` ``[S, ...]`` (``[S, N, C, H, W]`` whenever ``bn`` is given) are the input currents, ``u0`` the
-    membrane carried in (None: a fresh start). ``params`` is a ``neurons.LIFParams``, ``bn`` a
-    ``neurons.TimeBN`` or None. Returns the spikes (x's dtype), their one-byte copy (None unless
-    ``keep_spikes``), the final membrane (at least float32) and the per-(timestep, channel) mean and
-    1/std that BN used (empty without BN).
+    membrane carried in (None: a fresh start). ``params`` is a ``fused.LIFParams`` (leak, thresholds,
+    surrogate, ``hard_reset``), ``bn`` a ``fused.TimeBN`` or None. Returns the spikes (x's dtype), their
+    one-byte copy (None unless ``keep_spikes``), the final membrane (at least float32) and the
+    per-(timestep, channel) mean and 1/std that BN used (empty without BN).
 ``backward(x, u0, compact, mean, invstd, weight, grad_spikes, grad_u_end, params, bn)
         -> (grad_x, grad_u0, grad_weight)``
     ``grad_spikes`` / ``grad_u_end`` may be None (zero); ``grad_u0`` is None without ``u0`` and
     ``grad_weight`` None without ``bn``.
 """
+
+import functools
 
 import torch
 
@@ -38,14 +40,24 @@ def _sub_scaled(u, spikes, theta):
         u.addcmul_(spikes, theta, value=-1.0)
 
 
+def _keep_factor(spike, out):
+    """``out`` = 1 - |spike|: what a hard reset keeps of the membrane (and of its gradient)."""
+    return out.copy_(spike).abs_().neg_().add_(1.0)
+
+
 # ---- One timestep of each pass, in place on preallocated buffers. ----
 # ``u / theta > 1`` is the paper's ``u / theta - 1 > 0`` exactly (subtracting 1 near 1 is exact).
 
 
-def _fire_step(u, current, spike, ratio, leak, theta, theta_neg):
-    """Charge u with the current, write the spike, reset by subtraction."""
+def _fire_step(u, current, spike, ratio, leak, theta, theta_neg, hard):
+    """Charge u with the current, write the spike, reset (by subtraction, or to zero when ``hard``)."""
     u.mul_(leak).add_(current)
     torch.gt(torch.div(u, theta, out=ratio), 1.0, out=spike)
+    if hard:  # u * (1 - |s|); a negative spike needs u < theta_neg < 0, exclusive with a positive one
+        if theta_neg is not None:
+            spike.sub_(torch.gt(torch.div(u, theta_neg, out=ratio), 1.0, out=ratio))
+        u.mul_(_keep_factor(spike, ratio))
+        return
     _sub_scaled(u, spike, theta)
     if theta_neg is not None:  # exclusive with a positive spike: u was above theta > 0
         negative = torch.gt(torch.div(u, theta_neg, out=ratio), 1.0, out=ratio)
@@ -53,41 +65,48 @@ def _fire_step(u, current, spike, ratio, leak, theta, theta_neg):
         spike.sub_(negative)
 
 
-def _slope_step(u, current, spike, extra, leak, theta, theta_neg, surrogate):
+def _slope_step(u, current, spike, extra, leak, theta, theta_neg, surrogate, hard):
     """Charge u, overwrite ``current`` with ds/du, reset with the recorded spike."""
     u.mul_(leak).add_(current)
     slope = surrogate.grad_(torch.div(u, theta, out=current).sub_(1.0)).div_(theta)
-    if theta_neg is None:
+    if theta_neg is not None:
+        slope.sub_(surrogate.grad_(torch.div(u, theta_neg, out=extra).sub_(1.0)).div_(theta_neg))
+    if hard:
+        u.mul_(_keep_factor(spike, extra))
+    elif theta_neg is None:
         _sub_scaled(u, spike, theta)
     else:
-        slope.sub_(surrogate.grad_(torch.div(u, theta_neg, out=extra).sub_(1.0)).div_(theta_neg))
         _sub_scaled(u, spike.clamp(min=0), theta)
         _sub_scaled(u, spike.clamp(max=0).neg_(), theta_neg)
 
 
-def _reverse_step(slope, grad_spike, grad_next, alpha):
-    """Overwrite ``slope`` with dL/dI[t] = dL/ds[t] * ds/du[t] + alpha * grad_next.
+def _reverse_step(slope, grad_spike, grad_next, alpha, keep):
+    """Overwrite ``slope`` with dL/du[t] = dL/ds[t] * ds/du[t] + alpha * keep * grad_next.
 
-    (``alpha * grad_next`` is leak * dL/dI[t+1], or at a block's last step the carried-in dL/du.)
+    (``alpha * grad_next`` is leak * dL/du[t+1], or at a block's last step the carried-in dL/du;
+    ``keep`` is 1 - |s[t]| for a hard reset, None for reset by subtraction.)
     """
     slope.mul_(grad_spike)
-    if grad_next is not None:
+    if grad_next is None:
+        return
+    if keep is None:
         slope.add_(grad_next, alpha=alpha)
+    else:
+        slope.addcmul_(grad_next, keep, value=alpha)
 
 
-class _Kernels:
-    """The step functions in use: eager by default, torch.compile'd after ``compile_neuron_kernels()``."""
-
-    fire, slope, reverse = _fire_step, _slope_step, _reverse_step
+_EAGER_STEPS = (_fire_step, _slope_step, _reverse_step)
 
 
-def compile_neuron_kernels(on: bool = True):
-    """Fuse each step's elementwise ops with torch.compile (compiling costs seconds per new shape).
-    Spikes are identical to the eager kernels'; gradients agree to float rounding."""
-    steps = (_fire_step, _slope_step, _reverse_step)
-    if on:
-        steps = tuple(torch.compile(f, dynamic=True) for f in steps)
-    _Kernels.fire, _Kernels.slope, _Kernels.reverse = steps
+def _steps(compiled: bool):
+    """(fire, slope, reverse): eager, or torch.compile'd for a model built with ``compile`` on (a per-model
+    setting carried by ``LIFParams.compile``; compiling costs seconds per new shape)."""
+    return _compiled_steps() if compiled else _EAGER_STEPS
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_steps():
+    return tuple(torch.compile(f, dynamic=True) for f in _EAGER_STEPS)
 
 
 def _membrane(x, u0):
@@ -122,6 +141,8 @@ def forward(x, u0, params, bn, keep_spikes):
     normed = torch.empty_like(x[0]) if n_bn else None
     c = x.shape[2] if n_bn else 0
     mean, invstd = _bn_statistics(x, n_bn * c, bn is not None and bn.training)
+    fire = _steps(getattr(params, "compile", False))[0]
+    hard = getattr(params, "hard_reset", False)
     for t in range(x.shape[0]):
         current = x[t]
         if t < n_bn:
@@ -140,7 +161,7 @@ def forward(x, u0, params, bn, keep_spikes):
                 save_invstd=invstd[k],
             )
             current = normed
-        _Kernels.fire(u, current, spikes[t], ratio, params.leak, theta, theta_neg)
+        fire(u, current, spikes[t], ratio, params.leak, theta, theta_neg, hard)
     if n_bn and not bn.training:  # eval-mode BN normalises with the running statistics
         mean, invstd = bn.running_mean.clone(), (bn.running_var + bn.eps).rsqrt()
     compact = spikes.to(SPIKE_STORAGE) if keep_spikes else None
@@ -156,21 +177,27 @@ def _slopes_inplace(currents, spikes, u0, params):
     """
     theta, theta_neg = _as_scalar(params.theta), _as_scalar(params.theta_neg)
     u = _membrane(currents, u0)
-    extra = None if theta_neg is None else torch.empty_like(u)
+    hard = getattr(params, "hard_reset", False)
+    extra = None if theta_neg is None and not hard else torch.empty_like(u)
+    slope = _steps(getattr(params, "compile", False))[1]
     for t in range(currents.shape[0]):
-        _Kernels.slope(u, currents[t], spikes[t], extra, params.leak, theta, theta_neg, params.surrogate)
+        slope(u, currents[t], spikes[t], extra, params.leak, theta, theta_neg, params.surrogate, hard)
 
 
-def _reverse_scan_inplace(grad_spikes, slopes, leak, grad_u_end):
-    """Overwrite ``slopes`` with dL/dI: the reverse linear recurrence through the leak.
+def _reverse_scan_inplace(grad_spikes, slopes, params, grad_u_end, spikes):
+    """Overwrite ``slopes`` with dL/du (= dL/dI): the reverse linear recurrence through the leak (and,
+    for a hard reset, through 1 - |s[t]|).
 
     ``grad_u_end`` is dL/du after the last step (from later timesteps computed elsewhere). Returns
-    dL/dI[0]; the membrane carried in, if any, gets ``leak`` times that.
+    dL/du[0]; the membrane carried in, if any, gets ``leak`` times that.
     """
+    reverse = _steps(getattr(params, "compile", False))[2]
+    hard = getattr(params, "hard_reset", False)
+    keep = torch.empty_like(slopes[0]) if hard else None
     grad_u, alpha = grad_u_end, 1.0
     for t in reversed(range(slopes.shape[0])):
-        _Kernels.reverse(slopes[t], grad_spikes[t], grad_u, alpha)
-        grad_u, alpha = slopes[t], leak
+        reverse(slopes[t], grad_spikes[t], grad_u, alpha, None if keep is None else _keep_factor(spikes[t], keep))
+        grad_u, alpha = slopes[t], params.leak
     return grad_u
 
 
@@ -185,7 +212,7 @@ def backward(x, u0, compact, mean, invstd, weight, grad_spikes, grad_u_end, para
     buffer[n_bn:] = x[n_bn:]  # the steps without BN (full propagation's tail, or all without BN)
     _slopes_inplace(buffer, compact, u0, params)
     grad_spikes = torch.zeros_like(buffer) if grad_spikes is None else grad_spikes
-    grad_first = _reverse_scan_inplace(grad_spikes, buffer, params.leak, grad_u_end)
+    grad_first = _reverse_scan_inplace(grad_spikes, buffer, params, grad_u_end, compact)
     grad_u0 = None if u0 is None else grad_first * params.leak  # before BN's backward overwrites the buffer
     grad_weight = _bn_backward_inplace(buffer, x, mean, invstd, weight, bn) if n_bn else None
     return buffer, grad_u0, grad_weight

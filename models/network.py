@@ -21,25 +21,26 @@ from . import spikes as spike_protocol
 from .architectures import Conv, Output, Pool, Score, get_architecture, is_fcn
 from .convolution import AvgPool2d, Conv2d
 from .encoders import IdentityEncoder, build_encoder
-from .neurons import LIF, TimeBN, backend_for, backend_name, check_backend, time_split, time_sum
+from .neurons import Neuron, TimeBN, backend_name, build_neuron, check_backend, time_split, time_sum
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
 
 
-class _RECOMPUTING:
-    """Set while memory-saving mode replays a block of timesteps in backward: BN must not update its
-    running statistics a second time."""
+class _ForwardPass:
+    """Per-call state of one forward: ``replaying`` is set while memory-saving mode replays a block of
+    timesteps in backward, when BN must not update its running statistics a second time. One object per
+    forward call (not a process-wide switch), handed to the blocks it runs."""
 
-    active = False
+    def __init__(self):
+        self.replaying = False
 
-
-@contextlib.contextmanager
-def _replaying():
-    _RECOMPUTING.active = True
-    try:
-        yield
-    finally:
-        _RECOMPUTING.active = False
+    @contextlib.contextmanager
+    def replay(self):
+        self.replaying = True
+        try:
+            yield
+        finally:
+            self.replaying = False
 
 
 class TimeBatchNorm(nn.Module):
@@ -69,14 +70,15 @@ class TimeBatchNorm(nn.Module):
         """How many of the timesteps t0 .. t0+steps-1 get BN (those before T; full propagation's do not)."""
         return max(0, min(steps, self.timesteps - t0))
 
-    def time_bn(self, t0: int, steps: int):
+    def time_bn(self, t0: int, steps: int, replaying: bool = False):
         """The TimeBN of timesteps t0 .. t0+steps-1 for the fused BN + LIF, or None when none of them is
-        normalised. The running statistics are views: training-mode BN updates them in place."""
+        normalised. The running statistics are views: training-mode BN updates them in place.
+        ``replaying``: memory-saving mode's replay of a block whose statistics are already updated."""
         n_bn = self.steps_normalised(t0, steps)
         if n_bn == 0:
             return None
         rows = slice(t0, t0 + n_bn)
-        momentum = self._count_batch(t0)
+        momentum = self._count_batch(t0, replaying)
         return TimeBN(
             self.weight[rows].reshape(-1),
             self.running_mean[rows].view(-1),
@@ -87,17 +89,17 @@ class TimeBatchNorm(nn.Module):
             n_bn,
         )
 
-    def _count_batch(self, t0):
+    def _count_batch(self, t0, replaying):
         """Count a training batch once (at its first timestep); return the momentum to use: none
         while memory-saving mode replays a forward that already updated the statistics."""
-        if _RECOMPUTING.active:
+        if replaying:
             return 0.0
         if self.training and t0 == 0:
             self.num_batches_tracked.add_(1)
         return BN_MOMENTUM
 
-    def forward(self, x: torch.Tensor, steps: int, t0: int = 0) -> torch.Tensor:
-        momentum = self._count_batch(t0)
+    def forward(self, x: torch.Tensor, steps: int, t0: int = 0, replaying: bool = False) -> torch.Tensor:
+        momentum = self._count_batch(t0, replaying)
         if self.shared:  # all steps of the time-folded block at once: statistics over (S*N, H, W)
             weight = None if self.weight is None else self.weight[0]
             mean, var = self.running_mean[0], self.running_var[0]
@@ -151,18 +153,19 @@ class ConvUnit(nn.Module):
         self.conv, self.norm, self.act = conv, norm, act
         self.recompute = False
 
-    def forward(self, x, steps, t0=0, membranes=None, recompute=False):
-        if isinstance(self.act, LIF) and self.norm is not None and self.norm.shared:
+    def forward(self, x, steps, t0=0, membranes=None, recompute=False, replaying=False):
+        if isinstance(self.act, Neuron) and self.norm is not None and self.norm.shared:
             # One BN for all timesteps: an ordinary layer between the convolution and the neurons.
-            return self.act(self.norm(self.conv(x), steps, t0), steps, None, t0, membranes)
-        if isinstance(self.act, LIF):
-            # BNTT is fused into the neurons' backward; the neurons decide whether the convolution is too.
+            x = self.norm(self.conv(x), steps, t0, replaying)
+            return self.act(x, steps, None, t0, membranes, replaying=replaying)
+        if isinstance(self.act, Neuron):
+            # BNTT is fused into an accelerator's backward; the neurons decide whether the convolution is too.
             if self.act.recomputes_conv(x, self.norm, recompute or self.recompute):
-                return self.act(x, steps, self.norm, t0, membranes, conv=self.conv)
-            return self.act(self.conv(x), steps, self.norm, t0, membranes)
+                return self.act(x, steps, self.norm, t0, membranes, conv=self.conv, replaying=replaying)
+            return self.act(self.conv(x), steps, self.norm, t0, membranes, replaying=replaying)
         x = self.conv(x)
         if self.norm is not None:
-            x = self.norm(x, steps, t0)
+            x = self.norm(x, steps, t0, replaying)
         return self.act(x, steps)
 
 
@@ -277,15 +280,19 @@ class SegmentationNet(nn.Module):
 
     def _neuron(self, cfg, name):
         alpha = float(cfg["alpha"]) if cfg.get("leaky") else None
-        return LIF(
-            cfg["leak_mem"],
-            cfg["def_threshold"],
-            cfg["surrogate"],
-            cfg.get("surrogate_params"),
+        neuron = build_neuron(
+            cfg.get("neuron", "lif"),
+            leak=cfg["leak_mem"],
+            threshold=cfg["def_threshold"],
+            surrogate=cfg["surrogate"],
+            surrogate_params=cfg.get("surrogate_params"),
             alpha=alpha,
+            reset=cfg.get("reset", "subtract"),
             name=name,
             backend=cfg.get("neuron_backend", "auto"),
         )
+        neuron.compile = bool(cfg.get("compile", False))
+        return neuron
 
     def _init_weights(self):
         for m in self.modules():
@@ -296,6 +303,8 @@ class SegmentationNet(nn.Module):
 
     # --------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # spikes are kept by the custom ops' own saved tensors
+            return self._forward(x)
         with spike_protocol.compact_spikes():
             return self._forward(x)
 
@@ -313,6 +322,7 @@ class SegmentationNet(nn.Module):
         block = min(self.memory_block, steps) if replay else steps
         neurons = self.neuron_layers()
         carries, total = [None] * len(neurons), 0
+        this_pass = _ForwardPass()
         for t0 in range(0, steps, block):
             k = min(block, steps - t0)
             part = h if k == steps else _time_slice(h, steps, t0, k)
@@ -327,8 +337,9 @@ class SegmentationNet(nn.Module):
                     *carries,
                     recompute=True,
                     spikes_in=spike_protocol.holds_spikes(part),
+                    this_pass=this_pass,
                     use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), _replaying()),
+                    context_fn=lambda: (contextlib.nullcontext(), this_pass.replay()),
                 )
             else:
                 out = self._run_block(part, t0, k, *carries)
@@ -341,22 +352,24 @@ class SegmentationNet(nn.Module):
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=True)
         return out
 
-    def _run_block(self, h, t0, steps, *carries, recompute=False, spikes_in=False):
+    def _run_block(self, h, t0, steps, *carries, recompute=False, spikes_in=False, this_pass=None):
         """Timesteps t0 .. t0+steps-1 through every layer; returns the sum over these steps of what
-        feeds the readout, and each neuron layer's final membrane. ``recompute``: spiking conv units keep
-        only their input and recompute their convolution in backward. ``spikes_in``: ``h`` holds spikes
-        (checkpoint's replay passes a copy of ``h`` that has lost the mark, and must store what the
-        first pass stored)."""
+        feeds the readout, and each neuron layer's final state (a tuple of tensors). ``recompute``:
+        spiking conv units keep only their input and recompute their convolution in backward.
+        ``spikes_in``: ``h`` holds spikes (checkpoint's replay passes a copy of ``h`` that has lost the
+        mark, and must store what the first pass stored). ``this_pass``: the forward call's state
+        (whether memory-saving mode is replaying this block now)."""
         if spikes_in:
             h = spike_protocol.mark(h)
+        replaying = this_pass is not None and this_pass.replaying
         neurons = self.neuron_layers()
-        # Each layer's membrane, carried in and out. A local dict, not module state: memory-saving mode's
+        # Each layer's state, carried in and out. A local dict, not module state: memory-saving mode's
         # replay in backward may stop early, and state left on the modules would keep its graph alive.
         membranes = dict(zip(neurons, carries))
         skips = []
         for layer in self.body:
             if isinstance(layer, ConvUnit):
-                h = layer(h, steps, t0, membranes, recompute)
+                h = layer(h, steps, t0, membranes, recompute, replaying)
             elif isinstance(layer, SkipScore):
                 skips.append(layer(h))
             else:
@@ -366,28 +379,32 @@ class SegmentationNet(nn.Module):
             for stage, skip in zip(self.decoder, reversed(skips[:-1])):
                 h = stage(h, skip, steps, t0, membranes)
         total = h if steps == 1 else time_sum(h, steps)
-        return (total, *[membranes[lif] for lif in neurons])
+        return (total, *[membranes[neuron] for neuron in neurons])
 
     # -------------------------------------------------------------------------------------- analysis
     def neuron_layers(self):
-        """The LIF layers in the order the signal reaches them."""
-        return [m for m in self.modules() if isinstance(m, LIF)]
+        """The neuron layers in the order the signal reaches them."""
+        return [m for m in self.modules() if isinstance(m, Neuron)]
 
     def set_neuron_backend(self, name: str):
-        """Run the neurons on backend ``name`` ('auto', 'torch' or 'triton'); the weights are unchanged."""
+        """Run the neurons on backend ``name`` (auto, generic, torch or triton); the weights are unchanged.
+        A backend that does not support the model's neuron is a ValueError."""
         check_backend(name)
-        for lif in self.neuron_layers():
-            lif.backend = name
+        for neuron in self.neuron_layers():
+            check_backend(name, neuron)  # all of them before any changes
+        for neuron in self.neuron_layers():
+            neuron.set_backend(name)
         self.config["neuron_backend"] = name
 
     @property
     def neuron_backend(self) -> str:
-        """The backend the neurons run on, on the device the model is on now ('torch' or 'triton'; '' for an ANN)."""
+        """The backend the neurons run on, on the device the model is on now ('generic', 'torch' or
+        'triton'; '' for an ANN)."""
         layers = self.neuron_layers()
         if not layers:
             return ""
         device = next(self.parameters()).device
-        return backend_name(backend_for(layers[0].backend, device))
+        return backend_name(layers[0].accelerator(device))
 
     def conv_units(self):
         return [m for m in self.body if isinstance(m, ConvUnit)]

@@ -1,290 +1,205 @@
-"""The leaky integrate-and-fire neuron: the one definition of the spiking dynamics, and where its
-execution backend is chosen.
+"""Spiking neuron models: one class per model, defined by its per-timestep dynamics; a registry by name.
 
-For one neuron layer over timesteps t = 0..T-1 (``u`` starts at 0)::
+A neuron layer keeps a state (a tuple of tensors, the membrane first) and, at each timestep t of its
+input currents ``I[t]``, runs three small methods (docs/neurons.md shows how to add a model)::
 
-    u[t] = leak * u[t-1] + I[t]              charge (I is the layer's input current)
-    s[t] = H(u[t] / theta - 1)               fire
-    u[t] = u[t] - theta * s[t]               reset by subtraction
+    state = charge(state, I[t])                 e.g. u = leak * u + I
+    s[t]  = fire(state)                         s = H(u / theta - 1), with a surrogate gradient
+    state = reset(state, s[t].detach())         u = u - theta * s  (subtract)  or  u * (1 - |s|)  (zero)
 
-With an imbalanced (negative) threshold ``theta_neg < 0`` (SNNs converted from leaky-ReLU ANNs) the neuron
-also fires a -1 spike when ``u[t] / theta_neg - 1 > 0`` and is reset by ``theta_neg``.
+The generic path runs any model this way over ``[S, N, C, H, W]`` through ordinary autograd: the spike
+is an autograd function whose backward is the surrogate (``spike_fn``), the reset sees the detached
+spike, and nothing else is written by hand. Shipped models (``NEURONS``):
 
-Surrogate-gradient training: the reset is built from a comparison and carries no gradient, so the only
-paths back through time are the leak and the spikes. The backward pass is therefore a reverse linear
-recurrence that we run ourselves instead of recording T small graphs:
+- ``lif``:  u = leak * u + I (leak = ``leak_mem``); the paper's neuron.
+- ``if``:   u = u + I (no leak: ``leak_mem`` is ignored).
+- ``plif``: u = sigmoid(w) * u + I with one learnable ``w`` per layer (``leak_logit`` in the state
+  dict), initialised so that sigmoid(w) = ``leak_mem``.
 
-    dL/du[t] = dL/ds[t] * ds/du[t] + leak * dL/du[t+1],      dL/dI[t] = dL/du[t]
+Every model has a threshold ``theta`` (a buffer: a float, or per channel / per neuron for converted
+SNNs), the imbalanced negative threshold ``theta_neg = -theta / alpha`` when built with ``alpha`` (a
+-1 spike when ``u / theta_neg - 1 > 0``), and a reset by subtraction or to zero (``reset``).
 
-with ``ds/du = g(x) / theta`` (``g`` the surrogate, ``x = u / theta - 1``). Backward keeps the input
-currents and the spikes (in one byte) and replays the membrane to get ``ds/du``.
-
-Execution. A spiking layer is one autograd function, ``_SpikingLayer``: BNTT (the per-timestep BN in
-front of the neurons, ``TimeBN``) and LIF over all S timesteps of a block, and optionally the
-convolution before them, which backward then recomputes instead of storing its output (memory-saving
-mode, and the full-resolution units). A spiking layer therefore stores 5 bytes per neuron and timestep
-for backward (BN input and spikes), or 1 (the spikes) when it recomputes its convolution.
-The arithmetic is done by a backend with one small API (see ``models/lif_torch.py``):
-
-- ``torch`` (``models/lif_torch.py``): a loop over timesteps of in-place PyTorch ops; any device.
-- ``triton`` (``models/lif_triton.py``): fused kernels, one per layer and pass over all timesteps;
-  CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests run them).
-
-``neuron_backend: auto`` takes triton on CUDA when Triton imports, torch otherwise. The backend is an
+Accelerators (``models/fused.py``): the torch loops and the Triton kernels run LIF and IF (both
+resets) as one fused autograd function per layer; ``neuron_backend`` picks one: ``auto`` (the fastest
+that supports the model on its device), ``generic``, ``torch`` or ``triton``. The backend is an
 execution choice, not part of the model: the state dict is the same whichever runs it.
 """
 
-import functools
-import os
-import warnings
-from dataclasses import dataclass
+import math
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import lif_torch
 from . import spikes as spike_protocol
-from .convolution import conv2d, conv_backward
-from .lif_torch import compile_neuron_kernels  # noqa: F401  (the torch backend's optional fusion)
+from .fused import (  # noqa: F401  (re-exported: the accelerators' API)
+    ACCELERATORS,
+    BACKENDS,
+    LIFParams,
+    Threshold,
+    TimeBN,
+    _Call,
+    _SpikingLayer,
+    _triton_backend,
+    _warn_triton_fallback,
+    backend_for,
+    backend_name,
+    check_backend,
+    run_layer,
+    supports,
+    time_split,
+)
 from .surrogates import Surrogate, get_surrogate
 
-Threshold = Union[float, torch.Tensor]
-BACKENDS = ("auto", "torch", "triton")
+RESETS = ("subtract", "zero")
+NEURONS = {}
 
 
-@dataclass(frozen=True)
-class LIFParams:
-    """A neuron layer's parameters: leak, threshold (a float, or a tensor that broadcasts against one
-    timestep ``[C, H, W]``: ``[C, 1, 1]`` channel-wise, ``[C, H, W]`` neuron-wise), the negative
-    threshold (None: off) and the surrogate derivative."""
-
-    leak: float
-    theta: Threshold
-    theta_neg: Optional[Threshold]
-    surrogate: Surrogate
+def register_neuron(cls):
+    """Class decorator: make a Neuron subclass buildable by its ``kind`` (config key ``neuron``)."""
+    if not cls.kind or cls.kind in NEURONS:
+        raise ValueError(f"neuron class {cls.__name__} needs a new, non-empty 'kind', got {cls.kind!r}")
+    NEURONS[cls.kind] = cls
+    return cls
 
 
-@dataclass(frozen=True)
-class TimeBN:
-    """BNTT of the first ``steps`` timesteps of a block: per-(timestep, channel) statistics and scale.
-    ``weight`` and the running statistics are the ``steps * C`` entries of those timesteps (views that
-    training-mode BN updates in place); ``momentum`` 0 leaves them as they are."""
-
-    weight: torch.Tensor
-    running_mean: torch.Tensor
-    running_var: torch.Tensor
-    training: bool
-    momentum: float
-    eps: float
-    steps: int
+def get_neuron(kind: str):
+    if kind not in NEURONS:
+        raise ValueError(f"unknown neuron '{kind}'; choose one of {sorted(NEURONS)}")
+    return NEURONS[kind]
 
 
-# ------------------------------------------------------------------------------------------ backends
-@functools.lru_cache(maxsize=None)
-def _triton_backend():
-    """models.lif_triton, or None where Triton does not import."""
-    try:
-        from . import lif_triton
-    except ImportError:
-        return None
-    return lif_triton
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def check_backend(name: str):
-    """Fail early (at model build) on a backend that cannot exist here."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown neuron_backend '{name}'; choose one of {list(BACKENDS)}")
-    if name == "triton" and _triton_backend() is None:
-        raise ValueError(
-            "neuron_backend 'triton' needs the triton package (it ships with PyTorch's CUDA "
-            "wheels); use neuron_backend 'torch' or 'auto'"
-        )
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_triton_fallback(device_type):
-    warnings.warn(
-        f"neuron_backend 'triton' runs on CUDA tensors; these are on '{device_type}', so the torch "
-        "backend runs them (the results are the same)"
-    )
-
-
-def backend_for(name: str, device: torch.device):
-    """The backend module that runs neurons of backend choice ``name`` on ``device``: the one place where
-    this is decided. Triton kernels need CUDA tensors (or the interpreter); elsewhere torch runs, so that
-    a model trained on a GPU with ``triton`` evaluates on a CPU unchanged."""
-    if name == "torch":
-        return lif_torch
-    runs_triton = device.type == "cuda" or (name == "triton" and _triton_interpreting())
-    backend = _triton_backend() if runs_triton else None
-    if backend is None:
-        if name == "triton" and device.type != "cuda":
-            _warn_triton_fallback(device.type)
-        return lif_torch
-    return backend
-
-
-def backend_name(module) -> str:
-    return "triton" if module is not lif_torch else "torch"
-
-
-# ------------------------------------------------------------------------------ the autograd function
-@dataclass(frozen=True)
-class _Call:
-    """Everything a spiking layer's forward and backward need besides its tensors."""
-
-    backend: object
-    params: LIFParams
-    bn: Optional[TimeBN]
-    conv: Optional[tuple]  # (stride, padding, dilation) of a convolution to recompute in backward
-    steps: int
-
-
-class _SpikingLayer(torch.autograd.Function):
-    """[conv ->] BNTT -> LIF over a block of timesteps, with the surrogate gradient.
-
-    ``x`` is ``[S, N, C, H, W]`` currents, or with ``call.conv`` the convolution's time-folded input
-    ``[S*N, C_in, H, W]`` (kept for backward in one byte when it holds spikes). Returns the spikes, the
-    final membrane (through which a later block of timesteps sends its gradient back) and the spikes'
-    one-byte copy, which the next layer then shares for its own backward.
-    """
+# ------------------------------------------------------------------------------------ the spike
+class _Spike(torch.autograd.Function):
+    """H(x) forward, ``surrogate.grad(x)`` backward."""
 
     @staticmethod
-    def forward(ctx, x, u0, bn_weight, conv_weight, conv_bias, call: _Call):
-        ctx.set_materialize_grads(False)
-        kept, ctx.input_dtype = x, None
-        if call.conv is not None:
-            kept, ctx.input_dtype = spike_protocol.storable(x)
-            x = time_split(conv2d(x, conv_weight, conv_bias, *call.conv), call.steps)
-        spikes, compact, u, mean, invstd = call.backend.forward(x, u0, call.params, call.bn, True)
-        ctx.save_for_backward(kept, u0, bn_weight, conv_weight, conv_bias, mean, invstd, compact)
-        ctx.mark_non_differentiable(compact)
-        ctx.call = call
-        return spikes, u, compact
+    def forward(ctx, x, surrogate):
+        ctx.save_for_backward(x)
+        ctx.surrogate = surrogate
+        return (x > 0).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad_spikes, grad_u_end, _):
-        kept, u0, bn_weight, conv_weight, conv_bias, mean, invstd, compact = ctx.saved_tensors
-        call = ctx.call
-        x = inputs = spike_protocol.restored(kept, ctx.input_dtype)
-        if call.conv is not None:
-            with torch.no_grad():
-                x = time_split(conv2d(inputs, conv_weight, conv_bias, *call.conv), call.steps)
-        grad_x, grad_u0, grad_bn_weight = call.backend.backward(
-            x, u0, compact, mean, invstd, bn_weight, grad_spikes, grad_u_end, call.params, call.bn
-        )
-        if call.conv is None:
-            return grad_x, grad_u0, grad_bn_weight, None, None, None
-        del x
-        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[3], conv_bias is not None and ctx.needs_input_grad[4]]
-        grad_inputs, grad_conv_weight, grad_conv_bias = conv_backward(
-            grad_x.flatten(0, 1), inputs, conv_weight, conv_bias, *call.conv, 1, wanted
-        )
-        return grad_inputs, grad_u0, grad_bn_weight, grad_conv_weight, grad_conv_bias, None
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * ctx.surrogate.grad(x), None
 
 
-def _run(x, u0, call: _Call, conv: Optional[nn.Conv2d]):
-    """(spikes ``[S, N, ...]``, final membrane, one-byte spikes or None): through ``_SpikingLayer`` when
-    a gradient is wanted, else straight through the backend."""
-    weights = [None if call.bn is None else call.bn.weight, None if conv is None else conv.weight]
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, u0, *weights))
-    if grad:
-        conv_bias = None if conv is None else conv.bias
-        return _SpikingLayer.apply(x, u0, weights[0], weights[1], conv_bias, call)
-    if conv is not None:
-        x = time_split(conv(x), call.steps)
-    spikes, _, u, _, _ = call.backend.forward(x, u0, call.params, call.bn, False)
-    return spikes, u, None
+def spike_fn(x: torch.Tensor, surrogate: Surrogate) -> torch.Tensor:
+    """The Heaviside step ``H(x)`` (1 where x > 0) with the surrogate derivative ``g(x)`` in backward."""
+    return _Spike.apply(x, surrogate)
 
 
-# ------------------------------------------------------------------------------------- time layout
-def time_split(x, steps):
-    """``[S*N, C, H, W]`` (time-major) -> ``[S, N, C, H, W]``: a view, timestep t is ``[t]``."""
-    return x.view(steps, x.shape[0] // steps, *x.shape[1:])
+# ---------------------------------------------------------------------------------- the base class
+class Neuron(nn.Module):
+    """A layer of spiking neurons for time-folded tensors ``[T*N, C, H, W]`` (time-major: t, then n).
 
-
-def time_sum(x, steps):
-    """Sum over the timesteps of a time-folded tensor, ``[N, C, H, W]``.
-
-    A neuron layer's output is summed as the ``[S, N, ...]`` spikes it came from: backward then hands
-    the neurons the sum's gradient broadcast over time (no memory), where summing the time-folded
-    view would make autograd write out all S copies of it (4 bytes per neuron and step).
+    Subclasses set ``kind`` and define ``charge`` (and, if they differ from the threshold neuron's,
+    ``initial_state``, ``fire``, ``reset``). The base class owns what every model shares: the threshold
+    buffer (any shape that broadcasts against ``[C, H, W]``, kept in the state dict), the negative
+    threshold (``alpha``), the surrogate, the reset, spike counting and the backend choice.
     """
-    spike_info = spike_protocol.info(x)
-    per_step = None if spike_info is None else spike_info.per_step
-    if per_step is None or per_step.shape[0] != steps:
-        per_step = time_split(x, steps)
-    return per_step.sum(0)
 
-
-# ----------------------------------------------------------------------------------------- public API
-def lif_sequence(
-    currents: torch.Tensor,
-    leak: float = 0.99,
-    threshold: Threshold = 1.0,
-    surrogate: Union[str, Surrogate] = "linear",
-    threshold_neg: Optional[Threshold] = None,
-    time_dim: int = 0,
-    backend: str = "torch",
-    **surrogate_params,
-) -> torch.Tensor:
-    """Spikes of a LIF layer driven by ``currents`` (time along ``time_dim``, default ``[T, ...]``).
-
-    ``threshold`` is a float (layer-wise) or a tensor that broadcasts against one timestep
-    (``[C, 1, 1]`` channel-wise, ``[C, H, W]`` neuron-wise). ``threshold_neg`` (negative) turns on
-    the imbalanced threshold. The result has the shape of ``currents``, values in {0, 1} (or {-1, 0, 1}),
-    and is differentiable through the surrogate when ``currents`` requires a gradient.
-    ``backend`` 'triton' needs ``[T, N, C, H, W]`` currents (the kernels' layout).
-    """
-    check_backend(backend)
-    params = LIFParams(float(leak), threshold, threshold_neg, get_surrogate(surrogate, **surrogate_params))
-    x = currents.movedim(time_dim, 0)
-    call = _Call(backend_for(backend, x.device), params, None, None, x.shape[0])
-    return _run(x, None, call, None)[0].movedim(0, time_dim)
-
-
-class LIF(nn.Module):
-    """A layer of LIF neurons for time-folded tensors ``[T*N, C, H, W]`` (time-major: t, then n).
-
-    ``threshold`` is a buffer so that converted SNNs keep their (layer, channel or neuron-wise)
-    thresholds in the ordinary state dict; it may have any shape that broadcasts against ``[C, H, W]``.
-    ``alpha`` (the leaky-ReLU slope of the ANN it came from) turns on ``theta_neg = -theta / alpha``.
-    ``backend`` (not state: an execution choice) is one of ``BACKENDS``.
-    """
+    kind = ""
 
     def __init__(
         self,
         leak: float = 0.99,
         threshold: float = 1.0,
-        surrogate: str = "linear",
+        surrogate: Union[str, Surrogate] = "linear",
         surrogate_params: Optional[dict] = None,
         alpha: Optional[float] = None,
+        reset: str = "subtract",
         name: str = "",
         backend: str = "auto",
     ):
         super().__init__()
-        check_backend(backend)
+        if reset not in RESETS:
+            raise ValueError(f"unknown reset '{reset}'; choose one of {list(RESETS)}")
         self.leak = float(leak)
         self.surrogate = get_surrogate(surrogate, **(surrogate_params or {}))
         self.alpha = alpha
+        self.hard_reset = reset == "zero"
         self.name = name
-        self.backend = backend
+        self.compile = False  # the torch backend's per-model torch.compile of its steps
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self._scalar_threshold = (None, None, None)
         self.recording = False
         self.reset_spike_stats()
+        self.set_backend(backend)
 
+    # ---- the dynamics: one timestep. ``state`` is a tuple of tensors, the membrane first. ----
+    def initial_state(self, current: torch.Tensor) -> tuple:
+        """The state before the first timestep; ``current`` is one timestep's input. The membrane is at
+        least float32, so that bf16 autocast does not also round its integration."""
+        return (torch.zeros_like(current, dtype=torch.promote_types(current.dtype, torch.float32)),)
+
+    def charge(self, state: tuple, current: torch.Tensor) -> tuple:
+        raise NotImplementedError
+
+    def fire(self, state: tuple) -> torch.Tensor:
+        """s = H(u / theta - 1) (minus H(u / theta_neg - 1) with the negative threshold)."""
+        u = state[0]
+        theta, theta_neg = self.thresholds()
+        spike = spike_fn(u / theta - 1, self.surrogate)
+        if theta_neg is not None:
+            spike = spike - spike_fn(u / theta_neg - 1, self.surrogate)
+        return spike
+
+    def reset(self, state: tuple, spike: torch.Tensor) -> tuple:
+        """``spike`` is detached. Subtract: u - theta * s (theta_neg for a -1 spike); zero: u * (1 - |s|)."""
+        u = state[0]
+        if self.hard_reset:
+            return (u * (1 - spike.abs()), *state[1:])
+        theta, theta_neg = self.thresholds()
+        if theta_neg is None:
+            return (u - theta * spike, *state[1:])
+        return (u - theta * spike.clamp(min=0) - theta_neg * spike.clamp(max=0).neg(), *state[1:])
+
+    # ---- the generic path ----
+    def run_generic(self, x: torch.Tensor, state: Optional[tuple]):
+        """Spikes ``[S, N, ...]`` (x's dtype) of currents ``x`` ``[S, N, ...]`` and the final state."""
+        state = self.initial_state(x[0]) if state is None else state
+        out = []
+        for t in range(x.shape[0]):
+            state = self.charge(state, x[t])
+            spike = self.fire(state)
+            state = self.reset(state, spike.detach())
+            out.append(spike.to(x.dtype))
+        return torch.stack(out), tuple(state)
+
+    # ---- the accelerated path ----
+    def lif_params(self) -> Optional[LIFParams]:
+        """The layer as LIF parameters for the fused implementations, or None (generic path only)."""
+        return None
+
+    def accelerator(self, device: torch.device):
+        """The backend module that runs this layer on ``device``, or None: the generic path."""
+        return backend_for(self.backend, device, self)
+
+    def set_backend(self, name: str):
+        """Run on backend ``name`` (``BACKENDS``); a ValueError if it does not support this neuron."""
+        check_backend(name, self)
+        self.backend = name
+
+    def describe(self) -> str:
+        return self.kind
+
+    # ---- forward ----
     def recomputes_conv(self, x: torch.Tensor, norm, wanted: bool) -> bool:
         """Whether this layer should take its convolution's input and recompute the convolution in
-        backward (``wanted``: the unit asks for it). Only when a backward may follow (otherwise the neurons'
-        input is the currents, as calibration hooks expect), with BN in front, and not under autocast,
-        whose casts backward would not replay."""
-        return wanted and norm is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+        backward (``wanted``: the unit asks for it). Only on an accelerator, when a backward may follow
+        (otherwise the neurons' input is the currents, as calibration hooks expect), with BN in front, and
+        not under autocast, whose casts backward would not replay, nor under torch.compile."""
+        return (
+            wanted
+            and norm is not None
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling()
+            and self.accelerator(x.device) is not None
+        )
 
     def forward(
         self,
@@ -293,44 +208,59 @@ class LIF(nn.Module):
         norm=None,
         t0: int = 0,
         membranes: Optional[dict] = None,
-        conv: Optional[nn.Conv2d] = None,
+        conv: Optional[nn.Module] = None,
+        replaying: bool = False,
     ):
         """Spikes for time-folded currents ``x`` of timesteps ``t0 .. t0+steps-1``.
 
-        ``norm`` (a TimeBatchNorm) is applied first, fused into the backward pass. ``membranes`` (a dict
-        keyed by layer) carries the membrane across blocks of timesteps: with ``t0 > 0`` this layer
-        continues from ``membranes[self]``, and its final membrane is stored there. With ``conv``, ``x``
-        is that convolution's input and backward recomputes the convolution (see ``recomputes_conv``).
+        ``norm`` (a TimeBatchNorm) is applied first (fused into an accelerator's backward). ``membranes``
+        (a dict keyed by layer) carries the state across blocks of timesteps: with ``t0 > 0`` this layer
+        continues from ``membranes[self]``, and its final state is stored there. With ``conv``, ``x`` is
+        that convolution's input and backward recomputes the convolution (see ``recomputes_conv``).
+        ``replaying``: memory-saving mode replays this block in backward (BN statistics stay as they are).
         """
-        u0 = membranes.get(self) if (membranes is not None and t0 > 0) else None
-        bn = None if norm is None else norm.time_bn(t0, steps)
-        call = _Call(
-            backend_for(self.backend, x.device),
-            self.params(),
-            bn,
-            None if conv is None else (conv.stride, conv.padding, conv.dilation),
-            steps,
-        )
-        spikes, u, compact = _run(x if conv is not None else time_split(x, steps), u0, call, conv)
+        state = membranes.get(self) if (membranes is not None and t0 > 0) else None
+        backend = self.accelerator(x.device)
+        if backend is None:
+            if conv is not None:
+                x = conv(x)
+            if norm is not None:
+                x = norm(x, steps, t0, replaying)
+            spikes, state = self.run_generic(time_split(x, steps), state)
+            compact = None
+        else:
+            bn = None if norm is None else norm.time_bn(t0, steps, replaying)
+            call = _Call(
+                backend,
+                self.lif_params(),
+                bn,
+                None if conv is None else (conv.stride, conv.padding, conv.dilation),
+                steps,
+            )
+            u0 = None if state is None else state[0]
+            spikes, u, compact = run_layer(x if conv is not None else time_split(x, steps), u0, call, conv)
+            state = (u,)
         if membranes is not None:
-            membranes[self] = u
+            membranes[self] = state
         if self.recording:
             self._record(spikes)
-        return spike_protocol.mark(
-            spikes.flatten(0, 1), None if compact is None else compact.flatten(0, 1), per_step=spikes
-        )
+        out = spikes.flatten(0, 1)
+        if torch.compiler.is_compiling():  # the spike mark is a python attribute on the tensor
+            return out
+        return spike_protocol.mark(out, None if compact is None else compact.flatten(0, 1), per_step=spikes)
 
-    def params(self) -> LIFParams:
+    # ---- thresholds ----
+    def thresholds(self):
+        """(theta, theta_neg): floats when the threshold is one number (tensors under torch.compile)."""
         theta = self._threshold_value()
-        theta_neg = None if self.alpha is None else -theta / self.alpha
-        return LIFParams(self.leak, theta, theta_neg, self.surrogate)
+        return theta, (None if self.alpha is None else -theta / self.alpha)
 
     def _threshold_value(self) -> Threshold:
         """The threshold; a python float when it is one number. The float is cached until the buffer
         changes (another tensor, or written in place), so that a CUDA model does not wait for the GPU to
         read it at every call."""
         theta = self.threshold
-        if theta.numel() != 1:
+        if theta.numel() != 1 or torch.compiler.is_compiling():
             return theta
         cached, version, value = self._scalar_threshold
         if cached is not theta or version != theta._version:
@@ -338,6 +268,17 @@ class LIF(nn.Module):
             self._scalar_threshold = (theta, theta._version, value)
         return value
 
+    def set_threshold(self, threshold: Threshold):
+        self.threshold = torch.as_tensor(threshold, dtype=torch.float32, device=self.threshold.device).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Thresholds of converted SNNs are per channel or per neuron: take the stored shape.
+        key = prefix + "threshold"
+        if key in state_dict:
+            self.threshold = torch.empty_like(state_dict[key], device=self.threshold.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- spike counting ----
     def _record(self, spikes):
         self.spike_count += spikes.detach().abs().sum(dtype=torch.float64)  # exact for bf16 spikes too
         self.images += spikes.shape[1]
@@ -357,19 +298,145 @@ class LIF(nn.Module):
             "steps": self.steps,
         }
 
-    def set_threshold(self, threshold: Threshold):
-        self.threshold = torch.as_tensor(threshold, dtype=torch.float32, device=self.threshold.device).clone()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Thresholds of converted SNNs are per channel or per neuron: take the stored shape.
-        key = prefix + "threshold"
-        if key in state_dict:
-            self.threshold = torch.empty_like(state_dict[key], device=self.threshold.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_repr(self):
         shape = tuple(self.threshold.shape) or float(self.threshold)
         return (
             f"leak={self.leak}, threshold={shape}, surrogate={self.surrogate}, alpha={self.alpha}, "
-            f"backend={self.backend}"
+            f"reset={'zero' if self.hard_reset else 'subtract'}, backend={self.backend}"
         )
+
+
+# ------------------------------------------------------------------------------- shipped neurons
+@register_neuron
+class LIF(Neuron):
+    """Leaky integrate-and-fire: u = leak * u + I. Runs on every backend."""
+
+    kind = "lif"
+
+    def charge(self, state, current):
+        return (self.leak * state[0] + current,)
+
+    def lif_params(self) -> Optional[LIFParams]:
+        # A subclass with dynamics of its own is not what the fused implementations compute.
+        if any(getattr(type(self), m) is not getattr(LIF, m) for m in _DYNAMICS):
+            return None
+        theta, theta_neg = self.thresholds()
+        return LIFParams(self.leak, theta, theta_neg, self.surrogate, self.hard_reset, self.compile)
+
+    def params(self) -> Optional[LIFParams]:  # the name of earlier versions
+        return self.lif_params()
+
+
+_DYNAMICS = ("initial_state", "charge", "fire", "reset")
+
+
+@register_neuron
+class IF(LIF):
+    """Integrate-and-fire: LIF without leak (u = u + I); ``leak`` is ignored (always 1)."""
+
+    kind = "if"
+
+    def __init__(self, leak: float = 1.0, *args, **kwargs):
+        super().__init__(1.0, *args, **kwargs)
+
+
+@register_neuron
+class PLIF(LIF):
+    """Parametric LIF (Fang et al. 2021): u = sigmoid(w) * u + I with one learnable ``w`` per layer
+    (``leak_logit``), initialised so that sigmoid(w) = ``leak``, which must be in (0, 1) (1 is no leak,
+    which a sigmoid does not reach). Runs on the generic path only."""
+
+    kind = "plif"
+
+    def __init__(self, leak: float = 0.99, *args, **kwargs):
+        leak = float(leak)
+        logit = math.log(leak / (1 - leak)) if 0 < leak < 1 else None
+        if logit is None or not 0 < torch.sigmoid(torch.tensor(logit)).item() < 1:
+            raise ValueError(
+                f"neuron 'plif' learns leak = sigmoid(w) and needs leak_mem in (0, 1) that float32 can "
+                f"represent that way, got {leak!r}"
+            )
+        super().__init__(leak, *args, **kwargs)
+        self.leak_logit = nn.Parameter(torch.tensor(logit))
+
+    def charge(self, state, current):
+        return (torch.sigmoid(self.leak_logit) * state[0] + current,)
+
+    def extra_repr(self):
+        return f"learned leak={torch.sigmoid(self.leak_logit.detach()).item():.4f}, " + super().extra_repr()
+
+
+def build_neuron(kind: str, **kwargs) -> Neuron:
+    """A neuron layer of model ``kind`` (``NEURONS``)."""
+    return get_neuron(kind)(**kwargs)
+
+
+def state_dict_neuron_errors(kind: str, state_dict: dict) -> Optional[str]:
+    """None if ``state_dict``'s neuron parameters fit a model of neurons ``kind``; else a sentence
+    naming a state-dict key that belongs to another neuron model, or one that ``kind`` needs."""
+    own = set(_neuron_keys(kind))
+    for other in NEURONS:
+        for name in set(_neuron_keys(other)) - own:
+            found = next((k for k in state_dict if k.endswith(f".act.{name}")), None)
+            if found is not None:
+                return f"its weights hold {found!r} of neuron '{other}'; the model has neuron '{kind}'"
+    for name in own:
+        if not any(k.endswith(f".act.{name}") for k in state_dict):
+            return f"its weights lack '{name}' of neuron '{kind}' (made with another neuron)"
+    return None
+
+
+def _neuron_keys(kind: str) -> list:
+    """The state-dict entries a neuron model adds to the threshold (its learnable parameters)."""
+    return [name for name, _ in get_neuron(kind)(name="probe", backend="generic").named_parameters()]
+
+
+# ----------------------------------------------------------------------------------------- public API
+def time_sum(x, steps):
+    """Sum over the timesteps of a time-folded tensor, ``[N, C, H, W]``.
+
+    A neuron layer's output is summed as the ``[S, N, ...]`` spikes it came from: backward then hands
+    the neurons the sum's gradient broadcast over time (no memory), where summing the time-folded
+    view would make autograd write out all S copies of it (4 bytes per neuron and step).
+    """
+    if torch.compiler.is_compiling():
+        return time_split(x, steps).sum(0)
+    spike_info = spike_protocol.info(x)
+    per_step = None if spike_info is None else spike_info.per_step
+    if per_step is None or per_step.shape[0] != steps:
+        per_step = time_split(x, steps)
+    return per_step.sum(0)
+
+
+def lif_sequence(
+    currents: torch.Tensor,
+    leak: float = 0.99,
+    threshold: Threshold = 1.0,
+    surrogate: Union[str, Surrogate] = "linear",
+    threshold_neg: Optional[Threshold] = None,
+    time_dim: int = 0,
+    backend: str = "torch",
+    reset: str = "subtract",
+    **surrogate_params,
+) -> torch.Tensor:
+    """Spikes of a LIF layer driven by ``currents`` (time along ``time_dim``, default ``[T, ...]``).
+
+    ``threshold`` is a float (layer-wise) or a tensor that broadcasts against one timestep
+    (``[C, 1, 1]`` channel-wise, ``[C, H, W]`` neuron-wise). ``threshold_neg`` (negative) turns on
+    the imbalanced threshold; ``reset`` is 'subtract' or 'zero'. The result has the shape of ``currents``,
+    values in {0, 1} (or {-1, 0, 1}), and is differentiable through the surrogate when ``currents``
+    requires a gradient. ``backend`` 'triton' needs ``[T, N, C, H, W]`` currents (the kernels' layout);
+    'generic' runs the LIF model's per-step methods through autograd.
+    """
+    check_backend(backend)
+    if reset not in RESETS:
+        raise ValueError(f"unknown reset '{reset}'; choose one of {list(RESETS)}")
+    surrogate = get_surrogate(surrogate, **surrogate_params)
+    x = currents.movedim(time_dim, 0)
+    if backend == "generic":
+        neuron = LIF(leak, 1.0, surrogate, reset=reset, backend="generic")
+        neuron.thresholds = lambda: (threshold, threshold_neg)
+        return neuron.run_generic(x, None)[0].movedim(0, time_dim)
+    params = LIFParams(float(leak), threshold, threshold_neg, surrogate, reset == "zero")
+    call = _Call(backend_for(backend, x.device), params, None, None, x.shape[0])
+    return run_layer(x, None, call)[0].movedim(0, time_dim)

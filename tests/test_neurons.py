@@ -156,23 +156,23 @@ def test_spike_function_reference_is_heaviside():
     assert torch.equal(heaviside_surrogate(x, lambda v: v), torch.tensor([0.0, 0.0, 1.0]))
 
 
-def test_compiled_kernels_fire_identical_spikes_and_matching_gradients():
-    from models.neurons import compile_neuron_kernels
-
+def test_compiled_steps_are_a_per_model_setting_with_identical_spikes_and_matching_gradients():
+    """``compile`` (config key) torch.compile's the torch backend's steps for that model only."""
     torch.manual_seed(6)
-    currents = (torch.rand(6, 2, 3, 5, 5) * 1.2 - 0.2).requires_grad_()
+    currents = (torch.rand(6 * 2, 3, 5, 5) * 2.4 - 1.2).requires_grad_()
     theta = torch.rand(3, 1, 1) + 0.5
-    weights = torch.randn_like(currents)
-    eager = lif_sequence(currents, 0.9, theta, threshold_neg=-theta / 0.5)
-    (g_eager,) = torch.autograd.grad((eager * weights).sum(), currents)
-    compile_neuron_kernels(True)
-    try:
-        fused = lif_sequence(currents, 0.9, theta, threshold_neg=-theta / 0.5)
-        (g_fused,) = torch.autograd.grad((fused * weights).sum(), currents)
-    finally:
-        compile_neuron_kernels(False)
-    assert torch.equal(eager, fused)
+    weights = torch.randn(6 * 2, 3, 5, 5)
+    results = []
+    for compiled in (False, True):
+        lif = LIF(0.9, alpha=2.0, backend="torch")
+        lif.set_threshold(theta)
+        lif.compile = compiled
+        spikes = lif(currents, steps=6)
+        results.append((spikes, *torch.autograd.grad((spikes * weights).sum(), currents)))
+    (eager, g_eager), (fused, g_fused) = results
+    assert torch.equal(eager, fused) and (eager < 0).any() and (eager > 0).any()
     torch.testing.assert_close(g_eager, g_fused)
+    assert LIF(0.9).lif_params().compile is False  # other models are untouched
 
 
 def test_time_sum_of_a_neuron_layer_sums_its_spikes_directly():

@@ -252,12 +252,10 @@ def converted_snn(x, threshold_type="layer"):
         dict(model_type="ann", arch="dl-vgg9", num_classes=CLASSES, in_channels=3, img_size=SIZE, bn=True)
     )
     ann = settle_bn(ann, x, gain=1.0)
-    snn = convert_ann(ann, STEPS, leak_mem=1.0, encoder="direct")
+    snn = convert_ann(ann, STEPS, encoder="direct", neuron="if", reset="zero")
     raw = calibrate_thresholds(snn, [x], threshold_type, show_progress=False)
     apply_thresholds(snn, raw, threshold_type, scaling_factor=0.7)
-    hard = build_model({**snn.config, "reset": "zero", "neuron_backend": "torch"})
-    hard.load_state_dict(snn.state_dict())
-    return hard.eval()
+    return snn.eval()
 
 
 def norse_module(graph, dt):

@@ -124,6 +124,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
     """load_state_dict(strict) with a readable error when the weights belong to another architecture."""
+    if config.get("model_type", "snn") == "snn":  # weights of another neuron model (e.g. plif's leak)
+        from models.neurons import state_dict_neuron_errors
+
+        problem = state_dict_neuron_errors(config.get("neuron", "lif"), state_dict)
+        if problem:
+            raise CheckpointError(f"{source}: {problem}; config key 'neuron' must be the checkpoint's")
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

@@ -95,6 +95,25 @@ SCHEMA = {
             interval=Interval(0, 1, low_open=True),
             snn_only=True,
         ),
+        Key(
+            "neuron",
+            _M,
+            "lif",
+            str,
+            "neuron model: lif, if (no leak: leak_mem is ignored) or plif (learnable leak, "
+            "initialised to leak_mem); docs/neurons.md",
+            _registry("models", "NEURONS"),
+            snn_only=True,
+        ),
+        Key(
+            "reset",
+            _M,
+            "subtract",
+            str,
+            "membrane reset after a spike: subtract (the threshold) or zero",
+            ("subtract", "zero"),
+            snn_only=True,
+        ),
         Key("def_threshold", _M, 1.0, float, "firing threshold", interval=ABOVE_ZERO, snn_only=True),
         Key(
             "surrogate",
@@ -152,7 +171,14 @@ SCHEMA = {
             interval=POSITIVE,
             execution=True,
         ),
-        Key("compile", _M, False, bool, "fuse the neurons' elementwise steps with torch.compile", execution=True),
+        Key(
+            "compile",
+            _M,
+            False,
+            bool,
+            "torch neuron backend: fuse its per-timestep elementwise steps with torch.compile (this model only)",
+            execution=True,
+        ),
         Key("conv_bias", _M, False, bool, "conv biases (SNNs converted from ANNs carry the folded BN there)"),
         Key(
             "readout",
@@ -168,9 +194,9 @@ SCHEMA = {
             _M,
             "auto",
             str,
-            "execution backend of the LIF neurons: auto (Triton kernels on CUDA "
-            "when Triton imports, else torch), torch, or triton",
-            ("auto", "torch", "triton"),
+            "execution backend of the neurons: auto (the fastest that supports the neuron: Triton kernels on "
+            "CUDA when Triton imports, else the torch loops, else generic), generic, torch, or triton",
+            ("auto", "generic", "torch", "triton"),
             execution=True,
         ),
         Key("dataset", _D, "voc2012", str, "dataset", _registry("data", "DATASETS")),

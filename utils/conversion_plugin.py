@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from models.conversion import (
     CONVERSION_ENCODERS,
+    CONVERSION_NEURONS,
     THRESHOLD_TYPES,
     apply_thresholds,
     cached_thresholds,
@@ -93,6 +94,20 @@ def add_test_args(parser: argparse.ArgumentParser):
         type=float,
         default=1.0,
         help="membrane leak of the converted SNN (1.0 = IF neurons; the paper ran 0.99)",
+    )
+    group.add_argument(
+        "--neuron",
+        dest="conversion_neuron",
+        choices=CONVERSION_NEURONS,
+        default="lif",
+        help="neurons of the converted SNN: lif (leak --leak_mem) or if (no leak) (default lif)",
+    )
+    group.add_argument(
+        "--reset",
+        dest="conversion_reset",
+        choices=("subtract", "zero"),
+        default="subtract",
+        help="reset of the converted SNN's neurons after a spike (default subtract)",
     )
     group.add_argument(
         "--conversion_encoder",
@@ -173,13 +188,18 @@ def calibration_settings(args, cfg) -> dict:
         "unit_spikes": args.unit_spikes,
         "img_size": cfg["img_size"],
         "batch_size": cfg["batch_size"],
+        # only when not the default, so that thresholds cached before these settings existed still match
+        **({"neuron": args.conversion_neuron} if args.conversion_neuron != "lif" else {}),
+        **({"reset": args.conversion_reset} if args.conversion_reset != "subtract" else {}),
     }
 
 
 def converted_snn(ctx, threshold_type: str, timesteps: int, batches):
     """The SNN for (type, T) with its scaled thresholds, calibrated now or taken from the cache."""
     args = ctx.args
-    snn = convert_ann(ctx.model, timesteps, args.leak_mem, args.conversion_encoder)
+    snn = convert_ann(
+        ctx.model, timesteps, args.leak_mem, args.conversion_encoder, args.conversion_neuron, args.conversion_reset
+    )
     settings = calibration_settings(args, ctx.cfg)
     raw = None if args.reset_thresholds else cached_thresholds(ctx.checkpoint, threshold_type, timesteps, settings)
     where = f"{args.model_path} thresholds[{threshold_type!r}][{str(timesteps)!r}]"

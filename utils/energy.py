@@ -167,7 +167,7 @@ class OpCounter:
 
     # ------------------------------------------------------------------------------------------ hooks
     def __enter__(self):
-        from models.neurons import LIF
+        from models.neurons import Neuron
 
         self._handles.append(self.model.register_forward_pre_hook(self._start_forward))
         for name, module in self.model.named_modules():
@@ -177,7 +177,7 @@ class OpCounter:
                 self._handles.append(module.register_forward_hook(self._count_conv))
             elif isinstance(module, nn.AvgPool2d):
                 self._handles.append(module.register_forward_hook(self._note_pool))
-            elif isinstance(module, LIF):
+            elif isinstance(module, Neuron):
                 self._handles.append(module.register_forward_hook(self._note_spikes))
         return self
 

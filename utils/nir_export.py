@@ -66,8 +66,16 @@ class NotExportable(ValueError):
 
 
 # --------------------------------------------------------------------------------- what cannot go
-def _hard_reset(lif) -> bool:
-    return bool(getattr(lif.params(), "hard_reset", False))
+def _leak(neuron):
+    """The leak per step of a shipped neuron model (lif: leak_mem, if: 1, plif: the learned sigmoid(w)),
+    or None for a model NIR has no node for."""
+    from models.neurons import IF, LIF, PLIF
+
+    if isinstance(neuron, PLIF) and type(neuron).charge is PLIF.charge:
+        return float(torch.sigmoid(neuron.leak_logit.detach().float()))
+    if type(neuron) in (LIF, IF):
+        return float(neuron.leak)
+    return None
 
 
 def export_problems(model) -> list:
@@ -96,6 +104,15 @@ def export_problems(model) -> list:
         )
     for unit in model.conv_units():
         lif, norm = unit.act, unit.norm
+        if _leak(lif) is None:
+            problems.append(
+                (
+                    lif.name,
+                    f"neuron '{lif.kind or type(lif).__name__}' has no NIR node",
+                    "neuron: lif, if or plif",
+                    None,
+                )
+            )
         if norm is not None and not norm.shared and norm.timesteps > 1:
             problems.append(
                 (
@@ -105,7 +122,7 @@ def export_problems(model) -> list:
                     "BN folded with its statistics and scale averaged over the timesteps",
                 )
             )
-        if not _hard_reset(lif):
+        if not lif.hard_reset:
             problems.append(
                 (
                     lif.name,
@@ -114,7 +131,7 @@ def export_problems(model) -> list:
                     "reset to zero instead of by subtraction",
                 )
             )
-        if lif.params().theta_neg is not None:
+        if lif.thresholds()[1] is not None:
             problems.append(
                 (
                     lif.name,
@@ -186,8 +203,8 @@ def build_graph(model, input_size, dt: float = DEFAULT_DT, unit_r: bool = False)
             kernel, stride = tuple(weight.shape[-2:]), _pair(conv.stride)
             padding, dilation = _pair(conv.padding), _pair(conv.dilation)
             out = (int(weight.shape[0]), *_conv_out(size, kernel, stride, padding, dilation))
-            params = lif.params()
-            leak = torch.as_tensor(params.leak, dtype=torch.float64)
+            theta = lif.thresholds()[0]
+            leak = torch.as_tensor(_leak(lif), dtype=torch.float64)
             if bool((leak < 1).any()):
                 tau = dt / (1 - leak)
                 r = torch.ones_like(tau) if unit_r else tau / dt
@@ -198,13 +215,13 @@ def build_graph(model, input_size, dt: float = DEFAULT_DT, unit_r: bool = False)
                     tau=_per_neuron(tau, out),
                     r=_per_neuron(r, out),
                     v_leak=np.zeros(out, np.float32),
-                    v_threshold=_per_neuron(params.theta, out),
+                    v_threshold=_per_neuron(theta, out),
                     v_reset=np.zeros(out, np.float32),
                 )
             else:
                 neuron = nir.IF(
                     r=_per_neuron(1.0 / dt, out),
-                    v_threshold=_per_neuron(params.theta, out),
+                    v_threshold=_per_neuron(theta, out),
                     v_reset=np.zeros(out, np.float32),
                 )
             nodes[f"{lif.name}.conv"] = nir.Conv2d(
