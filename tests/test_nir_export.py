@@ -174,10 +174,14 @@ def test_shared_batch_norm_takes_one_statistic_over_all_timesteps():
 
 
 # ---------------------------------------------------------------------------------------- snnTorch
-@pytest.mark.parametrize("full_prop", [False, True])
-def test_snntorch_runs_the_exported_deployable_model_with_our_spikes_and_logits(tmp_path, full_prop):
+@pytest.mark.parametrize("neuron, full_prop", [("lif", False), ("lif", True), ("plif", False)])
+def test_snntorch_runs_the_exported_deployable_model_with_our_spikes_and_logits(tmp_path, neuron, full_prop):
     x = image()
-    model = deployable(x, full_prop=full_prop)
+    model = deployable(x, full_prop=full_prop, neuron=neuron, neuron_backend="auto")
+    if neuron == "plif":  # learned leaks, one per layer, other than leak_mem
+        with torch.no_grad():
+            for k, lif in enumerate(model.neuron_layers()):
+                lif.leak_logit.add_(-0.5 * k)
     logits, spikes = ours(model, x)
     path = tmp_path / "model.nir"
     export_model(model, path)

@@ -175,10 +175,16 @@ def _folded(unit):
     return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
 
 
-def _per_neuron(value, shape):
+def _per_neuron(value, shape, layer=""):
     """A float or a tensor broadcasting against [C, H, W] -> float32 array of shape [C, H, W]."""
-    tensor = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-    return np.ascontiguousarray(np.broadcast_to(tensor.numpy(), shape)).astype(np.float32)
+    array = torch.as_tensor(value).detach().cpu().double().numpy()
+    try:
+        return np.ascontiguousarray(np.broadcast_to(array, shape)).astype(np.float32)
+    except ValueError:
+        raise NotExportable(
+            f"layer {layer}: its thresholds of shape {tuple(array.shape)} do not fit its neurons {tuple(shape)} "
+            "at this input size (neuron-wise thresholds hold for the size they were calibrated at)"
+        ) from None
 
 
 def _f32(tensor):
@@ -215,13 +221,13 @@ def build_graph(model, input_size, dt: float = DEFAULT_DT, unit_r: bool = False)
                     tau=_per_neuron(tau, out),
                     r=_per_neuron(r, out),
                     v_leak=np.zeros(out, np.float32),
-                    v_threshold=_per_neuron(theta, out),
+                    v_threshold=_per_neuron(theta, out, lif.name),
                     v_reset=np.zeros(out, np.float32),
                 )
             else:
                 neuron = nir.IF(
                     r=_per_neuron(1.0 / dt, out),
-                    v_threshold=_per_neuron(theta, out),
+                    v_threshold=_per_neuron(theta, out, lif.name),
                     v_reset=np.zeros(out, np.float32),
                 )
             nodes[f"{lif.name}.conv"] = nir.Conv2d(
