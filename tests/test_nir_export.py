@@ -272,7 +272,7 @@ def norse_module(graph, dt):
 
 
 @pytest.mark.parametrize("threshold_type", ["layer", "channel"])
-def test_norse_runs_the_exported_converted_model_with_our_spikes_and_logits(tmp_path, threshold_type):
+def test_norse_runs_the_exported_converted_model_with_our_spikes_and_logits(tmp_path, capsys, threshold_type):
     """Both sides in float64: without leak, a converted network keeps many membranes near the threshold,
     and in float32 one spike flipped by the convolutions' different summation order cascades (seen: one
     flip in features.4 became 238 in classifier.0). The file's float32 weights are exact in float64."""
@@ -280,7 +280,9 @@ def test_norse_runs_the_exported_converted_model_with_our_spikes_and_logits(tmp_
 
     x = image()
     model = converted_snn(x, threshold_type)
-    export_model(model, tmp_path / "converted.nir")
+    save(model, tmp_path / "converted.pth")  # as test.py --save_snn writes it
+    code, _, err = cli(capsys, "export-nir", tmp_path / "converted.pth", "-o", tmp_path / "converted.nir")
+    assert code == 0, err
     x, model = x.double(), model.double()
     logits, spikes = ours(model, x)
     graph = nir.read(tmp_path / "converted.nir")
