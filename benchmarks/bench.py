@@ -88,12 +88,23 @@ def get_args_parser():
     )
     p.add_argument("--memory_block", type=int, default=4)
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CPU and GPU)")
-    p.add_argument("--compile", action="store_true", help="fuse the neurons' elementwise steps with torch.compile")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="model config key 'compile': torch.compile the torch neuron backend's per-timestep steps",
+    )
+    p.add_argument(
+        "--compile_model",
+        action="store_true",
+        help="torch.compile the whole model (the fused neurons run as custom ops inside the compiled graph)",
+    )
     p.add_argument(
         "--neuron_backend",
-        choices=["auto", "torch", "triton"],
+        choices=["auto", "generic", "torch", "triton"],
         help="model config key 'neuron_backend' (left out of the config when not given)",
     )
+    p.add_argument("--neuron", choices=["lif", "if", "plif"], help="model config key 'neuron' (default lif)")
+    p.add_argument("--reset", choices=["subtract", "zero"], help="model config key 'reset' (default subtract)")
     p.add_argument(
         "--dilated_as_dense",
         choices=["on", "off"],
@@ -188,6 +199,9 @@ def model_config(args, model_type):
     )
     if args.neuron_backend is not None and model_type == "snn":  # only when asked: the key is new
         cfg["neuron_backend"] = args.neuron_backend
+    for key in ("neuron", "reset"):  # only when asked, as neuron_backend
+        if getattr(args, key) is not None and model_type == "snn":
+            cfg[key] = getattr(args, key)
     return cfg
 
 
@@ -386,6 +400,9 @@ def describe(args, snn):
         "memory_block",
         "amp",
         "compile",
+        "compile_model",
+        "neuron",
+        "reset",
         "dilated_as_dense",
         "path",
         "baseline",
@@ -431,6 +448,8 @@ def main(argv=None):
     snn = build_model(model_config(args, "snn")).to(device)
     opt = sgd(snn)
     forward = per_timestep(snn) if args.path == "per-timestep" else snn
+    if args.compile_model:
+        forward = torch.compile(forward)
     snn_step = make_train_step(snn, opt, forward, inputs, labels, args, device)
     result["solo_step_s"], result["peak_cuda_mb"] = train_alone(snn_step, args.steps, device)
     result["step_s"] = result["solo_step_s"]

@@ -112,9 +112,9 @@ def check_backend(name: str, neuron=None):
             "wheels); use neuron_backend 'torch' or 'auto'"
         )
     if neuron is not None and name in ACCELERATORS and not supports(name, neuron):
-        raise ValueError(
-            f"neuron_backend '{name}' does not support neuron '{neuron.describe()}'; use 'generic' or 'auto'"
-        )
+        # a LIF-type neuron is refused for its reset only
+        what = f"'{neuron.kind}'" + (" with reset zero" if neuron.lif_params() is not None else "")
+        raise ValueError(f"neuron_backend '{name}' does not support neuron {what}; use 'generic' or 'auto'")
 
 
 @functools.lru_cache(maxsize=None)

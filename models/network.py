@@ -43,6 +43,18 @@ class _ForwardPass:
             self.replaying = False
 
 
+def _eager_only(layer, x):
+    """``layer(x)``; under torch.compile the plain ``nn.Conv2d`` / ``nn.AvgPool2d`` forward instead of
+    models/convolution.py's (same values: those are autograd functions that save memory in eager mode,
+    with in-place ``out=`` ops that torch.compile does not trace)."""
+    if torch.compiler.is_compiling():
+        if isinstance(layer, Conv2d):
+            return nn.Conv2d.forward(layer, x)
+        if isinstance(layer, AvgPool2d):
+            return nn.AvgPool2d.forward(layer, x)
+    return layer(x)
+
+
 class TimeBatchNorm(nn.Module):
     """BatchNorm2d per timestep (BNTT); with T = 1 and no affine, the ANN's BN.
 
@@ -162,8 +174,8 @@ class ConvUnit(nn.Module):
             # BNTT is fused into an accelerator's backward; the neurons decide whether the convolution is too.
             if self.act.recomputes_conv(x, self.norm, recompute or self.recompute):
                 return self.act(x, steps, self.norm, t0, membranes, conv=self.conv, replaying=replaying)
-            return self.act(self.conv(x), steps, self.norm, t0, membranes, replaying=replaying)
-        x = self.conv(x)
+            return self.act(_eager_only(self.conv, x), steps, self.norm, t0, membranes, replaying=replaying)
+        x = _eager_only(self.conv, x)
         if self.norm is not None:
             x = self.norm(x, steps, t0, replaying)
         return self.act(x, steps)
@@ -373,7 +385,7 @@ class SegmentationNet(nn.Module):
             elif isinstance(layer, SkipScore):
                 skips.append(layer(h))
             else:
-                h = layer(h)
+                h = _eager_only(layer, h)
         if self.fcn:
             h = skips[-1]
             for stage, skip in zip(self.decoder, reversed(skips[:-1])):

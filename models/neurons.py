@@ -183,9 +183,6 @@ class Neuron(nn.Module):
         check_backend(name, self)
         self.backend = name
 
-    def describe(self) -> str:
-        return self.kind
-
     # ---- forward ----
     def recomputes_conv(self, x: torch.Tensor, norm, wanted: bool) -> bool:
         """Whether this layer should take its convolution's input and recompute the convolution in
@@ -242,7 +239,7 @@ class Neuron(nn.Module):
             state = (u,)
         if membranes is not None:
             membranes[self] = state
-        if self.recording:
+        if self.recording and not replaying:  # memory-saving mode's replay: counted in the first pass
             self._record(spikes)
         out = spikes.flatten(0, 1)
         if torch.compiler.is_compiling():  # the spike mark is a python attribute on the tensor
@@ -388,7 +385,11 @@ def state_dict_neuron_errors(kind: str, state_dict: dict) -> Optional[str]:
 
 def _neuron_keys(kind: str) -> list:
     """The state-dict entries a neuron model adds to the threshold (its learnable parameters)."""
-    return [name for name, _ in get_neuron(kind)(name="probe", backend="generic").named_parameters()]
+    try:
+        probe = get_neuron(kind)(name="probe", backend="generic")
+    except (TypeError, ValueError):  # a model that needs arguments of its own: nothing to compare
+        return []
+    return [name for name, _ in probe.named_parameters()]
 
 
 # ----------------------------------------------------------------------------------------- public API

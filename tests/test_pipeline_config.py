@@ -193,7 +193,10 @@ def test_schema_declares_every_key_once():
 
     assert models.MODEL_DEFAULTS == config.defaults("model") and models.MODEL_DEFAULTS["neuron_backend"] == "auto"
     backend = config.SCHEMA["neuron_backend"]
-    assert backend.execution and backend.allowed() == ("auto", "torch", "triton")
+    assert backend.execution and backend.allowed() == ("auto", "generic", "torch", "triton")
+    neuron, reset = config.SCHEMA["neuron"], config.SCHEMA["reset"]
+    assert not neuron.execution and {"lif", "if", "plif"} <= set(neuron.allowed()) and neuron.default == "lif"
+    assert not reset.execution and reset.allowed() == ("subtract", "zero") and reset.default == "subtract"
     assert not hasattr(data, "DATA_DEFAULTS")
     flags = {a.dest for a in train.get_args_parser()._actions}
     assert {k for k, key in config.SCHEMA.items() if not key.derived} <= flags
@@ -234,7 +237,7 @@ def test_build_model_refuses_keys_of_no_section():
 
     with pytest.raises(ValueError, match=r"unknown config key\(s\): 'leak_mme' \(did you mean 'leak_mem'\?\)"):
         models.build_model({"leak_mme": 0.5})
-    with pytest.raises(ValueError, match="unknown neuron_backend 'cuda'; choices: auto, torch, triton"):
+    with pytest.raises(ValueError, match="unknown neuron_backend 'cuda'; choices: auto, generic, torch, triton"):
         models.build_model({"neuron_backend": "cuda"})
     # keys of the other sections pass: build_model takes a run's whole flat config
     cfg = models.resolve_model_config({"model_type": "ann", "num_classes": 4, "dataset": "synthetic", "lr": 0.1})
