@@ -4,6 +4,7 @@
     python converter.py import-paper paper_ann.pth -o trained_models/paper-ann.pth
     python converter.py thresholds paper_ann.pth --type layer -o paper_ann_nested.pth
     python converter.py state-dict paper_ann.pth -o paper_ann_convs.pth
+    python converter.py export-nir trained_models/quickstart-deployable/best.pth -o quickstart.nir
 
 Every file is read with torch.load(weights_only=True): a checkpoint that carries code is refused, never run.
 """
@@ -14,6 +15,7 @@ import sys
 from utils import preflight
 from utils.checkpoint import FORMAT, save_checkpoint, validate_checkpoint
 from utils.cli import ArgumentParser, run_main
+from utils.nir_export import add_export_args, run_export
 from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
@@ -44,6 +46,10 @@ def get_args_parser() -> ArgumentParser:
     convs.add_argument("path", help="checkpoint of the paper's repository")
     convs.add_argument("-o", "--output", required=True)
     convs.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    export = sub.add_parser("export-nir", help="write an SNN as a NIR graph (docs/deployment.md)")
+    add_export_args(export)
+    export.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -130,6 +136,8 @@ def main(argv=None):
     preflight.check_inputs(inputs)
     if getattr(args, "output", None):  # never replaces its input: refused before anything is read
         preflight.check_outputs([("-o", args.output, "file")], inputs=inputs)
+    if args.command == "export-nir":
+        return run_export(args)
     checkpoint = read_weights_only(args.path)
     if args.command == "inspect":
         print("\n".join(inspect_lines(checkpoint, args.path)))

@@ -64,6 +64,14 @@ MODEL_KEYS = key_table(
         Key("surrogate_params", _M, {}, "mapping", "surrogate parameters, e.g. '{gamma: 0.3}'", snn_only=True),
         Key("bn", _M, True, bool, "batch norm through time (one statistic per timestep)"),
         Key(
+            "bntt",
+            _M,
+            True,
+            bool,
+            "SNN BN: one per timestep (BNTT); false: one BN over all timesteps, folded into the conv at export",
+            snn_only=True,
+        ),
+        Key(
             "encoder",
             _M,
             "poisson",

@@ -61,14 +61,21 @@ class TimeBatchNorm(nn.Module):
     The statistics of timestep t are taken over (N, H, W) of that timestep only, exactly as T separate
     BatchNorm2d layers would. Only the learnable scale exists (the shift is off, as in the paper).
     Steps beyond ``timesteps`` (full propagation's zero-input tail) are passed through unnormalised.
+
+    ``shared`` (model key ``bntt: false``): one BN for all timesteps, its statistics taken over
+    (T, N, H, W) together, applied to every step (the zero-input tail too). In eval mode it is one affine
+    map per channel, which folds into the convolution in front of it (the deployable recipe). Parameters
+    and statistics then have one row, ``[1, C]``; memory-saving mode takes the training statistics per
+    replayed block of timesteps.
     """
 
-    def __init__(self, channels: int, timesteps: int, affine: bool):
+    def __init__(self, channels: int, timesteps: int, affine: bool, shared: bool = False):
         super().__init__()
-        self.channels, self.timesteps = channels, timesteps
-        self.weight = nn.Parameter(torch.ones(timesteps, channels)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(timesteps, channels))
-        self.register_buffer("running_var", torch.ones(timesteps, channels))
+        self.channels, self.timesteps, self.shared = channels, timesteps, shared
+        rows = 1 if shared else timesteps
+        self.weight = nn.Parameter(torch.ones(rows, channels)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(rows, channels))
+        self.register_buffer("running_var", torch.ones(rows, channels))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def steps_normalised(self, t0: int, steps: int) -> int:
@@ -104,8 +111,12 @@ class TimeBatchNorm(nn.Module):
         return BN_MOMENTUM
 
     def forward(self, x: torch.Tensor, steps: int, t0: int = 0, replaying: bool = False) -> torch.Tensor:
-        n_bn = self.steps_normalised(t0, steps)
         momentum = self._count_batch(t0, replaying)
+        if self.shared:  # all steps of the time-folded block at once: statistics over (S*N, H, W)
+            weight = None if self.weight is None else self.weight[0]
+            mean, var = self.running_mean[0], self.running_var[0]
+            return F.batch_norm(x, mean, var, weight, None, self.training, momentum, BN_EPS)
+        n_bn = self.steps_normalised(t0, steps)
         # Each timestep is one contiguous block of the time-major input: one BN call per timestep.
         frames = time_split(x, steps)
         out = [
@@ -125,7 +136,8 @@ class TimeBatchNorm(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def extra_repr(self):
-        return f"{self.channels}, timesteps={self.timesteps}, affine={self.weight is not None}"
+        shared = ", shared" if self.shared else ""
+        return f"{self.channels}, timesteps={self.timesteps}, affine={self.weight is not None}{shared}"
 
 
 class Rectifier(nn.Module):
@@ -154,6 +166,10 @@ class ConvUnit(nn.Module):
         self.recompute = False
 
     def forward(self, x, steps, t0=0, membranes=None, recompute=False, replaying=False):
+        if isinstance(self.act, Neuron) and self.norm is not None and self.norm.shared:
+            # One BN for all timesteps: an ordinary layer between the convolution and the neurons.
+            x = self.norm(self.conv(x), steps, t0, replaying)
+            return self.act(x, steps, None, t0, membranes, replaying=replaying)
         if isinstance(self.act, Neuron):
             # BNTT is fused into an accelerator's backward; the neurons decide whether the convolution is too.
             if self.act.recomputes_conv(x, self.norm, recompute or self.recompute):
@@ -267,7 +283,8 @@ class SegmentationNet(nn.Module):
         conv.dense = cfg.get("dilated_as_dense", "auto")
         norm = None
         if cfg["bn"]:
-            norm = TimeBatchNorm(token.channels, self.timesteps, affine=self.spiking)
+            shared = self.spiking and not cfg.get("bntt", True)
+            norm = TimeBatchNorm(token.channels, self.timesteps, affine=self.spiking, shared=shared)
         if self.spiking:
             act = self._neuron(cfg, name)
         else:

@@ -134,7 +134,10 @@ def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    mismatched = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    # A neuron's threshold takes the stored shape (channel- or neuron-wise thresholds of converted SNNs).
+    mismatched = [
+        k for k in own if k in state_dict and own[k].shape != state_dict[k].shape and not k.endswith("act.threshold")
+    ]
     if missing or unexpected or mismatched:
         details = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)):

@@ -1,0 +1,391 @@
+"""Export a spiking DeepLab to NIR, the Neuromorphic Intermediate Representation (docs/deployment.md).
+
+    python converter.py export-nir trained_models/quickstart-deployable/best.pth -o quickstart.nir
+
+The graph holds the network body up to and including the readout: each conv unit is a ``Conv2d`` (eval-mode
+batch norm folded into its weight and bias) followed by a ``LIF`` (leak < 1) or ``IF`` (leak 1) node, each
+pooling an ``AvgPool2d``, the 1x1 output convolution a ``Conv2d`` and the readout an integrator ``I``.
+What stays on the host (the input encoding, the division of the readout by T, the final bilinear
+upsampling) is written into the graph's metadata, key ``snnseg``, as a JSON string.
+
+Discretisation. NIR's neurons are continuous-time; ours are discrete. The graph is written for forward
+Euler with step ``dt`` (``--dt``, default 1e-4, the step snnTorch's importer assumes; written in the
+metadata), under which NIR's equations become, with v_leak = 0:
+
+    LIF  tau dv/dt = -v + r I     ->  v[t] = (1 - dt/tau) v[t-1] + (dt/tau) r I[t]
+    IF       dv/dt = r I          ->  v[t] = v[t-1] + dt r I[t]
+    I        dv/dt = r I          ->  v[t] = v[t-1] + dt r I[t]
+
+so our ``u[t] = leak u[t-1] + I[t]`` is LIF with tau = dt / (1 - leak) and r = tau / dt (the input
+current taken as it is), IF with r = 1 / dt for leak 1, and the readout is I with r = 1 / dt. A neuron
+fires when v > v_threshold (ours: u / theta > 1) and is set to v_reset = 0: only the hard reset (model key
+``reset: zero``) is NIR's reset. ``unit_r=True`` writes r = 1 instead and multiplies the weights and bias of
+the convolution in front of each LIF by tau / dt (Norse's reading, which ignores r).
+
+Not expressible, so refused with one line naming the layer and the option that makes it exportable
+(``lossy=True`` exports anyway and lists what changes): BNTT (per-timestep batch norm), reset by
+subtraction, the negative threshold of leaky-ReLU conversions, Poisson input encoding (random; the host
+would have to draw the spikes). The FCN architectures are refused always (their decoder upsamples between
+spiking stages).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.convolution import AvgPool2d
+from models.network import BN_EPS, ConvUnit
+from models.neurons import IF, LIF, PLIF
+from utils.checkpoint import load_model
+from utils.config import parse_size
+from utils.files import atomic_path
+
+FORMAT = "snnseg-nir-1"
+METADATA_KEY = "snnseg"
+DEFAULT_DT = 1e-4
+HOST_ENCODINGS = {
+    "direct": "the (normalised) image is fed as the input current at every one of the T steps",
+    "sequence": "frame t of the [T, C, H, W] event sequence is the input current of step t",
+    "poisson": "signed Poisson rate coding: at every step s = sign(x) * [rand <= |x|] (random)",
+}
+
+
+def _require_nir():
+    try:
+        import nir
+    except ImportError:
+        raise MissingPackage("NIR export needs the 'nir' package: pip install nir") from None
+    return nir
+
+
+class MissingPackage(ValueError):
+    """An optional package is not installed (a ValueError, so that the scripts print it as one line)."""
+
+
+class NotExportable(ValueError):
+    """A model that NIR cannot express exactly; the message names the layer and the fix."""
+
+
+# --------------------------------------------------------------------------------- what cannot go
+def _leak(neuron):
+    """The leak per step of a shipped neuron model (lif: leak_mem, if: 1, plif: the learned sigmoid(w)),
+    or None for a model NIR has no node for."""
+    if isinstance(neuron, PLIF) and type(neuron).charge is PLIF.charge:
+        return float(torch.sigmoid(neuron.leak_logit.detach().float()))
+    if type(neuron) in (LIF, IF):
+        return float(neuron.leak)
+    return None
+
+
+def export_problems(model) -> list:
+    """(layer, what is not expressible, what would make it exportable, what --lossy does) for each problem,
+    in the order the signal meets them. Empty: the model exports exactly."""
+    cfg, problems = model.config, []
+    if not model.spiking:
+        return [("model", "an ANN has no spiking dynamics", "convert it first (test.py --conversion --save_snn)", None)]
+    if model.fcn:
+        return [
+            (
+                "decoder.0",
+                f"{model.arch}'s decoder upsamples (bilinear) between spiking stages, which NIR cannot express",
+                "train a DeepLab architecture (dl-vgg9, dl-vgg11, dl-vgg16)",
+                None,
+            )
+        ]
+    if cfg.get("encoder") == "poisson":
+        problems.append(
+            (
+                "input",
+                "Poisson encoding is random and stays on the host",
+                "encoder: direct",
+                "the graph's input is the host's Poisson spikes (metadata input.encoding: poisson)",
+            )
+        )
+    for unit in model.conv_units():
+        lif, norm = unit.act, unit.norm
+        if _leak(lif) is None:
+            problems.append(
+                (
+                    lif.name,
+                    f"neuron '{lif.kind or type(lif).__name__}' has no NIR node",
+                    "neuron: lif, if or plif",
+                    None,
+                )
+            )
+        if norm is not None and not norm.shared and norm.timesteps > 1:
+            problems.append(
+                (
+                    lif.name,
+                    "BNTT (one batch norm per timestep) has no NIR form",
+                    "bntt: false (one BN over all timesteps, folded into the conv)",
+                    "BN folded with its statistics and scale averaged over the timesteps",
+                )
+            )
+        if not lif.hard_reset:
+            problems.append(
+                (
+                    lif.name,
+                    "reset by subtraction has no NIR form (NIR resets to v_reset)",
+                    "reset: zero",
+                    "reset to zero instead of by subtraction",
+                )
+            )
+        if lif.thresholds()[1] is not None:
+            problems.append(
+                (
+                    lif.name,
+                    "the negative threshold (leaky-ReLU conversion) has no NIR form",
+                    "leaky: false",
+                    "negative spikes dropped",
+                )
+            )
+    return problems
+
+
+def _refusal(problem) -> str:
+    layer, what, fix, lossy = problem
+    tail = "; --lossy exports it anyway" if lossy else " (not exportable even with --lossy)"
+    return f"layer {layer}: {what}: make it exportable with {fix}{tail}"
+
+
+# ------------------------------------------------------------------------------------------ graph
+def _conv_out(size, kernel, stride, padding, dilation):
+    return tuple((s + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i, s in enumerate(size))
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _folded(unit):
+    """(weight, bias) float64 of conv -> eval-mode BN of ``unit``; per-timestep BN (lossy) averaged."""
+    weight = unit.conv.weight.detach().double().cpu()
+    bias = unit.conv.bias.detach().double().cpu() if unit.conv.bias is not None else weight.new_zeros(weight.shape[0])
+    norm = unit.norm
+    if norm is None:
+        return weight, bias
+    scale = (norm.running_var.detach().double().cpu() + BN_EPS).rsqrt()  # [rows, C]
+    if norm.weight is not None:
+        scale = scale * norm.weight.detach().double().cpu()
+    shift = -norm.running_mean.detach().double().cpu() * scale
+    scale, shift = scale.mean(0), shift.mean(0)  # one row unless BNTT (lossy)
+    return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
+
+
+def _per_neuron(value, shape, layer=""):
+    """A float or a tensor broadcasting against [C, H, W] -> float32 array of shape [C, H, W]."""
+    array = torch.as_tensor(value).detach().cpu().double().numpy()
+    try:
+        return np.ascontiguousarray(np.broadcast_to(array, shape)).astype(np.float32)
+    except ValueError:
+        raise NotExportable(
+            f"layer {layer}: its thresholds of shape {tuple(array.shape)} do not fit its neurons {tuple(shape)} "
+            "at this input size (neuron-wise thresholds hold for the size they were calibrated at)"
+        ) from None
+
+
+def _f32(tensor):
+    return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(np.float32))
+
+
+def build_graph(model, input_size, dt: float = DEFAULT_DT, unit_r: bool = False):
+    """The NIR graph of ``model`` (eval mode) for inputs of ``input_size`` (H, W), and the node names of
+    its neuron layers (in the order of ``model.neuron_layers()``). Does not check ``export_problems``."""
+    nir = _require_nir()
+    if dt <= 0:
+        raise ValueError(f"dt must be > 0, got {dt}")
+    channels, size = int(model.config["in_channels"]), tuple(int(s) for s in input_size)
+    nodes, neurons = {"input": nir.Input(input_type=np.array([channels, *size]))}, []
+    for index, layer in enumerate(model.body):
+        if isinstance(layer, ConvUnit):
+            conv, lif = layer.conv, layer.act
+            weight, bias = _folded(layer)
+            kernel, stride = tuple(weight.shape[-2:]), _pair(conv.stride)
+            padding, dilation = _pair(conv.padding), _pair(conv.dilation)
+            out = (int(weight.shape[0]), *_conv_out(size, kernel, stride, padding, dilation))
+            theta = lif.thresholds()[0]
+            leak = torch.as_tensor(_leak(lif), dtype=torch.float64)
+            if bool((leak < 1).any()):
+                tau = dt / (1 - leak)
+                r = torch.ones_like(tau) if unit_r else tau / dt
+                if unit_r:  # Norse's convention r = 1: the factor tau / dt goes into the weights
+                    factor = (tau / dt).reshape(-1)  # one value, or one per channel
+                    weight, bias = weight * factor.view(-1, 1, 1, 1), bias * factor
+                neuron = nir.LIF(
+                    tau=_per_neuron(tau, out),
+                    r=_per_neuron(r, out),
+                    v_leak=np.zeros(out, np.float32),
+                    v_threshold=_per_neuron(theta, out, lif.name),
+                    v_reset=np.zeros(out, np.float32),
+                )
+            else:
+                neuron = nir.IF(
+                    r=_per_neuron(1.0 / dt, out),
+                    v_threshold=_per_neuron(theta, out, lif.name),
+                    v_reset=np.zeros(out, np.float32),
+                )
+            nodes[f"{lif.name}.conv"] = nir.Conv2d(
+                input_shape=size,
+                weight=_f32(weight),
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=int(conv.groups),
+                bias=_f32(bias),
+            )
+            nodes[f"{lif.name}.neuron"] = neuron
+            neurons.append(f"{lif.name}.neuron")
+            size = out[1:]
+        elif isinstance(layer, AvgPool2d):
+            kernel, stride, padding = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding)
+            if not layer.count_include_pad or layer.ceil_mode or layer.divisor_override is not None:
+                raise NotExportable(f"layer body.{index}: only average pooling that counts the padding exports")
+            nodes[f"pool.{index}"] = nir.AvgPool2d(
+                kernel_size=np.array(kernel), stride=np.array(stride), padding=np.array(padding)
+            )
+            size = _conv_out(size, kernel, stride, padding, (1, 1))
+        else:
+            raise NotExportable(f"layer body.{index} ({type(layer).__name__}) has no NIR form")
+    classes = int(model.output.weight.shape[0])
+    nodes["output.conv"] = nir.Conv2d(
+        input_shape=size,
+        weight=_f32(model.output.weight),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        groups=1,
+        bias=np.zeros(classes, np.float32),
+    )
+    nodes["readout"] = nir.I(r=np.full((classes, *size), 1.0 / dt, np.float32))
+    nodes["output"] = nir.Output(output_type=np.array([classes, *size]))
+    names = list(nodes)
+    graph = nir.NIRGraph(nodes=nodes, edges=list(zip(names[:-1], names[1:])))
+    return graph, neurons
+
+
+def host_side(model, input_size, dt, unit_r, changes, source=None) -> dict:
+    """What the host does around the graph (the graph's metadata)."""
+    cfg = model.config
+    steps = model.timesteps + model.extra_steps
+    divide = 1 if (model.readout_sum or steps == 1) else model.timesteps
+    return {
+        "format": FORMAT,
+        "source": None if source is None else str(source),
+        "arch": model.arch,
+        "dataset": cfg.get("dataset"),
+        "num_classes": int(cfg["num_classes"]),
+        "discretisation": {
+            "method": "forward Euler",
+            "dt": dt,
+            "neuron": "LIF: v[t] = (1 - dt/tau) v[t-1] + (dt/tau) r I[t]; IF and I: v[t] = v[t-1] + dt r I[t]; "
+            "spike when v > v_threshold, then v = v_reset",
+            "r": "1 (input weights scaled by tau/dt)" if unit_r else "tau/dt for LIF, 1/dt for IF and I",
+        },
+        "timesteps": model.timesteps,
+        "steps": steps,
+        "input": {
+            "shape": [int(cfg["in_channels"]), *map(int, input_size)],
+            "encoding": cfg.get("encoder"),
+            "how": HOST_ENCODINGS.get(cfg.get("encoder"), cfg.get("encoder")),
+            "zero_steps_after": model.extra_steps,
+            "preprocessing": f"the {cfg.get('dataset')} pipeline's normalisation (as train.py and test.py feed it)",
+        },
+        "readout": {
+            "node": "readout",
+            "read_at_step": steps,
+            "divide_by": divide,
+            "what": "the readout integrator's state after the last step, divided by divide_by: the logits",
+        },
+        "upsample": {"mode": "bilinear", "align_corners": True, "to": "the input's size (H, W)"},
+        "lossy_changes": list(changes),
+    }
+
+
+def export_model(
+    model, output, input_size=None, dt=DEFAULT_DT, lossy=False, unit_r=False, overwrite=False, source=None
+):
+    """Write ``model`` to ``output`` (.nir, atomically); returns (host-side dict, lines describing lossy changes).
+
+    Refuses (NotExportable, one line) what NIR cannot express unless ``lossy``; an existing ``output``
+    unless ``overwrite``."""
+    nir = _require_nir()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    if input_size is None:
+        input_size = parse_size(model.config.get("img_size"))
+        if input_size is None:
+            raise ValueError(
+                f"the model's img_size is the native size ({model.config.get('img_size')}): give the input size "
+                "with --input-size H W"
+            )
+    problems = export_problems(model)
+    hard = [p for p in problems if p[3] is None]
+    if hard or (problems and not lossy):
+        raise NotExportable(_refusal((hard or problems)[0]))
+    layers = {}  # change -> the layers it applies to, in order
+    for layer, _, _, change in problems:
+        layers.setdefault(change, []).append(layer)
+    changes = [f"{change} ({', '.join(names)})" for change, names in layers.items()]
+    model = model.eval()
+    with torch.no_grad():
+        graph, _ = build_graph(model, input_size, dt, unit_r)
+    host = host_side(model, input_size, dt, unit_r, changes, source)
+    graph.metadata = {METADATA_KEY: json.dumps(host)}
+    with atomic_path(output) as tmp:
+        nir.write(str(tmp), graph)
+    return host, changes
+
+
+def read_host_side(graph) -> dict:
+    """The host-side dict stored by ``export_model`` in a graph read back with ``nir.read``."""
+    text = (graph.metadata or {}).get(METADATA_KEY)
+    if text is None:
+        raise ValueError(f"the NIR graph has no '{METADATA_KEY}' metadata (not written by export-nir)")
+    return json.loads(text.decode() if isinstance(text, bytes) else text)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def add_export_args(parser):
+    parser.add_argument("path", help="SNN checkpoint (trained, or converted with test.py --conversion --save_snn)")
+    parser.add_argument("-o", "--output", required=True, help="the .nir file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--lossy", action="store_true", help="export what NIR cannot express exactly anyway, printing what changes"
+    )
+    parser.add_argument(
+        "--dt", type=float, default=DEFAULT_DT, help=f"Euler step of the NIR time constants ({DEFAULT_DT:g})"
+    )
+    parser.add_argument(
+        "--unit-r",
+        "--unit_r",
+        action="store_true",
+        help="write r = 1 with tau/dt folded into the weights (readers that ignore r, e.g. Norse)",
+    )
+    parser.add_argument(
+        "--input-size", "--input_size", type=int, nargs=2, metavar=("H", "W"), help="input size (native-size models)"
+    )
+
+
+def run_export(args):
+    """converter.py export-nir."""
+    _require_nir()  # before loading anything
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    if args.dt <= 0:
+        raise ValueError(f"--dt must be > 0, got {args.dt}")
+    model = load_model(args.path)
+    host, changes = export_model(
+        model, output, args.input_size, args.dt, args.lossy, args.unit_r, args.overwrite, source=args.path
+    )
+    for line in changes:
+        print(f"lossy: {line}")
+    shape = "x".join(map(str, host["input"]["shape"]))
+    print(
+        f"wrote {output}: {model.arch}, input {shape}, {host['steps']} steps, "
+        f"readout / {host['readout']['divide_by']}, then bilinear upsampling to the input size "
+        f"(host side in the file's metadata '{METADATA_KEY}')"
+    )
