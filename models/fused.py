@@ -7,7 +7,7 @@ reset by subtraction or to zero) there are two faster implementations of a whole
 included, with the same small API (see ``models/lif_torch.py``):
 
 - ``torch`` (``models/lif_torch.py``): a loop over timesteps of in-place PyTorch ops; any device.
-- ``triton`` (``models/lif_triton.py``): fused kernels, one per layer and pass over all timesteps;
+- ``triton`` (``models/triton/``): fused kernels, one per layer and pass over all timesteps;
   CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``, which is how the tests run them).
 
 Both run the recurrence of the LIF neuron and its surrogate-gradient backward themselves:
@@ -78,12 +78,12 @@ class TimeBN:
 # ------------------------------------------------------------------------------------------ backends
 @functools.lru_cache(maxsize=None)
 def _triton_backend():
-    """models.lif_triton, or None where Triton does not import."""
+    """models.triton (the kernels), or None where Triton does not import."""
     try:
-        from . import lif_triton
+        from . import triton as kernels
     except ImportError:
         return None
-    return lif_triton
+    return kernels
 
 
 def _triton_interpreting() -> bool:
@@ -92,13 +92,10 @@ def _triton_interpreting() -> bool:
 
 def supports(accelerator: str, neuron) -> bool:
     """Whether ``accelerator`` ('torch' or 'triton') implements ``neuron``: a LIF-type neuron (it gives
-    ``lif_params()``, which a neuron with dynamics of its own does not). The Triton kernels run a hard
-    reset once ``models/lif_triton.py`` declares ``HARD_RESET = True``."""
+    ``lif_params()``, which a neuron with dynamics of its own does not)."""
     params = neuron.lif_params()
     if params is None:
         return False
-    if accelerator == "triton" and params.hard_reset:
-        return bool(getattr(_triton_backend(), "HARD_RESET", False))
     return accelerator in ACCELERATORS
 
 

@@ -2,7 +2,7 @@
 
 Runs on every device; it is the CPU's backend (and CUDA's when Triton is missing). Each timestep is a
 few elementwise ops on preallocated buffers (no allocation in the loops) and one ``native_batch_norm``
-per normalised timestep. ``models/lif_triton.py`` has the same API with fused CUDA kernels.
+per normalised timestep. ``models/triton/`` has the same API with fused CUDA kernels.
 
 API (shared by both backends; ``models/neurons.py`` chooses one):
 

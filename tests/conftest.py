@@ -12,7 +12,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():  # the triton backend's kernels run on CPU tensors in Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when models.lif_triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when models.triton is imported
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -502,14 +502,13 @@ def test_matches_torch_implementation_float32(training, leak, hard_reset):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * max(1.0, theirs.abs().max().item()))
 
 
-@pytest.mark.parametrize("name", ["models.triton", "models.lif_triton"])
-def test_import_without_triton_is_a_clear_import_error(monkeypatch, name):
-    """models/neurons.py catches it and falls back to the torch backend."""
+def test_import_without_triton_is_a_clear_import_error(monkeypatch):
+    """models/fused.py catches it and falls back to the torch backend."""
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
-    for module in [m for m in sys.modules if m == "models.lif_triton" or m.startswith("models.triton")]:
+    for module in [m for m in sys.modules if m.startswith("models.triton")]:
         monkeypatch.delitem(sys.modules, module)
     with pytest.raises(ImportError, match="neuron_backend 'triton' needs the triton package"):
-        importlib.import_module(name)
+        importlib.import_module("models.triton")
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):

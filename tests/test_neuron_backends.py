@@ -13,7 +13,7 @@ from models import build_model, lif_sequence, lif_torch
 from models.surrogates import SURROGATES
 from tests.reference_snn import per_timestep_forward
 
-triton_backend = pytest.importorskip("models.lif_triton", reason="triton is not installed")
+triton_backend = pytest.importorskip("models.triton", reason="triton is not installed")
 if not triton_backend._INTERPRETED:  # on a GPU machine conftest leaves the interpreter off
     pytest.skip(
         "these tests run the triton backend on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)",

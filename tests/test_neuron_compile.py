@@ -74,8 +74,8 @@ def test_compiled_training_step_has_no_graph_break_and_matches_eager(neuron, bac
 
 def test_the_op_dispatches_to_the_triton_kernels_by_name():
     """The same op with backend 'triton' (the kernels in Triton's interpreter on CPU) against 'torch'."""
-    lif_triton = pytest.importorskip("models.lif_triton", reason="triton is not installed")
-    if not lif_triton._INTERPRETED:
+    kernels = pytest.importorskip("models.triton", reason="triton is not installed")
+    if not kernels._INTERPRETED:
         pytest.skip("runs the triton backend on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)")
     results = []
     for backend in ("torch", "triton"):

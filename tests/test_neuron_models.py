@@ -328,10 +328,10 @@ def test_every_shipped_neuron_is_registered():
 
 # -------------------------------------------------------------- whole networks: generic vs the kernels
 def _interpreted_triton():
-    lif_triton = pytest.importorskip("models.lif_triton", reason="triton is not installed")
-    if not lif_triton._INTERPRETED:
+    kernels = pytest.importorskip("models.triton", reason="triton is not installed")
+    if not kernels._INTERPRETED:
         pytest.skip("runs the triton backend on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1)")
-    return lif_triton
+    return kernels
 
 
 @pytest.mark.parametrize("arch, neuron", [("dl-vgg9", "lif"), ("fcn-vgg9", "if")])
@@ -343,12 +343,6 @@ def test_triton_kernels_train_like_the_generic_path(arch, neuron):
 
 
 @pytest.mark.parametrize("arch", ["dl-vgg9", "fcn-vgg9"])
-def test_triton_kernels_hard_reset_or_a_clear_refusal(arch):
-    """Until the kernels declare HARD_RESET, asking for them with reset zero is refused at build
-    (and 'auto' runs the torch loops); once they do, they must train as the generic path does."""
-    lif_triton = _interpreted_triton()
-    if not getattr(lif_triton, "HARD_RESET", False):
-        with pytest.raises(ValueError, match="neuron_backend 'triton' does not support neuron 'lif' with reset zero"):
-            build_model(dict(arch=arch, timesteps=2, reset="zero", neuron_backend="triton"))
-        return
+def test_triton_kernels_hard_reset_train_like_the_generic_path(arch):
+    _interpreted_triton()
     assert_same_run(twin_models(("generic", "triton"), arch=arch, reset="zero", timesteps=2))

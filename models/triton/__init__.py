@@ -14,12 +14,10 @@ kernels and their numerics.
 
 try:
     import triton  # noqa: F401
-except ImportError as error:  # models/neurons.py catches this and falls back to the torch backend
+except ImportError as error:  # models/fused.py catches this and falls back to the torch backend
     raise ImportError(
         f"neuron_backend 'triton' needs the triton package ({error}); install triton or use neuron_backend 'torch'"
     ) from error
 
 # _INTERPRETED: whether the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when imported).
 from .launch import _INTERPRETED, backward, forward  # noqa: F401
-
-HARD_RESET = True  # the kernels run both resets (models/fused.py's supports() reads this)
