@@ -11,6 +11,7 @@ import train
 from tests.conftest import TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script
 from utils.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from utils.cli import run_main
+from utils.config import SCHEMA
 
 
 def test_subprocess_exit_code_and_single_line_without_traceback(tmp_path):
@@ -66,7 +67,7 @@ def tiny_checkpoint(path, arch="dl-vgg9", config_arch=None, **overrides):
         "seed": 0,
         **overrides,
     }
-    state = models.build_model(cfg).state_dict()
+    state = models.build_model(cfg, SCHEMA).state_dict()
     save_checkpoint(path, {"format": FORMAT, "config": {**cfg, "arch": config_arch or arch}, "state_dict": state})
     return path
 
