@@ -248,7 +248,7 @@ NONSENSE = [
     (["--datalist", "x.txt"], "datalist applies to ddd17 only"),
     (["--dataset", "ddd17", "--channels", "0", "7"], "channels: event channels must be distinct indices in 0..5"),
     (["--dataset", "ddd17", "--thl", "--model_type", "ann"], "thl feeds one frame per timestep and needs model_type"),
-    (["--name", "../elsewhere"], "name must be a folder name inside model_dir"),
+    (["--name", "../elsewhere"], "name must be one folder name inside model_dir"),
     (["--name", "."], "name must be one folder name inside model_dir (no '/', not '.' or '..', at most 255 bytes)"),
     (["--name", "a/b"], "one folder name inside model_dir (no '/', not '.' or '..', at most 255 bytes), got 'a/b'"),
     (["--name", "x" * 256], "at most 255 bytes), got 'xxxxx"),
