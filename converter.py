@@ -15,7 +15,7 @@ import sys
 from utils import preflight
 from utils.checkpoint import FORMAT, save_checkpoint, validate_checkpoint
 from utils.cli import ArgumentParser, run_main
-from utils.nir_export import add_export_args, run_export
+from utils.nir_export import add_export_args, require_nir, run_export
 from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
@@ -132,6 +132,8 @@ def nest_thresholds(checkpoint, path, threshold_type: str) -> dict:
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.command == "export-nir":
+        require_nir()  # a missing package first: no path can fix that
     inputs = [("the input", args.path, "file")]
     preflight.check_inputs(inputs)
     if getattr(args, "output", None):  # never replaces its input: refused before anything is read

@@ -26,7 +26,7 @@ def test_import_linter_contracts_are_kept():
 
 
 def test_every_utils_module_has_a_layer():
-    """A new helper module must be placed above models/data or below them (as a leaf), not left out."""
+    """A new helper module must be placed above models and data, or below them (as a leaf), not left out."""
     placed = contract_modules()
     modules = {f"utils.{p.stem}" for p in (REPO / "utils").glob("*.py") if p.stem != "__init__"}
     assert modules - placed == set(), "add these modules to a layer in .importlinter"

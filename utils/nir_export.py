@@ -52,7 +52,7 @@ HOST_ENCODINGS = {
 }
 
 
-def _require_nir():
+def require_nir():
     try:
         import nir
     except ImportError:
@@ -193,7 +193,7 @@ def _f32(tensor):
 def build_graph(model, input_size, dt: float = DEFAULT_DT, unit_r: bool = False):
     """The NIR graph of ``model`` (eval mode) for inputs of ``input_size`` (H, W), and the node names of
     its neuron layers (in the order of ``model.neuron_layers()``). Does not check ``export_problems``."""
-    nir = _require_nir()
+    nir = require_nir()
     if dt <= 0:
         raise ValueError(f"dt must be > 0, got {dt}")
     channels, size = int(model.config["in_channels"]), tuple(int(s) for s in input_size)
@@ -310,7 +310,7 @@ def export_model(
 
     Refuses (NotExportable, one line) what NIR cannot express unless ``lossy``; an existing ``output``
     unless ``overwrite``."""
-    nir = _require_nir()
+    nir = require_nir()
     output = Path(output)
     if output.exists() and not overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it")
@@ -371,7 +371,7 @@ def add_export_args(parser):
 
 def run_export(args):
     """converter.py export-nir."""
-    _require_nir()  # before loading anything
+    require_nir()  # before loading anything
     output = Path(args.output)
     if output.exists() and not args.overwrite:
         raise ValueError(f"{output} exists; pass --overwrite to replace it")
