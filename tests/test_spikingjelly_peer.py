@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import models.network
+from benchmarks import peer_spikingjelly as peer_lib
 from models import build_model
-from tests import spikingjelly_peer as peer_lib
 
 T, N, H, W, CLASSES = 3, 2, 20, 18, 4
 
@@ -98,3 +98,13 @@ def test_the_lif_node_is_our_neuron_step_by_step():
         expected.append(s)
     assert torch.equal(spikes, torch.stack(expected))
     assert 0 < spikes.mean() < 1
+
+
+def test_the_benchmark_times_both_networks(capsys):
+    result = peer_lib.main(["--timesteps", "2", "--batch_size", "1", "--img_size", "12", "--steps", "1",
+                            "--eval_batches", "1", "--num_classes", "3"])  # fmt: skip
+    for name in ("ours", "peer"):
+        assert result[f"{name}_step_s"] > 0 and result[f"{name}_eval_img_per_s"] > 0
+        assert f"{name}_step_rss_mb" in result
+    assert result["spikingjelly"] == "2.0.0" and result["our_neuron_backend"] == "torch"
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
