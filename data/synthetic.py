@@ -75,17 +75,12 @@ def _distinct_colour(rng, avoid):
     return candidates[np.argmax(far)] if far.any() else 255.0 - avoid[0]
 
 
-TEXTURE_AMPLITUDE = 0.15
-
-
 def _texture(rng, yy, xx, angle):
-    """A multiplicative texture in [0.85, 1.15]: stripes at a random angle/frequency, or speckle. Weak
-    enough that a shape's outline, not its texture, is the strongest edge inside a few pixels of it."""
-    a = TEXTURE_AMPLITUDE
+    """A multiplicative texture in [0.7, 1.3]: stripes at a random angle/frequency, or speckle."""
     if rng.random() < 0.5:
         freq = rng.uniform(0.5, 1.2)
-        return 1.0 + a * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
-    return 1.0 + rng.uniform(-a, a, size=yy.shape)
+        return 1.0 + 0.3 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
+    return 1.0 + rng.uniform(-0.3, 0.3, size=yy.shape)
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
