@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import setup
 from models import resolve_model_config
-from utils import preflight
+from utils import plots, preflight
 from utils.allocator import set_cpu_malloc
 from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoint
 from utils.cli import ArgumentParser, TrainingStopped, run_main
@@ -68,28 +68,69 @@ def get_args_parser(add_help: bool = True) -> ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- one epoch
+PICTURE, PICTURE_IMAGES = "predictions.png", 4  # written into the run folder at the end
+LOSS_READ_EVERY = 25  # training steps between reading the losses back from the device (one sync each time)
+
+
+class LossWindow:
+    """The training losses of an epoch, kept on the device and read back every LOSS_READ_EVERY steps (and
+    at the end of the epoch) in one transfer, instead of a device sync per step. A non-finite loss stops
+    training at the next read, naming its batch: the updates in between never reach a checkpoint, which
+    is only written at the end of an epoch that read back finite losses throughout."""
+
+    def __init__(self, epoch: int):
+        self.epoch, self.pending, self.first_step = epoch, [], 0
+        self.total, self.count = 0.0, 0
+
+    def add(self, loss: torch.Tensor) -> bool:
+        """Keep one step's loss; True when the window was read back (the running mean is then current)."""
+        self.pending.append(loss.detach())
+        if len(self.pending) < LOSS_READ_EVERY:
+            return False
+        self.read()
+        return True
+
+    def read(self):
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).tolist()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if is_distributed():  # every process must stop together, or the others wait forever
+            bad_anywhere = all_reduce_sum([0.0 if bad is None else 1.0])[0] > 0
+        else:
+            bad_anywhere = bad is not None
+        if bad_anywhere:
+            where = f"batch {self.first_step + bad + 1}" if bad is not None else "another process"
+            value = values[bad] if bad is not None else math.nan
+            raise TrainingStopped(f"the training loss became {value} at epoch {self.epoch + 1}, {where}")
+        for v in values:  # the same float64 sum, in the same order, as reading each step
+            self.total += v
+        self.count += len(values)
+        self.first_step += len(values)
+        self.pending = []
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.count, 1)
+
+
 def train_one_epoch(model, loader, criterion, optimizer, device, epoch: int, cfg: dict, show_bar: bool = True) -> float:
     """One pass over the training loader; returns the mean loss (over all processes).
-    Stops with TrainingStopped before applying an update computed from a NaN/inf loss."""
+    Stops with TrainingStopped when a loss is NaN/inf (read back every LOSS_READ_EVERY steps: LossWindow)."""
     model.train()
-    loss_sum, batches = 0.0, 0
+    losses = LossWindow(epoch)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_bar, dynamic_ncols=True)
-    for step, (x, y) in enumerate(bar):
+    for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, cfg):
             loss = criterion(model(to_model_input(x, cfg)), y)
-        value = loss.item()
-        finite = math.isfinite(value)
-        if is_distributed():  # every process must stop together, or the others wait forever
-            finite = all_reduce_sum([0.0 if finite else 1.0])[0] == 0
-        if not finite:
-            raise TrainingStopped(f"the training loss became {value} at epoch {epoch + 1}, batch {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum, batches = loss_sum + value, batches + 1
-        bar.set_postfix(loss=f"{loss_sum / batches:.4f}")
-    total, count = all_reduce_sum([loss_sum, float(batches)])
+        if losses.add(loss):
+            bar.set_postfix(loss=f"{losses.mean:.4f}")
+    losses.read()
+    total, count = all_reduce_sum([losses.total, float(losses.count)])
     return total / max(count, 1.0)
 
 
@@ -345,6 +386,7 @@ def run(args, dist_info, cfg, resumed, run_dir, note, progress):
         logger.close()
     if is_main:
         report_done(run_dir, best_miou)
+        draw_picture(model, val_set, cfg, device, run_dir)
 
 
 def restore_record(logger, checkpoint):
@@ -518,6 +560,17 @@ def report_done(run_dir: Path, best_miou: float):
     print(f"done: {best}. Files in {run_dir.resolve()}: {', '.join(present)}")
     if "best.pth" in present:
         print(f"evaluate with: python test.py --model_path {run_dir / 'best.pth'}")
+
+
+def draw_picture(model, val_set, cfg, device, run_dir: Path):
+    """The run's last word: a picture of a few validation images (input | ground truth | prediction | one
+    layer's activity) by the trained model, and its path as the last line printed."""
+    path = plots.save_activity_grid(model, val_set, cfg, device, run_dir / PICTURE, PICTURE_IMAGES)
+    print(
+        f"picture of {min(PICTURE_IMAGES, len(val_set))} validation images (input | ground truth | prediction | "
+        "activity of one layer):"
+    )
+    print(path.resolve())
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ Phases, in this order (benchmarks/README.md describes every field):
    execution), trained and evaluated the same way (``baseline_*`` fields and the speedups over it).
    It comes after the floor so that the flag does not change the C heap the SNN's figures see.
 5. On CUDA: one more training step under torch.profiler counts the kernels it launches
-   (``cuda_launches_per_step`` and friends; see ``count_cuda_work``). Last, so that the profiler
-   slows no timed step.
+   (``cuda_launches_per_step`` and friends; see ``count_cuda_work``) and lists the 15 kernels with the
+   most GPU time (``cuda_top_kernels``). Last, so that the profiler slows no timed step.
 
 ``--shape`` picks the input: ``cpu`` (default: T=10, batch 4, 64x64 images), ``voc64`` (T=20, batch 16,
 64x64 images: the GPU table's row) or ``ddd17`` (T=20, batch 8, 2-channel 200x346 event frames, 6
@@ -325,10 +325,29 @@ def profile_events(fn, device):
     return prof.events()
 
 
+TOP_KERNELS = 15
+
+
+def top_kernels(events, count=TOP_KERNELS):
+    """The ``count`` kernels with the most GPU time in the profile, most first: [{name, calls, device_ms}]
+    (kernels of one name summed; copies, fills and syncs are not kernels)."""
+    totals = {}
+    for event in events:
+        if event.device_type == DeviceType.CUDA and _device_kind(event) == "kernel":
+            calls, micros = totals.get(event.name, (0, 0.0))
+            totals[event.name] = (calls + 1, micros + event.time_range.elapsed_us())
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:count]
+    return [{"name": name, "calls": calls, "device_ms": round(micros / 1000, 3)} for name, (calls, micros) in ranked]
+
+
 def cuda_work_per_step(step, device, enabled, prefix=""):
-    """``<prefix>cuda_{launches,kernels,memops}_per_step`` of one more (warm) step; None off CUDA."""
-    counts = count_cuda_work(profile_events(step, device)) if enabled and device.type == "cuda" else {}
-    return {f"{prefix}cuda_{key}_per_step": counts.get(key) for key in ("launches", "kernels", "memops")}
+    """``<prefix>cuda_{launches,kernels,memops}_per_step`` of one more (warm) step and
+    ``<prefix>cuda_top_kernels`` (``top_kernels``); None off CUDA."""
+    events = profile_events(step, device) if enabled and device.type == "cuda" else None
+    counts = count_cuda_work(events) if events is not None else {}
+    out = {f"{prefix}cuda_{key}_per_step": counts.get(key) for key in ("launches", "kernels", "memops")}
+    out[f"{prefix}cuda_top_kernels"] = top_kernels(events) if events is not None else None
+    return out
 
 
 # ------------------------------------------------------------------------------------------- phases
@@ -414,7 +433,11 @@ def describe(args, snn):
 def print_table(metrics):
     print(f"{'metric':<32}value")
     for key, value in metrics.items():
-        if value is not None:
+        if key.endswith("top_kernels") and value:
+            print(f"{key:<32}(device ms, calls, kernel)")
+            for kernel in value:
+                print(f"{'':<32}{kernel['device_ms']:>9.3f} {kernel['calls']:>5}  {kernel['name'][:100]}")
+        elif value is not None:
             print(f"{key:<32}{value}")
 
 

@@ -178,6 +178,29 @@ def test_counter_on_a_synthetic_cuda_profile(with_kind):
     assert count_cuda_work(events) == {"launches": 4, "kernels": 5, "memops": 2}
 
 
+def test_top_kernels_rank_kernels_by_summed_device_time():
+    def kernel(name, micros, kind="kernel"):
+        return SimpleNamespace(
+            name=name, device_type=GPU, activity_type=kind, time_range=SimpleNamespace(elapsed_us=lambda: micros)
+        )
+
+    events = [
+        kernel("conv", 300.0),
+        kernel("lif_forward", 120.0),
+        kernel("conv", 250.0),  # two calls: 550 us in all, the first
+        kernel("Memcpy HtoD", 900.0, "gpu_memcpy"),  # not a kernel
+        _event("cudaLaunchKernel", CPU, "cuda_runtime"),
+        kernel("bn_reduce", 200.0),
+        kernel("tiny", 1.0),
+    ]
+    assert bench.top_kernels(events, count=3) == [
+        {"name": "conv", "calls": 2, "device_ms": 0.55},
+        {"name": "bn_reduce", "calls": 1, "device_ms": 0.2},
+        {"name": "lif_forward", "calls": 1, "device_ms": 0.12},
+    ]
+    assert bench.top_kernels([]) == [] and bench.TOP_KERNELS == 15
+
+
 @pytest.mark.parametrize(
     "arch, cfg", [("dl-vgg9", {}), ("dl-vgg9", {"leaky": True, "full_prop": True}), ("fcn-vgg9", {"readout": "sum"})]
 )
@@ -208,12 +231,42 @@ def test_baseline_equals_the_multistep_network(arch, cfg):
 
 
 def test_gpu_suite_script_parses_and_sums_up(tmp_path):
-    """The suite's shell (no row selected, so no benchmark runs): one summary line, also written to $OUT."""
+    """The suite's shell (no row selected, so no benchmark runs): off CUDA the correctness check is
+    reported as skipped, then one summary line; both lines, and only they, are in $OUT/gpu_suite.jsonl."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     env = {**os.environ, "OUT": str(tmp_path), "SUITE_ONLY": "^no such row$", "PYTHON": sys.executable}
+    env["SUITE_DEVICE"] = "cpu"
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["row"] == "summary" and summary["rows"] == 0
-    assert json.loads((tmp_path / "gpu_suite.jsonl").read_text()) == summary
+    check, summary = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
+    assert check["row"] == "correctness" and "not a CUDA device" in check["skipped"]
+    assert summary["row"] == "summary" and summary["rows"] == 0 and summary["correct"] is None
+    assert summary["budget_s"] == 540  # correctness and rows together fit a 10-minute call
+    written = [json.loads(line) for line in (tmp_path / "gpu_suite.jsonl").read_text().splitlines()]
+    assert written == [check, summary] and [p.name for p in tmp_path.iterdir()] == ["gpu_suite.jsonl"]
+
+
+def test_gpu_suite_finds_python3_where_there_is_no_python(tmp_path):
+    """Images that ship only `python3`: without PYTHON set and no `python` on PATH the suite uses python3."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    path = os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])
+    assert subprocess.run(["bash", "-c", "command -v python"], env={"PATH": path}).returncode != 0
+    env = {"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), "SUITE_ONLY": "^none$", "SUITE_DEVICE": "cpu"}
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["row"] == "summary"
+
+
+def test_gpu_suite_rows_are_distinct():
+    """Each bench configuration appears once (the default backend on CUDA is triton: no separate triton row)."""
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh").read_text()
+    rows = [line.split(None, 3) for line in script.splitlines() if line.startswith("row ")]
+    names = [r[1] for r in rows]
+    flags = [r[3] if len(r) > 3 else "" for r in rows]
+    assert len(set(names)) == len(names) and len(set(flags)) == len(flags)
+    assert "voc64-fp32-triton" not in names and "voc64-fp32" in names and "voc64-fp32-torch" in names
+    assert script.index("tests/test_gpu_backends.py") < script.index("row voc64-fp32 ")  # correctness first

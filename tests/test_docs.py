@@ -6,6 +6,7 @@ import ast
 import io
 import itertools
 import re
+import sys
 import tokenize
 from pathlib import Path
 
@@ -42,6 +43,9 @@ PATH = re.compile(rf"(?<![\w/.\-~$])((?:{_PART}+/)+{_PART}*)")
 ISSUE_REF = re.compile(r"\bissues?\s*#?\s*\d+|\bissues/\d+", re.IGNORECASE)
 OUTSIDE_DESIGN = re.compile(r"\bDESIGN\b")  # the design document is docs/design.md, spelled so
 SHARED = re.compile(r"\.\./shared\b")
+# Unreplaced placeholders: TODO-style markers, and ALL-CAPS words joined by underscores (RESULTS_SECTION),
+# outside code (inline code and fenced blocks hold environment variables such as `OMP_NUM_THREADS`).
+PLACEHOLDER = re.compile(r"\b(?:TODO|TBD|FIXME|XXX)\b|\b[A-Z][A-Z0-9]+(?:_[A-Z0-9]+)+\b")
 
 
 def top_level_dirs():
@@ -120,6 +124,25 @@ def all_prose():
         yield path, python_prose(path)
     for path in YAML:
         yield path, yaml_comments(path)
+
+
+def prose_outside_code(markdown_text):
+    """(line number, text) of a Markdown page without fenced code blocks and inline code spans (which may
+    run over a line break)."""
+    kept, fenced = [], False
+    for line in markdown_text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+            kept.append("")
+            continue
+        kept.append("" if fenced else line)
+    text = re.sub(r"`[^`]*`", lambda span: "\n" * span.group(0).count("\n"), "\n".join(kept))
+    return list(enumerate(text.split("\n"), 1))
+
+
+def placeholders(markdown_text):
+    """'line: word' for each unreplaced placeholder in the prose of a Markdown page."""
+    return [f"{n}: {m.group(0)}" for n, text in prose_outside_code(markdown_text) for m in PLACEHOLDER.finditer(text)]
 
 
 def github_anchors(markdown_text):
@@ -204,7 +227,35 @@ def test_readme_is_a_front_page():
     assert "pip install -r requirements.txt && python train.py" in first_block and test_command in first_block
 
 
+def test_readme_has_no_unreplaced_placeholders():
+    # Links and anchors (README.md's own #results included) are checked by
+    # test_markdown_links_resolve_inside_the_repository.
+    found = placeholders((REPO / "README.md").read_text(encoding="utf-8"))
+    assert not found, "README.md holds placeholders: " + "; ".join(found)
+
+
 # ------------------------------------------------------------------------------- the helpers themselves
+def test_placeholder_detection():
+    text = (
+        "## Results\n\nRESULTS_SECTION\n\nTODO: measure\n"
+        "`OMP_NUM_THREADS=1` and `SUITE_BUDGET_S` are code, so is `A_SPAN\nOVER_TWO_LINES`\n```\nFIXME_LATER = 1\n```\n"
+        "an mIoU of 0.65, VOC2012, DDD17, BNTT, LIF, CUDA and (to be measured) are not placeholders\n"
+    )
+    assert placeholders(text) == ["3: RESULTS_SECTION", "5: TODO"]
+    assert placeholders("ok\nLEFT_OVER after `code`") == ["2: LEFT_OVER"]
+
+
+def test_links_to_missing_anchors_and_files_are_found(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n## Results\n[ok](#results) [gone](#performance) [no file](missing.md)\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    with pytest.raises(AssertionError) as failure:
+        test_markdown_links_resolve_inside_the_repository(page)
+    message = str(failure.value)
+    assert "#performance (no heading with that anchor)" in message and "missing.md (no such file)" in message
+    assert "#results" not in message.replace("#performance", "")
+
+
 def test_path_detection_finds_repository_paths_and_ignores_the_rest():
     dirs = {"models", "docs", "configs", "data"}
     text = (

@@ -5,11 +5,20 @@ image, input | ground truth | prediction, labels in the dataset's palette (VOC, 
 ignored pixels white; image inputs are un-normalised to RGB, event inputs show positive events in red and
 negative events in blue. Small images are enlarged by an integer factor (nearest) so that they can be seen.
 Charts need matplotlib; without it they are skipped with a message (the caller gets None).
+
+The training run's picture (`activity_grid`, `save_activity_grid`): the prediction grid with a fourth column,
+the activity of one layer per pixel (spiking networks: its firing rate, spikes per neuron and timestep averaged
+over its channels; ANNs: its mean ReLU output), coloured by matplotlib's viridis map, and a header naming the
+columns. `layer_activity` records it with a forward hook.
 """
 
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from utils.evaluation import to_model_input
 
 from data.visualize import render_grid, render_sample
 
@@ -34,6 +43,94 @@ def save_prediction_grid(samples, path, dataset: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prediction_grid(samples, dataset).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------- the training run's picture
+ACTIVITY_COLOURMAP = "viridis"
+HEADER_HEIGHT = 16
+
+
+def activity_unit(model):
+    """(name, module) of the layer the picture shows: the last conv unit at full resolution (before the
+    first pooling), whose activity lines up with the input pixels."""
+    units = getattr(model, "_full_resolution_units", lambda: [])() or model.conv_units()[:1]
+    unit = units[-1]
+    name = next(n for n, m in model.named_modules() if m is unit)
+    lif = getattr(unit.act, "name", None)  # a spiking unit's neurons carry the paper's layer name
+    return (lif or name), unit
+
+
+@torch.no_grad()
+def layer_activity(model, images: torch.Tensor, cfg: dict, device) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(layer name, predictions [N, H, W], activity [N, h, w]) for a batch of images, in eval mode.
+
+    Activity: the layer's output averaged over its channels and all timesteps the network ran (for a
+    spiking layer, its firing rate)."""
+    model.eval()
+    name, unit = activity_unit(model)
+    seen = []
+    hook = unit.register_forward_hook(lambda module, args, out: seen.append(out.detach().float()))
+    try:
+        logits = model(to_model_input(images.to(device), cfg))
+    finally:
+        hook.remove()
+    out = seen[0]
+    steps = out.shape[0] // images.shape[0]
+    activity = out.reshape(steps, images.shape[0], *out.shape[1:]).mean(dim=(0, 2))
+    return name, logits.argmax(dim=1).cpu(), activity.cpu()
+
+
+def activity_panel(activity: np.ndarray, vmax: float, size) -> np.ndarray:
+    """[h, w] activity -> uint8 RGB [H, W, 3] in the colour map (0 .. vmax), enlarged to `size` (nearest)."""
+    import matplotlib
+
+    level = np.clip(np.asarray(activity, dtype=np.float64) / max(vmax, 1e-12), 0.0, 1.0)
+    rgb = (matplotlib.colormaps[ACTIVITY_COLOURMAP](level)[..., :3] * 255).round().astype(np.uint8)
+    if rgb.shape[:2] != tuple(size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.NEAREST))
+    return rgb
+
+
+def activity_grid(samples, dataset: str, layer: str, spiking: bool) -> Image.Image:
+    """samples: (x, prediction, target, activity) per image -> rows input | ground truth | prediction |
+    activity, enlarged for small images, under a header that names the columns (and the activity scale)."""
+    from data.visualize import render_grid, render_sample
+
+    if not samples:
+        raise ValueError("no images to draw: the validation split is empty")
+    vmax = max(float(np.max(a)) for *_, a in samples)
+    rows = []
+    for x, prediction, target, activity in samples:
+        row = np.asarray(render_sample(x, target, dataset, pred=prediction))
+        size = np.asarray(target).shape[-2:]  # every panel is at the label's size
+        gap = np.full((row.shape[0], 2, 3), 255, dtype=np.uint8)
+        panel = activity_panel(activity, vmax, size)
+        rows.append(Image.fromarray(np.concatenate([row, gap, panel], axis=1)))
+    grid = render_grid(rows)
+    factor = upscale_factor(rows[0].height)
+    if factor > 1:
+        grid = grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST)
+    kind = f"spikes {layer} (rate 0-{vmax:.2f})" if spiking else f"{layer} (mean 0-{vmax:.2f})"
+    titles = ["input", "ground truth", "prediction", kind]
+    out = Image.new("RGB", (grid.width, grid.height + HEADER_HEIGHT), (255, 255, 255))
+    out.paste(grid, (0, HEADER_HEIGHT))
+    draw, column = ImageDraw.Draw(out), grid.width / 4
+    for k, title in enumerate(titles):
+        draw.text((round(k * column) + 2, 2), title, fill=(0, 0, 0))
+    return out
+
+
+def save_activity_grid(model, dataset, cfg: dict, device, path, count: int = 4) -> Path:
+    """The first `count` images of `dataset` through `model`: `activity_grid` written to `path` (PNG)."""
+    count = min(count, len(dataset))
+    items = [dataset[i] for i in range(count)]
+    images = torch.stack([x for x, _ in items])
+    layer, predictions, activity = layer_activity(model, images, cfg, device)
+    samples = [(x, p, y, a.numpy()) for (x, y), p, a in zip(items, predictions, activity)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    activity_grid(samples, cfg["dataset"], layer, cfg["model_type"] == "snn").save(path)
     return path
 
 

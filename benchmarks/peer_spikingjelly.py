@@ -1,0 +1,356 @@
+"""SpikingJelly as a peer: dl-vgg9 and fcn-vgg9 written with its modules, timed against ours in one process.
+
+    python benchmarks/peer_spikingjelly.py --timesteps 10 --batch_size 4 --img_size 64 --steps 3
+    python benchmarks/peer_spikingjelly.py --device cuda --timesteps 20 --batch_size 16 --sj_backend triton
+
+Needs ``pip install spikingjelly==2.0.0 loguru`` (``--no-deps`` keeps the installed torch; loguru is the one
+of its dependencies that the modules used here import and this project does not otherwise install).
+tests/test_spikingjelly_peer.py checks that these networks and ours compute the same logits, BN
+statistics and gradients (float64) from the same weights and Poisson draws.
+
+The networks, from SpikingJelly (2.0) pieces, all in multi-step mode (``step_mode='m'``, tensors
+``[T, N, C, H, W]``): ``layer.Conv2d``, ``layer.BatchNormThroughTime2d`` (BNTT: one BatchNorm2d per
+timestep, no shift), ``neuron.LIFNode`` and ``layer.AvgPool2d`` / ``layer.ConvTranspose2d``. The LIF node
+with ``decay_input=False`` charges ``H = V - (V - V_reset) / tau + X``; with ``v_reset=None`` (reset by
+subtraction) ``V_reset`` counts as 0, so ``H = (1 - 1/tau) V + X``: the leak 0.99 is ``tau = 100``. It fires
+when ``H - threshold >= 0`` and subtracts the threshold; ``detach_reset=True`` keeps the reset out of the
+gradient, as the paper's code (and ours) do. ``surrogate.PiecewiseQuadratic(alpha=1)`` has the derivative
+``max(0, 1 - |H - 1|)``: our ``linear`` surrogate with ``gamma = 1`` at threshold 1, and one of the
+surrogates SpikingJelly's fused LIF kernels implement (float32, CPU and CUDA).
+
+Timing (the last printed line is one JSON object): the same weights in both networks; one warm-up step
+each, then ``--steps`` training steps (forward with Poisson coding, cross-entropy, backward, SGD)
+alternating between ours and the peer (``ours_step_s``, ``peer_step_s``: medians), inference images per
+second without gradients (``--eval_batches``), and each network's peak memory in a training step: on
+CUDA ``torch.cuda.max_memory_allocated`` after a reset, on the CPU the process's resident memory sampled
+every millisecond during the step, minus its value at the step's start (``*_step_rss_mb``).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo is not installed
+
+try:
+    from spikingjelly.activation_based import functional, layer, neuron, surrogate
+except ImportError as error:  # a one-line message naming the packages
+    raise SystemExit(
+        f"benchmarks/peer_spikingjelly.py needs SpikingJelly ({error}): pip install --no-deps spikingjelly==2.0.0 "
+        "loguru"
+    ) from None
+
+LEAK, THRESHOLD, BN_EPS = 0.99, 1.0, 1e-4
+# The settings our model must be built with to be this network (models.build_model's config keys).
+OUR_CONFIG = dict(leak_mem=LEAK, def_threshold=THRESHOLD, surrogate="linear", surrogate_params={"gamma": 1.0})
+
+
+def lif(surrogate_function=None):
+    return neuron.LIFNode(
+        tau=100.0,  # 1 - 1/tau = 0.99 = LEAK
+        decay_input=False,
+        v_threshold=THRESHOLD,
+        v_reset=None,
+        surrogate_function=surrogate_function or surrogate.PiecewiseQuadratic(alpha=1.0),
+        detach_reset=True,
+        step_mode="m",
+    )
+
+
+class Unit(nn.Sequential):
+    """conv (no bias) -> BNTT -> LIF."""
+
+    def __init__(self, cin, cout, timesteps, dilation=1, kernel=3, surrogate_function=None):
+        super().__init__(
+            layer.Conv2d(
+                cin, cout, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, bias=False, step_mode="m"
+            ),
+            layer.BatchNormThroughTime2d(timesteps, cout, eps=BN_EPS, momentum=0.1, step_mode="m"),
+            lif(surrogate_function),
+        )
+
+
+def pool():
+    return layer.AvgPool2d(3, stride=2, padding=1, step_mode="m")
+
+
+class DeepLabVGG9(nn.Module):
+    """conv64 x2, pool, conv128 x2, pool, conv256, conv256 (dilation 2) x2, conv1024 (dilation 12), then a
+    1x1 output convolution of the last spikes averaged over time, bilinearly resized to the input."""
+
+    def __init__(self, in_channels, classes, timesteps, surrogate_function=None):
+        super().__init__()
+        u = lambda cin, cout, d=1: Unit(cin, cout, timesteps, d, surrogate_function=surrogate_function)  # noqa: E731
+        self.timesteps = timesteps
+        self.body = nn.Sequential(
+            u(in_channels, 64), u(64, 64), pool(),
+            u(64, 128), u(128, 128), pool(),
+            u(128, 256), u(256, 256, 2), u(256, 256, 2),
+            u(256, 1024, 12),
+        )  # fmt: skip
+        self.output = nn.Conv2d(1024, classes, 1, bias=False)
+
+    def forward(self, x_seq, size):
+        functional.reset_net(self)
+        rate = self.body(x_seq).sum(0) / self.timesteps
+        return F.interpolate(self.output(rate), size=size, mode="bilinear", align_corners=True)
+
+
+class FCNVGG9(nn.Module):
+    """conv64 x2 [score], pool, conv128 x2 [score], pool, conv256 x3 [score], pool, conv1024 x2 [score];
+    the decoder from the coarsest score up: transposed conv (k3, s2), bilinear resize to the next score,
+    add it, LIF (not after the last addition); the output is that sum over time / T, resized to the input."""
+
+    def __init__(self, in_channels, classes, timesteps, surrogate_function=None):
+        super().__init__()
+        u = lambda cin, cout: Unit(cin, cout, timesteps, surrogate_function=surrogate_function)  # noqa: E731
+        score = lambda cin: layer.Conv2d(cin, classes, 1, step_mode="m")  # noqa: E731
+        self.timesteps = timesteps
+        self.blocks = nn.ModuleList(
+            [
+                nn.Sequential(u(in_channels, 64), u(64, 64)),
+                nn.Sequential(pool(), u(64, 128), u(128, 128)),
+                nn.Sequential(pool(), u(128, 256), u(256, 256), u(256, 256)),
+                nn.Sequential(pool(), u(256, 1024), u(1024, 1024)),
+            ]
+        )
+        self.scores = nn.ModuleList([score(64), score(128), score(256), score(1024)])
+        self.ups = nn.ModuleList(
+            [layer.ConvTranspose2d(classes, classes, 3, stride=2, bias=False, step_mode="m") for _ in range(3)]
+        )
+        self.lifs = nn.ModuleList([lif(surrogate_function), lif(surrogate_function)])
+
+    def forward(self, x_seq, size):
+        functional.reset_net(self)
+        h, scores = x_seq, []
+        for block, score in zip(self.blocks, self.scores):
+            h = block(h)
+            scores.append(score(h))
+        h = scores[-1]
+        for k, (up, skip) in enumerate(zip(self.ups, reversed(scores[:-1]))):
+            y = up(h)
+            t, n = y.shape[:2]
+            y = F.interpolate(y.flatten(0, 1), size=skip.shape[-2:], mode="bilinear", align_corners=True)
+            h = y.view(t, n, *y.shape[1:]) + skip
+            if k < len(self.lifs):
+                h = self.lifs[k](h)
+        return F.interpolate(h.sum(0) / self.timesteps, size=size, mode="bilinear", align_corners=True)
+
+
+PEERS = {"dl-vgg9": DeepLabVGG9, "fcn-vgg9": FCNVGG9}
+
+
+def copy_weights(ours, peer):
+    """Our model's parameters and BN statistics into the peer (the layers in order of appearance)."""
+    our_units = ours.conv_units()
+    peer_units = [m for m in peer.modules() if isinstance(m, Unit)]
+    assert len(our_units) == len(peer_units), (len(our_units), len(peer_units))
+    with torch.no_grad():
+        for a, b in zip(our_units, peer_units):
+            conv, bntt = b[0], b[1]
+            conv.weight.copy_(a.conv.weight)
+            for t, bn in enumerate(bntt.bn_list):
+                bn.weight.copy_(a.norm.weight[t])
+                bn.running_mean.copy_(a.norm.running_mean[t])
+                bn.running_var.copy_(a.norm.running_var[t])
+        if isinstance(peer, DeepLabVGG9):
+            peer.output.weight.copy_(ours.output.weight)
+        else:
+            from models.network import SkipScore
+
+            for a, b in zip([m for m in ours.body if isinstance(m, SkipScore)], peer.scores):
+                b.weight.copy_(a.weight)
+                b.bias.copy_(a.bias)
+            for stage, up in zip(ours.decoder, peer.ups):
+                up.weight.copy_(stage.up.weight)
+
+
+def matching_parameters(ours, peer):
+    """(our parameter, peer parameter) pairs: conv weights, BNTT scales (ours [T, C], the peer's T BNs)."""
+    pairs = []
+    peer_units = [m for m in peer.modules() if isinstance(m, Unit)]
+    for a, b in zip(ours.conv_units(), peer_units):
+        pairs.append((a.conv.weight, b[0].weight))
+        pairs.append((a.norm.weight, [bn.weight for bn in b[1].bn_list]))
+    if isinstance(peer, DeepLabVGG9):
+        pairs.append((ours.output.weight, peer.output.weight))
+    else:
+        from models.network import SkipScore
+
+        for a, b in zip([m for m in ours.body if isinstance(m, SkipScore)], peer.scores):
+            pairs += [(a.weight, b.weight), (a.bias, b.bias)]
+        for stage, up in zip(ours.decoder, peer.ups):
+            pairs.append((stage.up.weight, up.weight))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------- timing
+def get_args_parser():
+    p = argparse.ArgumentParser(description="SpikingJelly's dl-vgg9 / fcn-vgg9 against ours, in one process")
+    p.add_argument("--arch", default="dl-vgg9", choices=sorted(PEERS))
+    p.add_argument("--timesteps", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--img_size", type=int, default=64)
+    p.add_argument("--num_classes", type=int, default=21)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps of each network (after a warm-up)")
+    p.add_argument("--eval_batches", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    p.add_argument(
+        "--sj_backend",
+        default="auto",
+        choices=["auto", "cuda", "triton", "torch"],
+        help="SpikingJelly's LIF implementation on CUDA (its SJ_LIF_CUDA_IMPLEMENTATION; auto: cuda, triton, "
+        "torch, the first available)",
+    )
+    return p
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def poisson(x, timesteps):
+    """Signed rate coding, [T, N, C, H, W] (what our encoder computes inside our model)."""
+    fire = torch.rand((timesteps, *x.shape), device=x.device, dtype=x.dtype) <= x.abs()
+    return fire * torch.sign(x)
+
+
+def current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def step_peak_mb(step, device):
+    """Peak memory of one call of ``step``: CUDA allocator peak, or on the CPU the sampled resident memory
+    above its value at the start."""
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+    start, peak, done = current_rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], current_rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        step()
+    finally:
+        done.set()
+        sampler.join()
+    return round(max(peak[0], current_rss_mb()) - start, 1)
+
+
+def trainer(model, forward, inputs, labels, device):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        model.train()
+        sync(device)
+        start = time.perf_counter()
+        loss = F.cross_entropy(forward(inputs), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        return time.perf_counter() - start
+
+    return step
+
+
+@torch.no_grad()
+def images_per_s(model, forward, inputs, batches, device):
+    model.eval()
+    forward(inputs)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        forward(inputs)
+    sync(device)
+    return round(batches * inputs.shape[0] / (time.perf_counter() - start), 2)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_backend  # read when SpikingJelly first selects (CUDA)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from models import build_model
+
+    device, t = torch.device(args.device), args.timesteps
+    torch.manual_seed(0)
+    cfg = dict(arch=args.arch, timesteps=t, num_classes=args.num_classes, encoder="poisson", **OUR_CONFIG)
+    ours = build_model(cfg).to(device)
+    peer = PEERS[args.arch](3, args.num_classes, t).to(device)
+    copy_weights(ours.cpu(), peer.cpu())
+    ours, peer = ours.to(device), peer.to(device)
+    inputs = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device) - 0.5
+    labels = torch.randint(0, args.num_classes, (args.batch_size, args.img_size, args.img_size), device=device)
+    size = inputs.shape[-2:]
+    forwards = {"ours": ours, "peer": lambda x: peer(poisson(x, t), size)}
+    steps = {
+        "ours": trainer(ours, forwards["ours"], inputs, labels, device),
+        "peer": trainer(peer, forwards["peer"], inputs, labels, device),
+    }
+    result = {}
+    for name in ("ours", "peer"):  # warm-up (first calls, kernel compilation), and the memory of a step
+        steps[name]()
+        key = "cuda_mb" if device.type == "cuda" else "rss_mb"
+        result[f"{name}_step_{key}"] = step_peak_mb(steps[name], device)
+    times = {"ours": [], "peer": []}
+    for _ in range(args.steps):
+        for name in ("ours", "peer"):
+            times[name].append(steps[name]())
+    for name in ("ours", "peer"):
+        result[f"{name}_step_s"] = round(statistics.median(times[name]), 4)
+    result["peer_over_ours_step"] = round(result["peer_step_s"] / result["ours_step_s"], 3)
+    for name, model in (("ours", ours), ("peer", peer)):
+        result[f"{name}_eval_img_per_s"] = images_per_s(model, forwards[name], inputs, args.eval_batches, device)
+    import spikingjelly
+
+    result.update(
+        arch=args.arch,
+        timesteps=t,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        device=args.device,
+        our_neuron_backend=ours.neuron_backend,
+        sj_backend=args.sj_backend,
+        spikingjelly=getattr(spikingjelly, "__version__", None) or _version("spikingjelly"),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+    )
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+    for key, value in result.items():
+        print(f"{key:<28}{value}")
+    print(json.dumps(result))
+    return result
+
+
+def _version(package):
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    main()
