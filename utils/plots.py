@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from utils.evaluation import to_model_input
-
 from data.visualize import render_grid, render_sample
+from utils.evaluation import to_model_input
 
 MIN_ROW_HEIGHT = 128
 
@@ -95,8 +94,6 @@ def activity_panel(activity: np.ndarray, vmax: float, size) -> np.ndarray:
 def activity_grid(samples, dataset: str, layer: str, spiking: bool) -> Image.Image:
     """samples: (x, prediction, target, activity) per image -> rows input | ground truth | prediction |
     activity, enlarged for small images, under a header that names the columns (and the activity scale)."""
-    from data.visualize import render_grid, render_sample
-
     if not samples:
         raise ValueError("no images to draw: the validation split is empty")
     vmax = max(float(np.max(a)) for *_, a in samples)
