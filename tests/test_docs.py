@@ -221,7 +221,10 @@ def test_readme_is_a_front_page():
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; depth belongs in docs/"
     # The two fresh-machine commands come first: install + quickstart, install + the tests (as CI runs them).
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    test_command = "pip install -r requirements.txt && python -m pytest -q tests"
+    test_command = (
+        "pip install -r requirements-test.txt && pip install --no-deps -r requirements-peers.txt && "
+        "python -m pytest -q tests"
+    )
     assert test_command in ci
     first_block = "\n".join(lines[:20])
     assert "pip install -r requirements.txt && python train.py" in first_block and test_command in first_block
