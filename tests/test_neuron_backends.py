@@ -11,6 +11,8 @@ import torch
 import models.neurons as neurons
 from models import build_model, lif_sequence, lif_torch
 from models.surrogates import SURROGATES
+from tests.backend_twins import assert_same_run
+from tests.backend_twins import twin_models as _twins
 from tests.reference_snn import per_timestep_forward
 
 triton_backend = pytest.importorskip("models.triton", reason="triton is not installed")
@@ -23,13 +25,8 @@ torch.set_num_threads(2)
 
 
 def twin_models(**cfg):
-    """The same float64 SNN twice, on the torch and the triton backend (same weights, same buffers)."""
-    base = dict(arch="dl-vgg9", timesteps=3, num_classes=3, in_channels=3, encoder="direct", def_threshold=0.4)
-    base.update(cfg)
-    torch.manual_seed(0)
-    models = [build_model({**base, "neuron_backend": name}).double() for name in ("torch", "triton")]
-    models[1].load_state_dict(models[0].state_dict())
-    return models
+    """The same float64 SNN twice, on the torch and the triton backend."""
+    return _twins(("torch", "triton"), **cfg)
 
 
 def record_inputs(model):
@@ -56,34 +53,6 @@ def set_thresholds(models, kind):
         theta = torch.rand(c, 1, 1) * 0.6 + 0.2 if kind == "channel" else torch.rand(c, h, w) * 0.6 + 0.2
         for lif in lifs:
             lif.set_threshold(theta.double())
-
-
-def run(model, x, target):
-    """Logits, loss, every parameter's gradient and the spike count of every layer."""
-    model.zero_grad()
-    model.record_spikes(True)
-    model.reset_spike_stats()
-    torch.manual_seed(7)  # the same Poisson draws for both models
-    out = model(x)
-    loss = torch.nn.functional.cross_entropy(out, target)
-    loss.backward()
-    model.record_spikes(False)
-    grads = [p.grad.clone() for p in model.parameters()]
-    return out.detach(), grads, [s["spikes"] for s in model.spike_stats()]
-
-
-def assert_same_run(models, size=8):
-    torch.manual_seed(2)
-    x = torch.rand(2, 3, size, size, dtype=torch.float64) * 2 - 1
-    target = torch.randint(0, 3, (2, size, size))
-    (out_a, grads_a, spikes_a), (out_b, grads_b, spikes_b) = (run(m, x, target) for m in models)
-    assert spikes_a == spikes_b and sum(spikes_a) > 0
-    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    assert any(g.abs().sum() > 0 for g in grads_a)
-    for a, b in zip(models[0].buffers(), models[1].buffers()):  # BN's running statistics
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["dl-vgg9", "fcn-vgg9"])

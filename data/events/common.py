@@ -8,9 +8,8 @@ from PIL import Image, UnidentifiedImageError
 
 from data.event_frames import CHANNELS
 from data.events import representations as rep
+from data.transforms import IGNORE_INDEX
 from utils.keys import ABOVE_ZERO, POSITIVE, Key
-
-IGNORE_INDEX = 255
 
 
 def read_label(path, num_classes):
