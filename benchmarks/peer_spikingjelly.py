@@ -35,12 +35,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the repo is not installed
+
+from benchmarks.bench import eval_throughput, make_train_step, sync  # noqa: E402  (the same timing as bench.py)
+from models import build_model  # noqa: E402
 
 try:
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
@@ -216,9 +220,8 @@ def get_args_parser():
     return p
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
 
 def poisson(x, timesteps):
@@ -258,41 +261,11 @@ def step_peak_mb(step, device):
     return round(max(peak[0], current_rss_mb()) - start, 1)
 
 
-def trainer(model, forward, inputs, labels, device):
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        model.train()
-        sync(device)
-        start = time.perf_counter()
-        loss = F.cross_entropy(forward(inputs), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-        return time.perf_counter() - start
-
-    return step
-
-
-@torch.no_grad()
-def images_per_s(model, forward, inputs, batches, device):
-    model.eval()
-    forward(inputs)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(batches):
-        forward(inputs)
-    sync(device)
-    return round(batches * inputs.shape[0] / (time.perf_counter() - start), 2)
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = args.sj_backend  # read when SpikingJelly first selects (CUDA)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from models import build_model
 
     device, t = torch.device(args.device), args.timesteps
     torch.manual_seed(0)
@@ -305,9 +278,10 @@ def main(argv=None):
     labels = torch.randint(0, args.num_classes, (args.batch_size, args.img_size, args.img_size), device=device)
     size = inputs.shape[-2:]
     forwards = {"ours": ours, "peer": lambda x: peer(poisson(x, t), size)}
+    fp32 = SimpleNamespace(amp=False)
     steps = {
-        "ours": trainer(ours, forwards["ours"], inputs, labels, device),
-        "peer": trainer(peer, forwards["peer"], inputs, labels, device),
+        name: make_train_step(model, sgd(model), forwards[name], inputs, labels, fp32, device)
+        for name, model in (("ours", ours), ("peer", peer))
     }
     result = {}
     for name in ("ours", "peer"):  # warm-up (first calls, kernel compilation), and the memory of a step
@@ -322,7 +296,9 @@ def main(argv=None):
         result[f"{name}_step_s"] = round(statistics.median(times[name]), 4)
     result["peer_over_ours_step"] = round(result["peer_step_s"] / result["ours_step_s"], 3)
     for name, model in (("ours", ours), ("peer", peer)):
-        result[f"{name}_eval_img_per_s"] = images_per_s(model, forwards[name], inputs, args.eval_batches, device)
+        result[f"{name}_eval_img_per_s"] = eval_throughput(
+            model, forwards[name], inputs, args.eval_batches, fp32, device
+        )[0]
     import spikingjelly
 
     result.update(
