@@ -12,9 +12,9 @@ Every file is read with torch.load(weights_only=True): a checkpoint that carries
 import argparse
 import sys
 
+from common.cli import ArgumentParser, run_main
 from utils import preflight
 from utils.checkpoint import FORMAT, save_checkpoint, validate_checkpoint
-from utils.cli import ArgumentParser, run_main
 from utils.nir_export import add_export_args, require_nir, run_export
 from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
 

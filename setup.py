@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import data
 import models
+from common import files
 from data import registry
 from data.transforms import IGNORE_INDEX
-from utils import files
 from utils.config import (
     SCHEMA,
     cli_values,

@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 
 import data
 import setup
+from common import files
+from common.cli import ArgumentParser, run_main
 from models.conversion import cached_thresholds
-from utils import analysis, conversion_plugin, files, preflight
+from utils import analysis, conversion_plugin, preflight
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
-from utils.cli import ArgumentParser, run_main
 from utils.config import NATIVE_SIZE, SCHEMA, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json

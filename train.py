@@ -24,15 +24,15 @@ import torch
 from tqdm import tqdm
 
 import setup
+from common.cli import ArgumentParser, TrainingStopped, run_main
+from common.files import WriteError
 from models import resolve_model_config
 from utils import plots, preflight
 from utils.allocator import set_cpu_malloc
 from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoint
-from utils.cli import ArgumentParser, TrainingStopped, run_main
 from utils.config import SCHEMA, read_config_layer
 from utils.distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from utils.evaluation import autocast, evaluate, to_model_input
-from utils.files import WriteError
 from utils.runs import (
     RunInterrupted,
     claim_run_dir,

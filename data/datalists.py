@@ -17,10 +17,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common import files
+from common.cli import ArgumentParser
 from data.ddd17 import DDD17, NUM_EVENT_CHANNELS, frame_name
 from data.voc2012 import VOC2012, find_voc_dir, missing_files, read_ids, split_list_and_masks
-from utils import files
-from utils.cli import ArgumentParser
 
 
 def voc_train_aug_ids(voc_dir: Path):

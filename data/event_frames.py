@@ -1,7 +1,7 @@
 """Facts about DDD17's six-channel event frames that more than one dataset needs (ddd17,
 synthetic-events, and the Ev-SegNet representation of the raw-event sets): the channels and their key."""
 
-from utils.keys import Key
+from common.keys import Key
 
 NUM_EVENT_CHANNELS = 6  # 0/1 positive/negative counts, 2-5 mean and std of the timestamps
 

@@ -11,7 +11,7 @@ spec, registered in ``data/__init__.py``.
 from dataclasses import dataclass, field
 from typing import Callable
 
-from utils.keys import POSITIVE, Key, key_table
+from common.keys import POSITIVE, Key, key_table
 
 from .transforms import IGNORE_INDEX
 

@@ -18,13 +18,13 @@ at a target frame, and the first T-1 frames of each sequence are only history.
 import numpy as np
 import torch
 
+from common.keys import POSITIVE, Key, parse_size
 from data.event_frames import CHANNELS, check_channels
 from data.events import common as event_common
 from data.events import synthetic_raw
 from data.palettes import SYNTHETIC_PALETTE
 from data.registry import EVENTS, IMAGES, NUM_TRAIN, NUM_VAL, DatasetSpec
 from data.transforms import normalize_image, scale_events
-from utils.keys import POSITIVE, Key, parse_size
 
 CLASS_NAMES = ("background", "disc", "triangle", "bar")
 DEFAULT_SIZE = 48

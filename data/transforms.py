@@ -14,7 +14,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from utils.keys import parse_size  # the one reader of img_size; re-exported for the datasets
+from common.keys import parse_size  # the one reader of img_size; re-exported for the datasets
 
 # Caffe VGG mean in BGR order on the 0-255 scale (the paper's code uses these).
 MEAN_BGR = (104.00699, 116.66877, 122.67892)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from common.keys import Key
 from data.palettes import VOC_PALETTE
 from data.registry import IMAGES, DatasetSpec
 from data.transforms import IGNORE_INDEX, normalize_image, voc_transform
-from utils.keys import Key
 
 CLASSES = (
     "background",

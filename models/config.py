@@ -9,7 +9,7 @@ The defaults are the paper code's. 'conv_bias' is set for SNNs converted from AN
 import difflib
 import math
 
-from utils.keys import ABOVE_ZERO, POSITIVE, Interval, Key, check_value, coerce, key_table
+from common.keys import ABOVE_ZERO, POSITIVE, Interval, Key, check_value, coerce, key_table
 
 from .architectures import ARCHITECTURES
 from .convolution import DENSE_CHOICES

@@ -29,7 +29,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from utils.keys import parse_size
+from common.keys import parse_size
 
 from .config import resolve_model_config
 from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore

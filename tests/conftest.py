@@ -101,7 +101,7 @@ def load_test_script():
 
 def one_line_error(capsys, main, argv, *expected):
     """main(argv) through run_main fails with exit code 2 and one `error:` line holding each of `expected`."""
-    from utils.cli import run_main
+    from common.cli import run_main
 
     code = run_main(main, argv)
     err = capsys.readouterr().err

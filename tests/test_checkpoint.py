@@ -139,7 +139,7 @@ def test_new_checkpoints_get_the_umask_permissions(tmp_path, umask, mode):
 def test_temp_files_of_killed_writers_are_removed(tmp_path):
     import subprocess
 
-    from utils.files import HOST
+    from common.files import HOST
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / f".c.pth.{HOST}.{int(finished.stdout)}.0a1b2c3d.tmp"  # its writer has ended
@@ -155,7 +155,7 @@ def test_temp_files_of_killed_writers_are_removed(tmp_path):
 
 
 def test_read_only_checkpoints_are_not_replaced(tmp_path):
-    from utils.files import WriteError
+    from common.files import WriteError
 
     path = tmp_path / "kept.pth"
     _, ckpt = small_checkpoint()

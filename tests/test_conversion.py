@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.cli import run_main
 from models import build_model, network
 from models.conversion import (
     apply_thresholds,
@@ -25,7 +26,6 @@ from models.conversion import (
 from models.network import ConvUnit, Rectifier
 from tests.conftest import REPO, run_script
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.cli import run_main
 
 
 @functools.lru_cache(maxsize=None)

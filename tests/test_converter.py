@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import converter
+from common.cli import run_main
 from models.encoders import PoissonEncoder
 from tests.conftest import run_script
 from tests.paper_reference import paper_ann_forward, paper_snn_forward, random_paper_state
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, load_model
-from utils.cli import run_main
 from utils.paper_import import import_paper_checkpoint
 
 SIZE, STEPS, LEAK, THRESHOLD = (8, 16), 3, 0.95, 0.8

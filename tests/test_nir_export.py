@@ -21,10 +21,10 @@ from norse.torch.utils.import_nir import _import_norse_module
 from snntorch.import_nir import import_from_nir
 
 import converter
+from common.cli import run_main
 from models import build_model
 from models.conversion import apply_thresholds, calibrate_thresholds, convert_ann
 from utils.checkpoint import FORMAT, save_checkpoint
-from utils.cli import run_main
 from utils.nir_export import DEFAULT_DT, NotExportable, export_model, read_host_side
 
 SIZE, STEPS, CLASSES = 16, 4, 5

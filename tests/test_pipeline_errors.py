@@ -8,9 +8,9 @@ import torch
 
 import setup
 import train
+from common.cli import run_main
 from tests.conftest import TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script
 from utils.checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from utils.cli import run_main
 from utils.config import SCHEMA
 
 

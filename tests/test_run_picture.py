@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import train
+from common.cli import TrainingStopped
 from data.palettes import SYNTHETIC_PALETTE
 from data.synthetic import SyntheticShapes
 from tests.conftest import TINY_ARGS
 from utils import plots
-from utils.cli import TrainingStopped
 
 SIZE, ROWS, COLUMNS, GAP = 16, 4, 4, 2  # TINY_ARGS: 16x16 images, 8 val images (4 drawn), seed 3
 

@@ -19,11 +19,11 @@ from PIL import Image
 
 import converter
 import train
+from common.cli import run_main
+from common.files import HOST
 from tests.conftest import REPO, TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script, start_script
 from tests.test_pipeline_errors import tiny_checkpoint
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.cli import run_main
-from utils.files import HOST
 from utils.runs import read_metrics
 
 ANN = [*TINY_ARGS, "--model_type", "ann"]

@@ -3,7 +3,7 @@
 A checkpoint is a dict that loads with `torch.load(path, weights_only=True)`:
   format='snnseg-1', config (full resolved flat config), state_dict, and for training runs
   optimizer, scheduler, epoch, best_miou, rng; conversion adds thresholds[type][str(T)].
-Writes are atomic (temp file in the same folder, then os.replace; utils/files.py), so a crash or Ctrl-C
+Writes are atomic (temp file in the same folder, then os.replace; common/files.py), so a crash or Ctrl-C
 never leaves a half-written checkpoint behind; new files get the umask's permissions. Loading never
 unpickles code: weights_only=True only.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
+from common.files import atomic_write
 from models import build_model
 from models.neurons import state_dict_neuron_errors
 from utils.config import SCHEMA
-from utils.files import atomic_write
 
 FORMAT = "snnseg-1"
 REQUIRED_KEYS = ("format", "config", "state_dict")
@@ -57,7 +57,7 @@ def _torch_save(checkpoint: dict, file):
 
 
 def save_checkpoint(path, checkpoint: dict):
-    """Write `checkpoint` to `path` atomically (utils/files.py): readers see the old file or the new one,
+    """Write `checkpoint` to `path` atomically (common/files.py): readers see the old file or the new one,
     never half; a failed write is a WriteError naming the path, the old file left as it was."""
     atomic_write(path, lambda file: _torch_save(checkpoint, file))
 

@@ -1,6 +1,6 @@
 """Configuration: one schema for every key, YAML files as defaults, one flat resolved dict.
 
-Each layer declares its own keys (``utils/keys.py`` is their vocabulary): the model's in
+Each layer declares its own keys (``common/keys.py`` is their vocabulary): the model's in
 ``models/config.py``, the data's in ``data/registry.py`` and each dataset's spec, the training run's
 here. This module assembles them into SCHEMA, from which everything else is derived: the flags of
 train.py, the reading of YAML files and checkpoint configs, and the validation.
@@ -20,13 +20,10 @@ from pathlib import Path
 import yaml
 
 import data
-from data import registry
-from models.config import MODEL_KEYS, resolve_model_config
-from utils import keys
-from utils.allocator import POLICIES
-from utils.cli import shown
-from utils.files import atomic_write_bytes
-from utils.keys import (  # noqa: F401  (re-exported: the readers of values used by the scripts)
+from common import keys
+from common.cli import shown
+from common.files import atomic_write_bytes
+from common.keys import (  # noqa: F401  (re-exported: the readers of values used by the scripts)
     ABOVE_ZERO,
     NATIVE_SIZE,
     NON_NEGATIVE,
@@ -37,6 +34,9 @@ from utils.keys import (  # noqa: F401  (re-exported: the readers of values used
     parse_size,
     str2bool,
 )
+from data import registry
+from models.config import MODEL_KEYS, resolve_model_config
+from utils.allocator import POLICIES
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few hundred bytes; a huge one is a mistake

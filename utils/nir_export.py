@@ -35,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import atomic_path
 from models.convolution import AvgPool2d
 from models.network import BN_EPS, ConvUnit
 from models.neurons import IF, LIF, PLIF
 from utils.checkpoint import load_model
 from utils.config import parse_size
-from utils.files import atomic_path
 
 FORMAT = "snnseg-nir-1"
 METADATA_KEY = "snnseg"

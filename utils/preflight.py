@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import models
-from utils import files
+from common import files
 
 # ----------------------------------------------------------------------------- paths
 KINDS = ("file", "folder", "any")

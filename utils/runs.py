@@ -16,9 +16,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from utils import files
+from common import files
+from common.cli import shown
 from utils.checkpoint import load_checkpoint
-from utils.cli import shown
 from utils.config import SCHEMA
 
 CHECKPOINTS = ("last.pth", "best.pth")

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import files
+from common.keys import Key
 from data.event_frames import CHANNELS, NUM_EVENT_CHANNELS, check_channels
 from data.palettes import DDD17_PALETTE
 from data.registry import EVENTS, DatasetSpec
 from data.transforms import ddd17_transform, scale_events
 from data.voc2012 import load_mask
-from utils import files
-from utils.keys import Key
 
 CLASSES = ("flat", "construction+sky", "object", "nature", "human", "vehicle")
 NUM_CLASSES = len(CLASSES)

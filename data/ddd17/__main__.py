@@ -5,8 +5,8 @@ A module of its own, so that ``python -m`` runs a module the data package has no
 
 import sys
 
+from common.cli import ArgumentParser
 from data.ddd17 import pack
-from utils.cli import ArgumentParser
 
 
 def main(argv=None):

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from common.keys import ABOVE_ZERO, POSITIVE, Key
 from data.event_frames import CHANNELS
 from data.events import representations as rep
 from data.transforms import IGNORE_INDEX
-from utils.keys import ABOVE_ZERO, POSITIVE, Key
 
 
 def read_label(path, num_classes):

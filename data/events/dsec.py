@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.keys import Key
 from data.events import common
 from data.events.h5 import EventFile, load_rectify_map
 from data.registry import EVENTS, DatasetSpec
-from utils.keys import Key
 
 NAME = "dsec-semantic"
 SPLIT_FOLDERS = {"train": "train", "val": "test", "test": "test"}

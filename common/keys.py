@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from utils.cli import shown
+from common.cli import shown
 
 NATIVE_SIZE = -1  # img_size of "the images as they are" in configs (YAML, checkpoints)
 
