@@ -1,4 +1,6 @@
-"""SpikingJelly as a peer: dl-vgg9 and fcn-vgg9 written with its modules, timed against ours in one process.
+"""SpikingJelly as a peer: dl-vgg9 and fcn-vgg9 written with its modules, and SpikingJelly's own SEW-ResNet-18
+(``spikingjelly.activation_based.model.sew_resnet``) as dl-sew-resnet18 and fcn-sew-resnet18, timed against ours
+in one process.
 
     python benchmarks/peer_spikingjelly.py --timesteps 10 --batch_size 4 --img_size 64 --steps 3
     python benchmarks/peer_spikingjelly.py --device cuda --timesteps 20 --batch_size 16 --sj_backend triton
@@ -17,6 +19,13 @@ when ``H - threshold >= 0`` and subtracts the threshold; ``detach_reset=True`` k
 gradient, as the paper's code (and ours) do. ``surrogate.PiecewiseQuadratic(alpha=1)`` has the derivative
 ``max(0, 1 - |H - 1|)``: our ``linear`` surrogate with ``gamma = 1`` at threshold 1, and one of the
 surrogates SpikingJelly's fused LIF kernels implement (float32, CPU and CUDA).
+
+The SEW-ResNet peers are SpikingJelly's ``sew_resnet18(cnf='ADD')``, built with its ``BasicBlock``, the LIF node
+above and BNTT as its ``norm_layer``, switched to multi-step mode. Its ``BasicBlock`` refuses dilation, so for
+dl-sew-resnet18 the strides and dilations of stages 3 and 4 are set on its own convolutions, as
+torchvision's ``replace_stride_with_dilation`` would (the first block of a stage keeps the previous
+dilation); the DeepLab head (a dilated conv unit and the 1x1 readout on the time-mean) and the FCN skip
+scores and decoder are the SpikingJelly pieces of the VGG peers above.
 
 Timing (the last printed line is one JSON object): the same weights in both networks; one warm-up step
 each, then ``--steps`` training steps (forward with Poisson coding, cross-entropy, backward, SGD)
@@ -45,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.bench import eval_throughput, make_train_step, sync  # noqa: E402  (the same timing as bench.py)
 from models import build_model  # noqa: E402
+from models.parts import SkipScore  # noqa: E402
 
 try:
     from spikingjelly.activation_based import functional, layer, neuron, surrogate
@@ -140,67 +150,146 @@ class FCNVGG9(nn.Module):
         for block, score in zip(self.blocks, self.scores):
             h = block(h)
             scores.append(score(h))
-        h = scores[-1]
-        for k, (up, skip) in enumerate(zip(self.ups, reversed(scores[:-1]))):
-            y = up(h)
-            t, n = y.shape[:2]
-            y = F.interpolate(y.flatten(0, 1), size=skip.shape[-2:], mode="bilinear", align_corners=True)
-            h = y.view(t, n, *y.shape[1:]) + skip
-            if k < len(self.lifs):
-                h = self.lifs[k](h)
-        return F.interpolate(h.sum(0) / self.timesteps, size=size, mode="bilinear", align_corners=True)
+        return fcn_decode(scores, self.ups, self.lifs, self.timesteps, size)
 
 
-PEERS = {"dl-vgg9": DeepLabVGG9, "fcn-vgg9": FCNVGG9}
+def fcn_decode(scores, ups, lifs, timesteps, size):
+    """The FCN decoder on score maps ``[T, N, K, h, w]``, coarsest last: upsample, resize, add, fire."""
+    h = scores[-1]
+    for k, (up, skip) in enumerate(zip(ups, reversed(scores[:-1]))):
+        y = up(h)
+        t, n = y.shape[:2]
+        y = F.interpolate(y.flatten(0, 1), size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        h = y.view(t, n, *y.shape[1:]) + skip
+        if k < len(lifs):
+            h = lifs[k](h)
+    return F.interpolate(h.sum(0) / timesteps, size=size, mode="bilinear", align_corners=True)
+
+
+class SEWResNet18(nn.Module):
+    """SpikingJelly's sew_resnet18 (ADD) backbone without its classifier, with a DeepLab or an FCN head."""
+
+    def __init__(self, in_channels, classes, timesteps, surrogate_function=None, fcn=False):
+        super().__init__()
+        from spikingjelly.activation_based.model import sew_resnet
+
+        surrogate_function = surrogate_function or surrogate.PiecewiseQuadratic(alpha=1.0)
+        net = sew_resnet.sew_resnet18(
+            cnf="ADD",
+            spiking_neuron=neuron.LIFNode,
+            norm_layer=lambda c: layer.BatchNormThroughTime2d(timesteps, c, eps=BN_EPS, momentum=0.1),
+            tau=100.0,
+            decay_input=False,
+            v_threshold=THRESHOLD,
+            v_reset=None,
+            surrogate_function=surrogate_function,
+            detach_reset=True,
+        )
+        net.conv1 = layer.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        if not fcn:  # stages 3 and 4 dilated (2, then 4) instead of strided
+            for stage, previous, dilation in ((net.layer3, 1, 2), (net.layer4, 2, 4)):
+                for index, block in enumerate(stage):
+                    d = previous if index == 0 else dilation
+                    for conv in (block.conv1, block.conv2):
+                        conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
+                    if block.downsample is not None:
+                        block.downsample[0].stride = (1, 1)
+        del net.avgpool, net.fc
+        self.net, self.fcn, self.timesteps = net, fcn, timesteps
+        if fcn:
+            self.scores = nn.ModuleList(layer.Conv2d(c, classes, 1) for c in (64, 64, 128, 256, 512))
+            self.ups = nn.ModuleList(layer.ConvTranspose2d(classes, classes, 3, stride=2, bias=False) for _ in range(4))
+            self.lifs = nn.ModuleList([lif(surrogate_function) for _ in range(3)])
+        else:
+            self.classifier = Unit(512, 256, timesteps, 12, surrogate_function=surrogate_function)
+            self.output = nn.Conv2d(256, classes, 1, bias=False)
+        functional.set_step_mode(self, "m")
+
+    def forward(self, x_seq, size):
+        functional.reset_net(self)
+        net = self.net
+        stem = net.sn1(net.bn1(net.conv1(x_seq)))
+        features = [stem, net.layer1(net.maxpool(stem))]
+        for stage in (net.layer2, net.layer3, net.layer4):
+            features.append(stage(features[-1]))
+        if self.fcn:
+            scores = [score(f) for score, f in zip(self.scores, features)]
+            return fcn_decode(scores, self.ups, self.lifs, self.timesteps, size)
+        rate = self.classifier(features[-1]).sum(0) / self.timesteps
+        return F.interpolate(self.output(rate), size=size, mode="bilinear", align_corners=True)
+
+    def units(self):
+        """(conv, BNTT) of each conv unit, in the order of our model's conv units."""
+        net, found = self.net, [(self.net.conv1, self.net.bn1)]
+        for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for block in stage:
+                found += [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+                if block.downsample is not None:
+                    found.append((block.downsample[0], block.downsample[1]))
+        if not self.fcn:
+            found.append((self.classifier[0], self.classifier[1]))
+        return found
+
+
+PEERS = {
+    "dl-vgg9": DeepLabVGG9,
+    "fcn-vgg9": FCNVGG9,
+    "dl-sew-resnet18": SEWResNet18,
+    "fcn-sew-resnet18": lambda *args, **kw: SEWResNet18(*args, fcn=True, **kw),
+}
+
+
+def peer_units(peer):
+    """(conv, BNTT) of the peer's conv units in the order of ours."""
+    if isinstance(peer, SEWResNet18):
+        return peer.units()
+    return [(m[0], m[1]) for m in peer.modules() if isinstance(m, Unit)]
+
+
+def _heads(ours, peer):
+    """(our module, peer module) of the convolutions outside the conv units: readout, scores, decoder."""
+    if not getattr(peer, "fcn", isinstance(peer, FCNVGG9)):
+        return [(ours.readout_head(), peer.output)]
+    scores = [m for m in ours.modules() if isinstance(m, SkipScore)]
+    return list(zip(scores, peer.scores)) + [(stage.up, up) for stage, up in zip(ours.decoder, peer.ups)]
 
 
 def copy_weights(ours, peer):
     """Our model's parameters and BN statistics into the peer (the layers in order of appearance)."""
-    our_units = ours.conv_units()
-    peer_units = [m for m in peer.modules() if isinstance(m, Unit)]
-    assert len(our_units) == len(peer_units), (len(our_units), len(peer_units))
+    our_units, their_units = ours.conv_units(), peer_units(peer)
+    assert len(our_units) == len(their_units), (len(our_units), len(their_units))
     with torch.no_grad():
-        for a, b in zip(our_units, peer_units):
-            conv, bntt = b[0], b[1]
+        for a, (conv, bntt) in zip(our_units, their_units):
             conv.weight.copy_(a.conv.weight)
             for t, bn in enumerate(bntt.bn_list):
                 bn.weight.copy_(a.norm.weight[t])
+                if bn.bias is not None:  # BNTT has no shift
+                    bn.bias.zero_()
+                    bn.bias.requires_grad_(False)
                 bn.running_mean.copy_(a.norm.running_mean[t])
                 bn.running_var.copy_(a.norm.running_var[t])
-        if isinstance(peer, DeepLabVGG9):
-            peer.output.weight.copy_(ours.output.weight)
-        else:
-            from models.network import SkipScore
-
-            for a, b in zip([m for m in ours.body if isinstance(m, SkipScore)], peer.scores):
-                b.weight.copy_(a.weight)
+        for a, b in _heads(ours, peer):
+            b.weight.copy_(a.weight)
+            if a.bias is not None:
                 b.bias.copy_(a.bias)
-            for stage, up in zip(ours.decoder, peer.ups):
-                up.weight.copy_(stage.up.weight)
 
 
 def matching_parameters(ours, peer):
     """(our parameter, peer parameter) pairs: conv weights, BNTT scales (ours [T, C], the peer's T BNs)."""
     pairs = []
-    peer_units = [m for m in peer.modules() if isinstance(m, Unit)]
-    for a, b in zip(ours.conv_units(), peer_units):
-        pairs.append((a.conv.weight, b[0].weight))
-        pairs.append((a.norm.weight, [bn.weight for bn in b[1].bn_list]))
-    if isinstance(peer, DeepLabVGG9):
-        pairs.append((ours.output.weight, peer.output.weight))
-    else:
-        from models.network import SkipScore
-
-        for a, b in zip([m for m in ours.body if isinstance(m, SkipScore)], peer.scores):
-            pairs += [(a.weight, b.weight), (a.bias, b.bias)]
-        for stage, up in zip(ours.decoder, peer.ups):
-            pairs.append((stage.up.weight, up.weight))
+    for a, (conv, bntt) in zip(ours.conv_units(), peer_units(peer)):
+        pairs.append((a.conv.weight, conv.weight))
+        pairs.append((a.norm.weight, [bn.weight for bn in bntt.bn_list]))
+    for a, b in _heads(ours, peer):
+        pairs.append((a.weight, b.weight))
+        if a.bias is not None:
+            pairs.append((a.bias, b.bias))
     return pairs
 
 
 # ------------------------------------------------------------------------------------------- timing
 def get_args_parser():
-    p = argparse.ArgumentParser(description="SpikingJelly's dl-vgg9 / fcn-vgg9 against ours, in one process")
+    p = argparse.ArgumentParser(description="SpikingJelly's networks against ours, in one process")
     p.add_argument("--arch", default="dl-vgg9", choices=sorted(PEERS))
     p.add_argument("--timesteps", type=int, default=10)
     p.add_argument("--batch_size", type=int, default=4)

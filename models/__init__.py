@@ -1,11 +1,11 @@
-"""Models: spiking neurons (LIF, IF, PLIF; models/neurons.py), surrogate gradients, input encoders and the
-ANN/SNN segmentation networks.
+"""Models: spiking neurons (models/neurons/), surrogate gradients, input encoders, the parts networks are
+built from (models/parts.py) and the architectures (models/architectures/, one file each).
 
 Everything is built from a plain config dict by ``build_model(cfg)``; keys not given take
 ``MODEL_DEFAULTS`` (the paper code's defaults, declared in ``models/config.py``).
 """
 
-from .architectures import ARCHITECTURES, is_fcn
+from .architectures import ARCHITECTURES, build_architecture, get_architecture, register_architecture
 from .config import MODEL_DEFAULTS, MODEL_KEYS, model_keys_of, resolve_model_config
 from .encoders import ENCODERS
 from .network import SegmentationNet
@@ -20,9 +20,9 @@ def build_model(cfg: dict, other_keys=()) -> SegmentationNet:
     ``model.config``); any other key that is not a model key is refused.
     """
     cfg = resolve_model_config(cfg, other_keys)  # unknown keys, choices, ranges, neuron: errors first
-    model = SegmentationNet(cfg)
+    model = build_architecture(cfg)
     if cfg["pretrained"]:
-        model.load_vgg_weights(cfg["pretrained"])
+        model.load_pretrained(cfg["pretrained"])
     return model
 
 
@@ -39,6 +39,8 @@ __all__ = [
     "NEURONS",
     "RESETS",
     "register_neuron",
+    "register_architecture",
+    "get_architecture",
     "build_neuron",
     "SegmentationNet",
     "build_model",
@@ -46,5 +48,4 @@ __all__ = [
     "model_keys_of",
     "lif_sequence",
     "get_surrogate",
-    "is_fcn",
 ]

@@ -20,7 +20,13 @@ thresholds do not distort the next layer. Neuron-wise thresholds cannot be folde
 they get their channel's mean as amplitude (an approximation). ``fold_amplitude=False`` gives the
 paper's unit spikes (exact only for layer-wise thresholds and bias-free convs, up to a scale).
 
-Thresholds are lists in the order of ``model.neuron_layers()`` (backbone, then the FCN decoder): a float
+Residual networks: layers whose spikes meet at a sum (a residual ADD) take one threshold, the largest of
+their group, so that the sum's readers are scaled once (the shortcut's activation is scaled with the
+block's, as the conversion literature does for ResNets); max pooling of spikes is their OR, which fires at
+least as often as the busiest input (an approximation of the ANN's max). A layer without a conversion rule
+(models/protocol.py) is refused before anything is built.
+
+Thresholds are lists in the order the signal reaches the spiking layers (``spiking_layers``): a float
 per layer ('layer'), a ``[C]`` tensor ('channel') or a ``[C, H, W]`` tensor ('neuron').
 """
 
@@ -31,34 +37,29 @@ from tqdm import tqdm
 
 from common.keys import parse_size
 
+from .architectures import build_architecture
 from .config import resolve_model_config
-from .network import BN_EPS, ConvUnit, SegmentationNet, SkipScore
+from .graph import layer_graph
+from .network import SegmentationNet
+from .protocol import NotSupported
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
 CONVERSION_ENCODERS = ("poisson", "direct")
 CONVERSION_NEURONS = ("lif", "if")  # neurons without learnable parameters: nothing for the ANN to give them
 
 
-def fold_batchnorm(unit: ConvUnit):
+def fold_batchnorm(unit):
     """(weight, bias) of one conv that computes conv -> BN of ``unit`` (BN in inference mode).
 
     BN(y) = (y - mean) * scale with scale = gamma / sqrt(var + eps), so the folded conv has weight
     W * scale (per output channel) and bias (b - mean) * scale. Computed in float64.
     """
-    weight = unit.conv.weight.detach().double()
-    bias = unit.conv.bias.detach().double() if unit.conv.bias is not None else weight.new_zeros(weight.shape[0])
-    norm = unit.norm
-    if norm is None:
-        return weight, bias
-    if norm.running_mean.shape[0] != 1:
+    if unit.norm is not None and unit.norm.running_mean.shape[0] != 1:
         raise ValueError(
             f"BN folding needs the ANN's single-step BN, got statistics for "
-            f"{norm.running_mean.shape[0]} timesteps (is this an SNN?)"
+            f"{unit.norm.running_mean.shape[0]} timesteps (is this an SNN?)"
         )
-    scale = (norm.running_var[0].double() + BN_EPS).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight[0].detach().double()
-    return weight * scale.view(-1, 1, 1, 1), (bias - norm.running_mean[0].double()) * scale
+    return unit.folded()
 
 
 def snn_config(
@@ -96,6 +97,16 @@ def snn_config(
     return cfg
 
 
+def conversion_problems(ann: SegmentationNet) -> list:
+    """'layer NAME: why' for each layer of ``ann`` that conversion cannot handle (empty: it converts)."""
+    problems = [f"layer {name}: {problem}" for name, part in ann.parts() if (problem := part.conversion_problem())]
+    try:
+        layer_graph(ann, _image_size(ann) or (64, 64)).check("conversion")
+    except NotSupported as err:
+        problems.append(str(err))
+    return problems
+
+
 def convert_ann(
     ann: SegmentationNet,
     timesteps: int,
@@ -105,19 +116,21 @@ def convert_ann(
     reset: str = "subtract",
 ) -> SegmentationNet:
     """A fresh SNN with the ANN's weights (BN folded); thresholds stay at 1.0 until calibrated.
-    ``neuron`` 'lif' (leak ``leak_mem``) or 'if' (no leak); ``reset`` 'subtract' or 'zero'."""
+    ``neuron`` 'lif' (leak ``leak_mem``) or 'if' (no leak); ``reset`` 'subtract' or 'zero'. Every layer says
+    how its weights convert (``Part.conversion_state``); one that cannot is a ValueError naming it."""
     if ann.spiking:
         raise ValueError("conversion needs an ANN (model_type 'ann'), got an SNN")
+    problems = conversion_problems(ann)
+    if problems:
+        raise NotSupported(f"{problems[0]} (ANN-to-SNN conversion)")
     config = snn_config(ann.config, timesteps, leak_mem, encoder, neuron, reset)
-    snn = SegmentationNet(resolve_model_config(config, ann.config))
-    state = {k: v.detach().clone() for k, v in ann.state_dict().items() if ".norm." not in k}
-    for index, unit in enumerate(ann.body):
-        if isinstance(unit, ConvUnit):
-            weight, bias = fold_batchnorm(unit)
-            state[f"body.{index}.conv.weight"] = weight.float()
-            state[f"body.{index}.conv.bias"] = bias.float()
+    snn = build_architecture(resolve_model_config(config, ann.config))
+    ann_state = ann.state_dict()
+    state = {k: ann_state[k].detach().clone() for k in snn.state_dict() if k in ann_state}
+    for name, part in ann.parts():
+        state.update(part.conversion_state(f"{name}."))
     for key, value in snn.state_dict().items():
-        if key.endswith("act.threshold"):
+        if key.endswith("act.threshold") or key not in state:
             state[key] = value
     snn.load_state_dict(state)
     return snn.to(next(ann.parameters()).device).eval()
@@ -162,6 +175,45 @@ def _positive(stat: torch.Tensor, layer_name: str) -> torch.Tensor:
     return torch.where(positive, stat, fill)
 
 
+class Wiring:
+    """How a converted SNN's spikes travel, from its layer graph: its neuron layers in the order the signal
+    reaches them, the convolutions that read each one's spikes (``readers``: module, input-channel dim,
+    source neurons), and the groups of neuron layers whose spikes meet at a sum (a residual ADD), which must
+    share one spike amplitude for the sum's readers to be scaled once."""
+
+    def __init__(self, snn: SegmentationNet):
+        graph = layer_graph(snn, _image_size(snn) or (64, 64))
+        graph.check("conversion")
+        self.neurons = graph.neurons()
+        self.readers = []
+        leader = {n: n for n in self.neurons}
+
+        def find(n):
+            while leader[n] is not n:
+                n = leader[n]
+            return n
+
+        for _, synapse, activity in graph.synapse_inputs():
+            sources = [s for s in self.neurons if s in activity.sources]
+            if sources:
+                self.readers.append((synapse.module, synapse.in_dim, sources))
+                for other in sources[1:]:
+                    leader[find(other)] = find(sources[0])
+        self.group = {n: [m for m in self.neurons if find(m) is find(n)] for n in self.neurons}
+
+    @staticmethod
+    def of(snn: SegmentationNet) -> "Wiring":
+        """The SNN's wiring, found once and kept with it."""
+        if "_conversion_wiring" not in snn.__dict__:
+            snn.__dict__["_conversion_wiring"] = Wiring(snn)
+        return snn.__dict__["_conversion_wiring"]
+
+
+def spiking_layers(snn: SegmentationNet) -> list:
+    """The neuron layers in the order thresholds are listed: the order the signal reaches them."""
+    return Wiring.of(snn).neurons
+
+
 @torch.no_grad()
 def calibrate_thresholds(
     snn: SegmentationNet,
@@ -176,7 +228,8 @@ def calibrate_thresholds(
     For layer k, layers 1..k-1 carry their raw thresholds already; the SNN runs on each batch of
     ``batches`` (inputs ``[N, C, H, W]``) and layer k's input current at every timestep is reduced to
     its max (or ``percentile``), layer-, channel- or neuron-wise; over several batches the maxima are
-    combined by max, the percentiles by their mean.
+    combined by max, the percentiles by their mean. Layers whose spikes meet at a residual sum take the
+    largest threshold of their group (elementwise), the shortcut's activation scaled with the block's.
     """
     _check_type(threshold_type)
     if percentile is not None and not 0 < float(percentile) <= 100:
@@ -185,9 +238,9 @@ def calibrate_thresholds(
     if not batches:
         raise ValueError("calibration needs at least one batch of the training split")
     snn.eval()
-    thresholds = []
-    layers = snn.neuron_layers()
-    for lif in tqdm(layers, desc=f"{threshold_type} thresholds", leave=False, disable=not show_progress):
+    wiring = Wiring.of(snn)
+    raw = {}
+    for lif in tqdm(wiring.neurons, desc=f"{threshold_type} thresholds", leave=False, disable=not show_progress):
         stats = []
 
         def record(module, args):
@@ -206,11 +259,21 @@ def calibrate_thresholds(
         stacked = torch.stack(stats)
         stat = stacked.amax(0) if percentile is None else stacked.mean(0)
         stat = _positive(stat, lif.name)
-        raw = float(stat) if threshold_type == "layer" else stat.float().cpu()
-        thresholds.append(raw)
+        raw[lif] = float(stat) if threshold_type == "layer" else stat.float().cpu()
+        _tie(raw, wiring.group[lif])
         # the next layers see this one converted (raw thresholds, as in the paper's code)
-        _set_layer(snn, lif, raw, threshold_type, 1.0, fold_amplitude)
-    return thresholds
+        _set_thresholds(snn, raw, threshold_type, 1.0, fold_amplitude)
+    return [raw[lif] for lif in wiring.neurons]
+
+
+def _tie(raw: dict, group: list):
+    """The calibrated members of a group of layers that share a spike amplitude take their largest threshold."""
+    members = [n for n in group if n in raw]
+    if len(members) > 1:
+        values = [torch.as_tensor(raw[n]) for n in members]
+        tied = torch.stack(values).amax(0)
+        for n in members:
+            raw[n] = float(tied) if tied.dim() == 0 else tied.clone()
 
 
 def _as_threshold(raw, threshold_type):
@@ -229,41 +292,27 @@ def apply_thresholds(
     check_thresholds(thresholds, snn, threshold_type, "thresholds")
     if scaling_factor <= 0:
         raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
-    for lif, raw in zip(snn.neuron_layers(), thresholds):
-        _set_layer(snn, lif, raw, threshold_type, float(scaling_factor), fold_amplitude)
+    raw = dict(zip(spiking_layers(snn), thresholds))
+    _set_thresholds(snn, raw, threshold_type, float(scaling_factor), fold_amplitude)
 
 
-def _set_layer(snn, lif, raw, threshold_type, scale, fold_amplitude):
-    threshold = _as_threshold(raw, threshold_type) * scale
-    lif.set_threshold(threshold)
-    amplitude = threshold.mean((1, 2)) if threshold_type == "neuron" else threshold.reshape(-1)
-    _scale_readers(snn, lif, amplitude if fold_amplitude else None)
+def _set_thresholds(snn, raw: dict, threshold_type, scale, fold_amplitude):
+    """Thresholds raw x scale of the layers in ``raw``; the weights that read their spikes carry the
+    amplitude (per input channel; None: unit spikes)."""
+    amplitudes = {}
+    for lif, value in raw.items():
+        threshold = _as_threshold(value, threshold_type) * scale
+        lif.set_threshold(threshold)
+        amplitudes[lif] = threshold.mean((1, 2)) if threshold_type == "neuron" else threshold.reshape(-1)
+    _scale_readers(snn, amplitudes if fold_amplitude else {})
 
 
-def spike_readers(snn: SegmentationNet) -> dict:
-    """For each LIF layer (by id), the (module, input-channel dim) of the weights that read its spikes."""
-    readers, last = {}, None
-    for layer in snn.body:
-        if isinstance(layer, ConvUnit):
-            if last is not None:
-                readers[id(last)].append((layer.conv, 1))
-            last = layer.act
-            readers[id(last)] = []
-        elif isinstance(layer, SkipScore) and last is not None:
-            readers[id(last)].append((layer, 1))
-    if snn.output is not None and last is not None:
-        readers[id(last)].append((snn.output, 1))
-    for stage, following in zip(snn.decoder, list(snn.decoder)[1:]):
-        if stage.act is not None:
-            readers[id(stage.act)] = [(following.up, 0)]  # ConvTranspose2d weight: [in, out, k, k]
-    return readers
-
-
-def _scale_readers(snn, lif, amplitude):
-    """Reader weights = unscaled (as converted) weights x amplitude per input channel (None: unit spikes)."""
+def _scale_readers(snn, amplitudes: dict):
+    """Reader weights = unscaled (as converted) weights x the amplitude of the spikes they read."""
     unscaled = snn.__dict__.setdefault("_unscaled_reader_weights", {})
-    for module, dim in spike_readers(snn)[id(lif)]:
+    for module, dim, sources in Wiring.of(snn).readers:
         base = unscaled.setdefault(id(module), module.weight.detach().clone())
+        amplitude = next((amplitudes[s] for s in sources if s in amplitudes), None)
         if amplitude is None:
             factor = 1.0
         else:
@@ -277,7 +326,7 @@ def _scale_readers(snn, lif, amplitude):
 def check_thresholds(thresholds, snn: SegmentationNet, threshold_type: str, source: str):
     """ValueError naming ``source`` if ``thresholds`` do not fit the SNN's spiking layers."""
     _check_type(threshold_type)
-    layers = snn.neuron_layers()
+    layers = spiking_layers(snn)
     if not isinstance(thresholds, (list, tuple)) or len(thresholds) != len(layers):
         found = len(thresholds) if isinstance(thresholds, (list, tuple)) else type(thresholds).__name__
         raise ValueError(
@@ -316,7 +365,7 @@ def _layer_shapes(snn: SegmentationNet, size):
         shapes.append(tuple(args[0].shape[1:]))
 
     height, width = size
-    handles = [lif.register_forward_pre_hook(record) for lif in snn.neuron_layers()]
+    handles = [lif.register_forward_pre_hook(record) for lif in spiking_layers(snn)]
     saved = snn.timesteps
     try:
         snn.timesteps = 1

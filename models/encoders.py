@@ -7,7 +7,7 @@ each layer can run its convolution over all timesteps at once. An ANN is the sam
 import torch
 import torch.nn as nn
 
-from . import spikes
+from . import protocol, spikes
 
 
 class PoissonEncoder(nn.Module):
@@ -18,6 +18,9 @@ class PoissonEncoder(nn.Module):
         fire = torch.rand((timesteps, *x.shape), device=x.device, dtype=x.dtype) <= x.abs()
         return spikes.mark((fire * torch.sign(x)).flatten(0, 1))
 
+    def activity(self):
+        return protocol.spikes(1, signed=True)
+
 
 class DirectEncoder(nn.Module):
     """Analog current: the same input is fed at every timestep (the first layer does real MACs)."""
@@ -25,6 +28,9 @@ class DirectEncoder(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: int) -> torch.Tensor:
         _expect_images(x, "direct")
         return x.unsqueeze(0).expand(timesteps, *x.shape).flatten(0, 1)
+
+    def activity(self):
+        return protocol.analog()
 
 
 class SequenceEncoder(nn.Module):
@@ -38,6 +44,9 @@ class SequenceEncoder(nn.Module):
             )
         return x.flatten(0, 1)
 
+    def activity(self):
+        return protocol.analog()
+
 
 class IdentityEncoder(nn.Module):
     """The ANN's input: the image itself, one 'timestep'."""
@@ -45,6 +54,9 @@ class IdentityEncoder(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: int = 1) -> torch.Tensor:
         _expect_images(x, "ann")
         return x
+
+    def activity(self):
+        return protocol.analog()
 
 
 def _expect_images(x, encoder):

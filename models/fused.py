@@ -1,7 +1,7 @@
 """The fused implementations of the neurons they support (accelerators), and the custom ops through which
 ``torch.compile`` sees them.
 
-A neuron model (``models/neurons.py``) is defined by its per-timestep dynamics and runs anywhere through
+A neuron model (``models/neurons/``) is defined by its per-timestep dynamics and runs anywhere through
 ordinary autograd (the generic path). For LIF-type neurons (leak, threshold, optional negative threshold,
 reset by subtraction or to zero) there are two faster implementations of a whole spiking layer, BNTT
 included, with the same small API (see ``models/lif_torch.py``):

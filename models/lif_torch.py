@@ -4,7 +4,7 @@ Runs on every device; it is the CPU's backend (and CUDA's when Triton is missing
 few elementwise ops on preallocated buffers (no allocation in the loops) and one ``native_batch_norm``
 per normalised timestep. ``models/triton/`` has the same API with fused CUDA kernels.
 
-API (shared by both backends; ``models/neurons.py`` chooses one):
+API (shared by both backends; ``models/neurons/base.py`` chooses one):
 
 ``forward(x, u0, params, bn, keep_spikes) -> (spikes, compact, u, mean, invstd)``
     ``x`` ``[S, ...]`` (``[S, N, C, H, W]`` whenever ``bn`` is given) are the input currents, ``u0`` the

@@ -8,7 +8,7 @@ plain autograd through time: the slow, obviously-correct twin of the multi-step 
 import torch
 import torch.nn.functional as F
 
-from models.network import ConvUnit, SkipScore
+from models.parts import ConvUnit, SkipScore
 
 
 class _Spike(torch.autograd.Function):

@@ -234,7 +234,7 @@ def test_test_py_writes_spikes_energy_comparison_plots_and_pictures(tmp_path, ca
         ]
     )
     results = json.loads(results_path.read_text())
-    assert [row["name"] for row in results["spikes"]][:2] == ["features.0", "features.1"]
+    assert [row["name"] for row in results["spikes"]][:2] == ["body.0", "body.1"]
     assert all(set(row) >= {"name", "neurons", "spikes_per_image", "rate"} for row in results["spikes"])
     assert all(0 <= row["rate"] <= 1 for row in results["spikes"])
     energy = results["energy"]
@@ -248,7 +248,7 @@ def test_test_py_writes_spikes_energy_comparison_plots_and_pictures(tmp_path, ca
         assert image.size == ((3 * 16 + 4) * 8, 3 * (16 + 2) * 8)
     assert (tmp_path / "plots" / "firing_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
-    assert "energy ratio ann / snn" in out and "features.0" in out
+    assert "energy ratio ann / snn" in out and "body.0" in out
 
 
 def test_test_py_attack_sweep_has_one_entry_per_factor_and_factor_zero_is_clean(tmp_path):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from common.cli import run_main
-from models import build_model, network
+from models import build_model, parts
 from models.conversion import (
     apply_thresholds,
     cached_thresholds,
@@ -23,7 +23,7 @@ from models.conversion import (
     fold_batchnorm,
     store_thresholds,
 )
-from models.network import ConvUnit, Rectifier
+from models.parts import ConvUnit, Rectifier
 from tests.conftest import REPO, run_script
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
@@ -42,12 +42,12 @@ def _tiny_ann(arch, size, classes, in_channels, leaky):
         )
     )
     # One training-mode pass with momentum 1 sets the BN statistics to that batch's: activations of order 1.
-    saved, network.BN_MOMENTUM = network.BN_MOMENTUM, 1.0
+    saved, parts.BN_MOMENTUM = parts.BN_MOMENTUM, 1.0
     try:
         with torch.no_grad():
             ann.train()(torch.rand(8, in_channels, size, size))
     finally:
-        network.BN_MOMENTUM = saved
+        parts.BN_MOMENTUM = saved
     return ann.eval()
 
 

@@ -128,7 +128,7 @@ def test_atrous_conv_keeps_its_spike_input_in_one_byte():
     """Even where no compact_spikes hook is active (memory-saving mode's replay stores through checkpoint's)."""
     try:
         from models.spikes import mark
-    except ImportError:  # before the spike protocol moved out of models/neurons.py
+    except ImportError:  # before the spike protocol moved out of the neuron module
         from models.neurons import mark_spikes as mark
     conv = Conv2d(4, 6, 3, padding=5, dilation=5)
     spikes = mark((torch.rand(2, 4, 6, 6) < 0.3).float().requires_grad_())

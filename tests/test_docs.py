@@ -277,7 +277,7 @@ def test_path_exists_expands_braces_and_globs():
     assert path_exists("configs/quickstart{,-ann}.yaml")
     assert not path_exists("configs/quickstart{,-missing}.yaml")
     assert path_exists("configs/voc2012-*.yaml") and not path_exists("configs/nothing-*.yaml")
-    assert path_exists("models/neurons.py") and not path_exists("models/neuron.py")
+    assert path_exists("models/neurons/lif.py") and not path_exists("models/neuron.py")
 
 
 def test_github_anchors():

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.network as network
+import models.parts as parts
 from models import build_model
 
 if not torch.cuda.is_available():
@@ -36,7 +36,7 @@ def twin_models(arch, dtype, mode, monkeypatch):
     torch.manual_seed(0)
     nets = [build_model({**cfg, "neuron_backend": b}).to(DEVICE, dtype) for b in ("torch", "triton")]
     if mode == "eval":
-        monkeypatch.setattr(network, "BN_MOMENTUM", 1.0)
+        monkeypatch.setattr(parts, "BN_MOMENTUM", 1.0)
         with torch.no_grad():
             torch.manual_seed(1)
             nets[0].train()(torch.rand(N, 3, SIZE, SIZE, device=DEVICE, dtype=dtype) - 0.5)

@@ -1,4 +1,4 @@
-"""Neuron models (models/neurons.py): the generic path against hand-written loops and closed forms, the
+"""Neuron models (models/neurons/): the generic path against hand-written loops and closed forms, the
 fused accelerators against the generic path (whole networks in float64), PLIF's learnable leak, the
 hard reset, backend choice and its errors, checkpoints of one neuron loaded as another."""
 

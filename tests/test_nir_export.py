@@ -75,10 +75,10 @@ def ours(model, x):
     return logits, [s["spikes"] for s in model.spike_stats()]
 
 
-def without_integrator(graph):
+def without_integrator(graph, head="output.conv"):
     """The graph up to the output convolution (the readers have no mapping for NIR's integrator I)."""
     nodes = {k: v for k, v in graph.nodes.items() if k not in ("readout", "output")}
-    nodes["output"] = nir.Output(output_type=graph.nodes["output.conv"].output_type)
+    nodes["output"] = nir.Output(output_type=graph.nodes[head].output_type)
     edges = [(a, "output" if b == "readout" else b) for a, b in graph.edges if a != "readout"]
     return nir.NIRGraph(nodes=nodes, edges=edges, type_check=False)
 
@@ -143,7 +143,7 @@ def test_shared_batch_norm_takes_one_statistic_over_all_timesteps():
     """bntt: false: training-mode BN normalises with the mean and (biased) variance over (T, N, H, W)
     together, updates the running statistics with momentum 0.1 (unbiased variance), and in eval mode is
     the same affine map at every step."""
-    from models.network import TimeBatchNorm
+    from models.parts import TimeBatchNorm
 
     steps, n, c = 3, 2, 4
     norm = TimeBatchNorm(c, steps, affine=True, shared=True)
@@ -192,7 +192,7 @@ def test_snntorch_runs_the_exported_deployable_model_with_our_spikes_and_logits(
     assert host["discretisation"]["dt"] == DEFAULT_DT
     module = import_from_nir(without_integrator(graph))
     peer_logits, peer_spikes, names = run_peer(module, graph, x, snntorch.Leaky)
-    assert names[0].startswith("features_0") and names[-1].startswith("classifier_0")
+    assert names[0].startswith("body_0") and names[-1].startswith("body_9")
     assert_agree(peer_logits, peer_spikes, logits, spikes)
 
 
@@ -201,8 +201,8 @@ def test_export_graph_has_the_documented_nodes_and_parameters(tmp_path):
     model = deployable(x)
     export_model(model, tmp_path / "m.nir", dt=1e-3)
     graph = nir.read(tmp_path / "m.nir")
-    lif, conv = graph.nodes["features.0.neuron"], graph.nodes["classifier.0.conv"]
-    assert isinstance(lif, nir.LIF) and isinstance(graph.nodes["pool.2"], nir.AvgPool2d)
+    lif, conv = graph.nodes["body.0.neuron"], graph.nodes["body.9.conv"]
+    assert isinstance(lif, nir.LIF) and isinstance(graph.nodes["body.2.pool"], nir.AvgPool2d)
     # tau = dt / (1 - leak), r = tau / dt, threshold as trained, reset to 0
     np.testing.assert_allclose(lif.tau, 1e-3 / (1 - 0.99), rtol=1e-6)
     np.testing.assert_allclose(lif.r, 1 / (1 - 0.99), rtol=1e-6)
@@ -210,7 +210,7 @@ def test_export_graph_has_the_documented_nodes_and_parameters(tmp_path):
     np.testing.assert_array_equal(lif.v_reset, 0.0)
     np.testing.assert_array_equal(lif.v_leak, 0.0)
     assert tuple(conv.dilation) == (12, 12) and tuple(conv.padding) == (12, 12)
-    assert tuple(graph.nodes["features.5.conv"].dilation) == (2, 2)
+    assert tuple(graph.nodes["body.7.conv"].dilation) == (2, 2)
     assert isinstance(graph.nodes["readout"], nir.I)
     # the folded conv + BN: one affine map, computed here from the BN's definition
     unit = model.conv_units()[0]
@@ -221,7 +221,7 @@ def test_export_graph_has_the_documented_nodes_and_parameters(tmp_path):
         / torch.sqrt(norm.running_var[0].view(1, -1, 1, 1) + 1e-4)
         * norm.weight[0].view(1, -1, 1, 1)
     )
-    node = graph.nodes["features.0.conv"]
+    node = graph.nodes["body.0.conv"]
     got = F.conv2d(z, torch.from_numpy(node.weight), torch.from_numpy(node.bias), padding=tuple(node.padding))
     torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
 
@@ -232,7 +232,7 @@ def test_discretisation_of_the_exported_lif_node_is_our_neuron(tmp_path):
     model = build_model(dict(leak_mem=0.9, def_threshold=0.6, reset="zero", encoder="direct", bntt=False))
     export_model(model.eval(), tmp_path / "m.nir", input_size=(8, 8))
     graph = nir.read(tmp_path / "m.nir")
-    node, dt = graph.nodes["features.0.neuron"], read_host_side(graph)["discretisation"]["dt"]
+    node, dt = graph.nodes["body.0.neuron"], read_host_side(graph)["discretisation"]["dt"]
     tau, r = float(node.tau[0, 0, 0]), float(node.r[0, 0, 0])
     theta, reset = float(node.v_threshold[0, 0, 0]), float(node.v_reset[0, 0, 0])
     currents = torch.rand(30, 200, generator=torch.Generator().manual_seed(0)) * 0.4
@@ -286,8 +286,8 @@ def test_norse_runs_the_exported_converted_model_with_our_spikes_and_logits(tmp_
     x, model = x.double(), model.double()
     logits, spikes = ours(model, x)
     graph = nir.read(tmp_path / "converted.nir")
-    assert isinstance(graph.nodes["features.0.neuron"], nir.IF)
-    assert graph.nodes["features.0.conv"].bias.any()  # the ANN's BN, folded at conversion
+    assert isinstance(graph.nodes["body.0.neuron"], nir.IF)
+    assert graph.nodes["body.0.conv"].bias.any()  # the ANN's BN, folded at conversion
     module = norse_module(graph, read_host_side(graph)["discretisation"]["dt"]).double()
     peer_logits, peer_spikes, _ = run_peer(module, graph, x, IAFCell)
     assert_agree(peer_logits, peer_spikes, logits, spikes)
@@ -302,7 +302,7 @@ def test_norse_runs_lif_layers_with_unit_r(tmp_path):
     logits, spikes = ours(model, x)
     export_model(model, tmp_path / "m.nir", unit_r=True)
     graph = nir.read(tmp_path / "m.nir")
-    np.testing.assert_array_equal(graph.nodes["features.0.neuron"].r, 1.0)
+    np.testing.assert_array_equal(graph.nodes["body.0.neuron"].r, 1.0)
     module = norse_module(graph, DEFAULT_DT)
     peer_logits, peer_spikes, _ = run_peer(module, graph, x, LIFBoxCell)
     assert_agree(peer_logits, peer_spikes, logits, spikes)
@@ -326,7 +326,7 @@ def test_cli_refuses_bntt_and_soft_reset_in_one_line_and_lossy_exports(tmp_path,
     out = tmp_path / "bntt.nir"
     code, _, err = cli(capsys, "export-nir", tmp_path / "bntt.pth", "-o", out)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "features.0" in err and "bntt: false" in err and "--lossy" in err
+    assert "body.0" in err and "bntt: false" in err and "--lossy" in err
     assert not out.exists()
     code, printed, _ = cli(capsys, "export-nir", tmp_path / "bntt.pth", "-o", out, "--lossy")
     assert code == 0 and out.exists()
@@ -354,7 +354,7 @@ def test_cli_writes_metadata_and_never_overwrites_without_the_flag(tmp_path, cap
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (dict(arch="fcn-vgg9"), ["decoder.0", "not exportable even with --lossy"]),
+        (dict(arch="fcn-vgg9"), ["body.2", "FCN decoder", "not exportable even with --lossy"]),
         (dict(encoder="poisson"), ["input", "encoder: direct"]),
     ],
 )

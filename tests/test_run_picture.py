@@ -57,7 +57,7 @@ def test_activity_is_the_layers_mean_output_over_time_and_channels():
     model = build_model(dict(arch="dl-vgg9", timesteps=3, num_classes=4, encoder="direct", def_threshold=0.3)).eval()
     images = torch.rand(2, 3, 12, 12) - 0.5
     name, predictions, activity = plots.layer_activity(model, images, {"dataset": "synthetic"}, "cpu")
-    assert name == "features.1" and predictions.shape == (2, 12, 12)
+    assert name == "body.1" and predictions.shape == (2, 12, 12)
     # By hand: conv -> BN (eval, per timestep) -> LIF (leak 0.99, threshold 0.3, reset by subtraction), twice.
     x = images
     units = model.conv_units()[:2]

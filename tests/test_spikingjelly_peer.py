@@ -1,4 +1,5 @@
-"""Our spiking dl-vgg9 and fcn-vgg9 against the same networks written with SpikingJelly (a peer library):
+"""Our spiking dl-vgg9 and fcn-vgg9 against the same networks written with SpikingJelly (a peer library), and
+our dl-sew-resnet18 and fcn-sew-resnet18 against SpikingJelly's own sew_resnet18 (models.sew_resnet):
 the same weights and the same Poisson draws give the same logits (float64, to rounding), the same BN
 statistics, and the same gradients of every parameter, in training and in evaluation mode."""
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.network
+import models.parts
 from benchmarks import peer_spikingjelly as peer_lib
 from models import build_model
 
@@ -45,13 +46,13 @@ def run_both(ours, peer, x, seed):
     return our_logits, peer_logits
 
 
-@pytest.mark.parametrize("arch", ["dl-vgg9", "fcn-vgg9"])
+@pytest.mark.parametrize("arch", ["dl-vgg9", "fcn-vgg9", "dl-sew-resnet18", "fcn-sew-resnet18"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_logits_bn_statistics_and_gradients_equal_spikingjelly(arch, mode, monkeypatch):
     ours, peer = twin_networks(arch)
     x = (torch.rand(N, 3, H, W, dtype=torch.float64) - 0.5) * 1.6  # |x| up to 0.8: dense input spikes
     if mode == "eval":  # running statistics of a batch (momentum 1), so that spikes reach the readout
-        monkeypatch.setattr(models.network, "BN_MOMENTUM", 1.0)
+        monkeypatch.setattr(models.parts, "BN_MOMENTUM", 1.0)
         with torch.no_grad():
             torch.manual_seed(1)
             ours.train()(x)
@@ -66,9 +67,9 @@ def test_logits_bn_statistics_and_gradients_equal_spikingjelly(arch, mode, monke
     assert our_logits.abs().max() > 1e-3  # spikes reached the readout
 
     # BN statistics moved the same way in training (and not at all in evaluation).
-    for a, b in zip(ours.conv_units(), [m for m in peer.modules() if isinstance(m, peer_lib.Unit)]):
-        running_mean = torch.stack([bn.running_mean for bn in b[1].bn_list])
-        running_var = torch.stack([bn.running_var for bn in b[1].bn_list])
+    for a, (_, bntt) in zip(ours.conv_units(), peer_lib.peer_units(peer)):
+        running_mean = torch.stack([bn.running_mean for bn in bntt.bn_list])
+        running_var = torch.stack([bn.running_var for bn in bntt.bn_list])
         torch.testing.assert_close(a.norm.running_mean, running_mean, rtol=0, atol=1e-12)
         torch.testing.assert_close(a.norm.running_var, running_var, rtol=0, atol=1e-12)
 

@@ -5,9 +5,12 @@ ANN: every convolution runs densely, one multiply-accumulate (MAC) per weight us
     ConvTranspose2d  H_in  * W_in  * C_in * C_out * kh * kw / groups   (each input scattered to its k^2 taps;
                      the output-size form would also count the zeros a stride-2 upsampling inserts)
 
-SNN: a layer whose input is spikes (values in {-1, 0, 1}) only works when a spike arrives; each spike costs one
-accumulate (AC) per synapse it reaches: synaptic operations (SOPs) = sum over spikes of its fan-out. The fan-out
-is counted exactly, border included: the number of output positions the spike reaches times C_out / groups.
+SNN: what each convolution receives is declared by the layers (models/protocol.py, through the layer graph of
+models/graph.py), never guessed from a batch's values. A layer whose input is spikes only works when a spike
+arrives; each spike costs one accumulate (AC) per synapse it reaches: synaptic operations (SOPs) = sum over
+spikes of its fan-out. A spike of level k (a multi-level neuron, or the sum of k binary spike maps at a
+residual ADD) counts k times, as the multi-level papers count it. The fan-out is counted exactly, border
+included: the number of output positions the spike reaches times C_out / groups.
 Average pooling between a spiking layer and a conv is linear, so on hardware it folds into that conv's weights:
 the spikes of the layer before the pool are the events, and their fan-out is the set of conv outputs they reach
 through pool and conv together. A layer fed analog values (direct encoding, THL event frames, the FCN score map
@@ -18,8 +21,8 @@ For comparison each spiking layer also reports ``sops_rate_estimate``, the usual
 firing rate (non-zero fraction of the spike map) x the layer's dense MACs x steps; it ignores borders and treats
 the pooled map as if it were as sparse as the spikes before the pool.
 
-Not counted (as in the paper's estimate): biases, BN (folded into the weights at inference), membrane updates,
-pooling on its own, bilinear resizes and the FCN skip additions.
+Not counted (as in the paper's estimate): residual additions, biases, BN (folded into the weights at
+inference), membrane updates, pooling on its own, bilinear resizes and the FCN skip additions.
 """
 
 from dataclasses import dataclass, field
@@ -27,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from models.neurons import Neuron
+from common.keys import parse_size
+from models.graph import Recorder, layer_graph
 
 MAC_ENERGY_PJ = 4.6  # 32-bit float multiply-add, 45 nm (Horowitz 2014)
 AC_ENERGY_PJ = 0.9  # 32-bit float add, 45 nm
@@ -110,8 +114,18 @@ def dense_macs(module: nn.Module, in_shape, out_shape) -> int:
     return h * w * c_out * module.in_channels * kh * kw // module.groups
 
 
-def is_spikes(x: torch.Tensor) -> bool:
-    return bool(((x == 0) | (x.abs() == 1)).all())
+def synapse_output_hw(module: nn.Module, in_hw) -> tuple:
+    """(H, W) out of a Conv2d, ConvTranspose2d or AvgPool2d for inputs of size ``in_hw``."""
+    ops = axis_ops(module, (0, 0))
+    if isinstance(module, nn.ConvTranspose2d):
+        extra = _pair(module.output_padding)
+        return tuple(
+            (in_hw[a] - 1) * op.stride - 2 * op.padding + op.dilation * (op.kernel - 1) + extra[a] + 1
+            for a, op in enumerate(ops)
+        )
+    return tuple(
+        (in_hw[a] + 2 * op.padding - op.dilation * (op.kernel - 1) - 1) // op.stride + 1 for a, op in enumerate(ops)
+    )
 
 
 @dataclass
@@ -144,91 +158,98 @@ class LayerCount:
 
 
 class OpCounter:
-    """Forward hooks that count MACs and SOPs of every conv while the model runs; use as a context manager.
+    """Counts the MACs and SOPs of every convolution of a SegmentationNet while it runs (a context manager).
 
-    ``steps`` is the number of time-folded steps per sample ([N*steps, C, H, W]); by default the model's
-    simulated steps (``timesteps + extra_steps``) for a spiking SegmentationNet, 1 otherwise. ``readout_conv``
-    (default ``model.output`` of a spiking net) is a conv applied to the time-mean: it is counted on the spikes
-    of the last neuron layer instead.
+    What each convolution receives comes from the layer graph (models/graph.py): the parts declare it, so a
+    residual ADD's output (integer levels), pooled spikes and analog values are each counted as they are,
+    whatever the values of a batch. A convolution declared to receive spikes that gets anything but integers
+    within the declared levels is an error naming the layer, not a number. A network the graph cannot follow
+    is refused when the counter starts, before any data is read.
     """
 
-    def __init__(self, model: nn.Module, steps: int = None, spiking: bool = None, readout_conv: nn.Module = None):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.spiking = bool(getattr(model, "spiking", False)) if spiking is None else spiking
-        if steps is None:
-            steps = int(model.timesteps) + int(getattr(model, "extra_steps", 0)) if self.spiking else 1
-        self.steps = steps
-        if readout_conv is None and self.spiking:
-            readout_conv = getattr(model, "output", None)
-        self.readout_conv = readout_conv
+        self.spiking = bool(model.spiking)
+        self.steps = int(model.timesteps) + int(model.extra_steps) if self.spiking else 1
         self.layers = {}
         self._handles = []
-        self._pool_outputs = {}  # id(output) -> (pool module, its input); kept only during one forward
         self._fanout_cache = {}
-        self._last_spikes = None
+        self._recorder = None
 
     # ------------------------------------------------------------------------------------------ hooks
     def __enter__(self):
-        self._handles.append(self.model.register_forward_pre_hook(self._start_forward))
-        for name, module in self.model.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
-                kind = "conv_transpose" if isinstance(module, nn.ConvTranspose2d) else "conv"
-                self.layers[module] = LayerCount(name, kind)
-                self._handles.append(module.register_forward_hook(self._count_conv))
-            elif isinstance(module, nn.AvgPool2d):
-                self._handles.append(module.register_forward_hook(self._note_pool))
-            elif isinstance(module, Neuron):
-                self._handles.append(module.register_forward_hook(self._note_spikes))
+        size = parse_size(self.model.config.get("img_size")) or (64, 64)
+        graph = layer_graph(self.model, size)
+        graph.check("the energy count")
+        self._nodes = {node.part: node for node in graph.nodes}
+        self._activities = {}
+        for node, synapse, activity in graph.synapse_inputs():
+            name = node.name if len(node.part.synapses()) == 1 else f"{node.name}.{synapse.local}"
+            kind = "conv_transpose" if synapse.in_dim == 0 else "conv"
+            self.layers[(node.part, synapse.module)] = LayerCount(name, kind)
+            self._activities[(node.part, synapse.module)] = activity
+        self._recorder = Recorder(self.model).__enter__()
+        self._handles.append(self.model.register_forward_hook(self._count_forward))
         return self
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._pool_outputs.clear()
-        self._last_spikes = None
+        if self._recorder is not None:
+            self._recorder.__exit__(*exc)
+            self._recorder = None
 
-    def _start_forward(self, module, args):
-        self._pool_outputs.clear()
-        self._last_spikes = None
+    def _count_forward(self, model, args, output):
+        recorder = self._recorder
+        for call in recorder.calls:
+            for synapse in call.part.synapses():
+                key = (call.part, synapse.module)
+                x = call.inputs[synapse.input]
+                if synapse.on_time_mean:  # counted on what the time-mean was taken of, at every step
+                    x = recorder.producer(x).output
+                self._count(self.layers[key], self._activities[key], synapse, x, recorder)
+        recorder.reset()
 
-    def _note_pool(self, module, inputs, output):
-        self._pool_outputs[id(output)] = (module, inputs[0], output)
-
-    def _note_spikes(self, module, inputs, output):
-        self._last_spikes = output
-
-    def _count_conv(self, module, inputs, output):
-        layer = self.layers[module]
-        x = inputs[0]
-        if module is self.readout_conv:
-            if self._last_spikes is None:
-                raise ValueError(f"readout conv '{layer.name}' ran before any neuron layer: nothing to count")
-            x = self._last_spikes
-            output_hw = output.shape[-2:]
-        else:
-            output_hw = output.shape[-2:]
+    def _count(self, layer, activity, synapse, x, recorder):
+        module = synapse.module
         samples = x.shape[0] // self.steps
         layer.images += samples
-        source, chain = x, [module]
-        while id(source) in self._pool_outputs and self._pool_outputs[id(source)][2] is source:
-            pool, pool_input, _ = self._pool_outputs[id(source)]
-            source, chain = pool_input, [pool] + chain
-        if self.spiking and is_spikes(source):
-            self._count_events(layer, module, source, chain, output_hw)
-            # the common literature estimate, for comparison: input firing rate x dense MACs x steps
-            rate = float((source != 0).sum()) / source.numel()
-            layer.sops_rate_estimate += (
-                rate * dense_macs(module, inputs[0].shape[1:], output.shape[1:]) * self.steps * samples
-            )
+        out_hw = synapse_output_hw(module, x.shape[-2:])
+        if self.spiking and activity.is_spikes:
+            layer.input = activity.describe()
+            for source, chain, via, term in self._event_terms(x, activity, [module], [], recorder):
+                layer.via = via
+                self._check_levels(layer, source, term)
+                self._count_events(layer, module, source, chain, out_hw)
+                rate = float((source != 0).sum()) / source.numel()
+                out_shape = (module.out_channels, *out_hw)
+                layer.sops_rate_estimate += rate * dense_macs(module, x.shape[1:], out_shape) * self.steps * samples
         else:
-            self._count_dense(layer, module, x, output, samples)
+            self._count_dense(layer, module, x, out_hw, samples, synapse.on_time_mean)
 
-    # ------------------------------------------------------------------------------------------ counts
+    def _event_terms(self, x, activity, chain, via, recorder):
+        """(spike tensor, fan-out chain, names of the parts passed, its activity) of each term of events in
+        ``x``: spikes themselves, or traced back through average pooling (fan-out through the pool) and sums
+        (each term's own events) to the spikes they were made of."""
+        if activity.integer:
+            return [(x, chain, via, activity)]
+        call = recorder.producer(x)
+        node, how = self._nodes[call.part], call.part.events()
+        if how == "pool":
+            return self._event_terms(
+                call.inputs[0], node.input_activities[0], [call.part] + chain, [call.name] + via, recorder
+            )
+        if how == "sum":
+            terms = []
+            for term, term_activity in zip(call.inputs, node.input_activities):
+                terms += self._event_terms(term, term_activity, chain, via, recorder)
+            return terms
+        raise ValueError(f"layer {call.name}: holds pooled spikes but does not say how their events pass (Part.events)")
+
     def _count_events(self, layer, module, source, chain, output_hw):
-        layer.input = "spikes"
-        layer.via = [type(m).__name__ for m in chain[:-1]]
-        events = (source != 0).sum(dim=(0, 1), dtype=torch.float64)  # [H, W], over samples, steps, channels
+        """SOPs: each spike reaches the outputs of its fan-out; a spike of level k counts k times."""
+        events = source.detach().abs().sum(dim=(0, 1), dtype=torch.float64)  # [H, W], samples, steps, channels
         fanout = self._spatial_fanout(chain, source.shape[-2:], output_hw)
         channels_reached = module.out_channels // module.groups
         layer.spikes_in += float(events.sum())
@@ -240,26 +261,37 @@ class OpCounter:
             chains_hw = ([], [])
             size = tuple(in_hw)
             for index, module in enumerate(chain):
-                out_hw = output_hw if index == len(chain) - 1 else self._pool_out_hw(module, size)
+                out_hw = output_hw if index == len(chain) - 1 else synapse_output_hw(module, size)
                 for axis, op in enumerate(axis_ops(module, out_hw)):
                     chains_hw[axis].append(op)
                 size = out_hw
             self._fanout_cache[key] = fanout_map(in_hw, chains_hw)
         return self._fanout_cache[key]
 
-    @staticmethod
-    def _pool_out_hw(pool, in_hw):
-        k, s, p = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
-        return tuple((in_hw[a] + 2 * p[a] - k[a]) // s[a] + 1 for a in (0, 1))
-
-    def _count_dense(self, layer, module, x, output, samples):
+    def _count_dense(self, layer, module, x, out_hw, samples, on_time_mean):
+        """MACs of a convolution fed analog values: at every step whose input is not all zero (full
+        propagation's tail is free); a readout on the time-mean at every step."""
         layer.input = "analog"
-        per_step = dense_macs(module, x.shape[1:], output.shape[1:])
-        if module is self.readout_conv or not self.spiking:
-            active = samples * (self.steps if module is self.readout_conv else 1)
-        else:  # steps whose input is all zero (full propagation's tail) need no work
+        per_step = dense_macs(module, x.shape[1:], (module.out_channels, *out_hw))
+        if on_time_mean or not self.spiking:
+            active = samples * (self.steps if on_time_mean else 1)
+        else:
             active = int((x.flatten(1) != 0).any(dim=1).sum())  # one row per (timestep, sample)
         layer.macs += float(per_step * active)
+
+    @staticmethod
+    def _check_levels(layer, source, activity):
+        """The declaration holds: integer values within the declared levels (and sign)."""
+        values = source.detach()
+        bad = (values != values.round()) | (values.abs() > activity.levels)
+        if not activity.signed:
+            bad |= values < 0
+        if bool(bad.any()):
+            found = float(values[bad].flatten()[0])
+            raise ValueError(
+                f"layer {layer.name}: declared to receive {activity.describe()}, but its input holds {found!r}: "
+                "the layer that makes it declares the wrong activity (Part.activity / Neuron.emits)"
+            )
 
     # ------------------------------------------------------------------------------------------ summary
     def summary(self, mac_pj: float = MAC_ENERGY_PJ, ac_pj: float = AC_ENERGY_PJ) -> dict:

@@ -2,9 +2,11 @@
 
     python converter.py export-nir trained_models/quickstart-deployable/best.pth -o quickstart.nir
 
-The graph holds the network body up to and including the readout: each conv unit is a ``Conv2d`` (eval-mode
-batch norm folded into its weight and bias) followed by a ``LIF`` (leak < 1) or ``IF`` (leak 1) node, each
-pooling an ``AvgPool2d``, the 1x1 output convolution a ``Conv2d`` and the readout an integrator ``I``.
+The graph holds the network up to and including the readout. Each layer says what it is in NIR's terms
+(models/protocol.py: ``nir_layers``): a conv unit is a ``Conv2d`` (eval-mode batch norm folded into its weight
+and bias) followed by a ``LIF`` (leak < 1) or ``IF`` (leak 1) node, an average pooling an ``AvgPool2d``, the
+1x1 output convolution a ``Conv2d``, a residual ADD no node at all (NIR sums the edges that meet at a node);
+the layer graph (models/graph.py) gives the edges, and the readout is an integrator ``I``.
 What stays on the host (the input encoding, the division of the readout by T, the final bilinear
 upsampling) is written into the graph's metadata, key ``snnseg``, as a JSON string.
 
@@ -25,20 +27,20 @@ the convolution in front of each LIF by tau / dt (Norse's reading, which ignores
 Not expressible, so refused with one line naming the layer and the option that makes it exportable
 (``lossy=True`` exports anyway and lists what changes): BNTT (per-timestep batch norm), reset by
 subtraction, the negative threshold of leaky-ReLU conversions, Poisson input encoding (random; the host
-would have to draw the spikes). The FCN architectures are refused always (their decoder upsamples between
-spiking stages).
+would have to draw the spikes). Refused always: a layer with no NIR form (the FCN decoder, which upsamples
+between spiking stages; max pooling; a neuron model with no NIR node).
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.files import atomic_path
-from models.convolution import AvgPool2d
-from models.network import BN_EPS, ConvUnit
-from models.neurons import IF, LIF, PLIF
+from models.graph import INPUT, layer_graph
+from models.protocol import NirAvgPool, NirConv, NirNeuron, NotSupported
 from utils.checkpoint import load_model
 from utils.config import parse_size
 
@@ -69,32 +71,14 @@ class NotExportable(ValueError):
 
 
 # --------------------------------------------------------------------------------- what cannot go
-def _leak(neuron):
-    """The leak per step of a shipped neuron model (lif: leak_mem, if: 1, plif: the learned sigmoid(w)),
-    or None for a model NIR has no node for."""
-    if isinstance(neuron, PLIF) and type(neuron).charge is PLIF.charge:
-        return float(torch.sigmoid(neuron.leak_logit.detach().float()))
-    if type(neuron) in (LIF, IF):
-        return float(neuron.leak)
-    return None
-
-
-def export_problems(model) -> list:
+def export_problems(model, input_size=(64, 64)) -> list:
     """(layer, what is not expressible, what would make it exportable, what --lossy does) for each problem,
-    in the order the signal meets them. Empty: the model exports exactly."""
-    cfg, problems = model.config, []
+    in the order the signal meets them; every layer is asked (models/protocol.py: nir_layers, nir_problems).
+    Empty: the model exports exactly."""
     if not model.spiking:
         return [("model", "an ANN has no spiking dynamics", "convert it first (test.py --conversion --save_snn)", None)]
-    if model.fcn:
-        return [
-            (
-                "decoder.0",
-                f"{model.arch}'s decoder upsamples (bilinear) between spiking stages, which NIR cannot express",
-                "train a DeepLab architecture (dl-vgg9, dl-vgg11, dl-vgg16)",
-                None,
-            )
-        ]
-    if cfg.get("encoder") == "poisson":
+    problems = []
+    if model.config.get("encoder") == "poisson":
         problems.append(
             (
                 "input",
@@ -103,44 +87,25 @@ def export_problems(model) -> list:
                 "the graph's input is the host's Poisson spikes (metadata input.encoding: poisson)",
             )
         )
-    for unit in model.conv_units():
-        lif, norm = unit.act, unit.norm
-        if _leak(lif) is None:
-            problems.append(
-                (
-                    lif.name,
-                    f"neuron '{lif.kind or type(lif).__name__}' has no NIR node",
-                    "neuron: lif, if or plif",
-                    None,
-                )
+    graph = layer_graph(model, input_size)
+    try:
+        graph.check("NIR export")
+    except NotSupported as err:
+        return [
+            (
+                str(err).split(":")[0].removeprefix("layer "),
+                str(err).split(": ", 1)[1],
+                "parts the graph can follow",
+                None,
             )
-        if norm is not None and not norm.shared and norm.timesteps > 1:
-            problems.append(
-                (
-                    lif.name,
-                    "BNTT (one batch norm per timestep) has no NIR form",
-                    "bntt: false (one BN over all timesteps, folded into the conv)",
-                    "BN folded with its statistics and scale averaged over the timesteps",
-                )
-            )
-        if not lif.hard_reset:
-            problems.append(
-                (
-                    lif.name,
-                    "reset by subtraction has no NIR form (NIR resets to v_reset)",
-                    "reset: zero",
-                    "reset to zero instead of by subtraction",
-                )
-            )
-        if lif.thresholds()[1] is not None:
-            problems.append(
-                (
-                    lif.name,
-                    "the negative threshold (leaky-ReLU conversion) has no NIR form",
-                    "leaky: false",
-                    "negative spikes dropped",
-                )
-            )
+        ]
+    for node in graph.nodes:
+        try:
+            node.part.nir_layers()
+        except NotSupported as err:
+            problems.append((node.name, err.what, err.fix or "another architecture", None))
+            continue
+        problems += [(node.name, p.what, p.fix, p.lossy) for p in node.part.nir_problems()]
     return problems
 
 
@@ -153,25 +118,6 @@ def _refusal(problem) -> str:
 # ------------------------------------------------------------------------------------------ graph
 def _conv_out(size, kernel, stride, padding, dilation):
     return tuple((s + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i, s in enumerate(size))
-
-
-def _pair(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
-def _folded(unit):
-    """(weight, bias) float64 of conv -> eval-mode BN of ``unit``; per-timestep BN (lossy) averaged."""
-    weight = unit.conv.weight.detach().double().cpu()
-    bias = unit.conv.bias.detach().double().cpu() if unit.conv.bias is not None else weight.new_zeros(weight.shape[0])
-    norm = unit.norm
-    if norm is None:
-        return weight, bias
-    scale = (norm.running_var.detach().double().cpu() + BN_EPS).rsqrt()  # [rows, C]
-    if norm.weight is not None:
-        scale = scale * norm.weight.detach().double().cpu()
-    shift = -norm.running_mean.detach().double().cpu() * scale
-    scale, shift = scale.mean(0), shift.mean(0)  # one row unless BNTT (lossy)
-    return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
 
 
 def _per_neuron(value, shape, layer=""):
@@ -187,82 +133,98 @@ def _per_neuron(value, shape, layer=""):
 
 
 def _f32(tensor):
-    return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(np.float32))
+    return np.ascontiguousarray(torch.as_tensor(tensor).detach().cpu().numpy().astype(np.float32))
+
+
+def _with_unit_r(chain, dt):
+    """Norse's convention r = 1: the factor tau / dt of each LIF goes into the convolution in front of it."""
+    chain = list(chain)
+    for i, layer in enumerate(chain):
+        leak = torch.as_tensor(getattr(layer, "leak", 1.0), dtype=torch.float64)
+        if isinstance(layer, NirNeuron) and bool((leak < 1).any()) and i and isinstance(chain[i - 1], NirConv):
+            factor = ((dt / (1 - leak)) / dt).reshape(-1)  # one value, or one per channel
+            conv = chain[i - 1]
+            chain[i - 1] = replace(conv, weight=conv.weight * factor.view(-1, 1, 1, 1), bias=conv.bias * factor)
+    return chain
+
+
+def _nir_node(nir, layer, shape, dt, unit_r, name):
+    """(NIR node, output shape [C, H, W]) of one primitive for inputs of ``shape``."""
+    if isinstance(layer, NirConv):
+        weight = layer.weight
+        out = (
+            int(weight.shape[0]),
+            *_conv_out(shape[1:], tuple(weight.shape[-2:]), layer.stride, layer.padding, layer.dilation),
+        )
+        node = nir.Conv2d(
+            input_shape=tuple(int(s) for s in shape[1:]),
+            weight=_f32(weight),
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=_f32(layer.bias),
+        )
+        return node, out
+    if isinstance(layer, NirAvgPool):
+        out = (shape[0], *_conv_out(shape[1:], layer.kernel, layer.stride, layer.padding, (1, 1)))
+        node = nir.AvgPool2d(
+            kernel_size=np.array(layer.kernel), stride=np.array(layer.stride), padding=np.array(layer.padding)
+        )
+        return node, out
+    leak = torch.as_tensor(layer.leak, dtype=torch.float64)
+    if bool((leak < 1).any()):
+        tau = dt / (1 - leak)
+        r = torch.ones_like(tau) if unit_r else tau / dt
+        node = nir.LIF(
+            tau=_per_neuron(tau, shape),
+            r=_per_neuron(r, shape),
+            v_leak=np.zeros(shape, np.float32),
+            v_threshold=_per_neuron(layer.threshold, shape, name),
+            v_reset=np.zeros(shape, np.float32),
+        )
+    else:
+        node = nir.IF(
+            r=_per_neuron(1.0 / dt, shape),
+            v_threshold=_per_neuron(layer.threshold, shape, name),
+            v_reset=np.zeros(shape, np.float32),
+        )
+    return node, tuple(shape)
 
 
 def build_graph(model, input_size, dt: float = DEFAULT_DT, unit_r: bool = False):
     """The NIR graph of ``model`` (eval mode) for inputs of ``input_size`` (H, W), and the node names of
-    its neuron layers (in the order of ``model.neuron_layers()``). Does not check ``export_problems``."""
+    its neuron layers (in the order the signal reaches them). Does not check ``export_problems``: each
+    layer gives its chain of primitives (models/protocol.py), the layer graph gives the edges, and where
+    several edges meet at a node NIR sums them (a residual ADD)."""
     nir = require_nir()
     if dt <= 0:
         raise ValueError(f"dt must be > 0, got {dt}")
     channels, size = int(model.config["in_channels"]), tuple(int(s) for s in input_size)
-    nodes, neurons = {"input": nir.Input(input_type=np.array([channels, *size]))}, []
-    for index, layer in enumerate(model.body):
-        if isinstance(layer, ConvUnit):
-            conv, lif = layer.conv, layer.act
-            weight, bias = _folded(layer)
-            kernel, stride = tuple(weight.shape[-2:]), _pair(conv.stride)
-            padding, dilation = _pair(conv.padding), _pair(conv.dilation)
-            out = (int(weight.shape[0]), *_conv_out(size, kernel, stride, padding, dilation))
-            theta = lif.thresholds()[0]
-            leak = torch.as_tensor(_leak(lif), dtype=torch.float64)
-            if bool((leak < 1).any()):
-                tau = dt / (1 - leak)
-                r = torch.ones_like(tau) if unit_r else tau / dt
-                if unit_r:  # Norse's convention r = 1: the factor tau / dt goes into the weights
-                    factor = (tau / dt).reshape(-1)  # one value, or one per channel
-                    weight, bias = weight * factor.view(-1, 1, 1, 1), bias * factor
-                neuron = nir.LIF(
-                    tau=_per_neuron(tau, out),
-                    r=_per_neuron(r, out),
-                    v_leak=np.zeros(out, np.float32),
-                    v_threshold=_per_neuron(theta, out, lif.name),
-                    v_reset=np.zeros(out, np.float32),
-                )
-            else:
-                neuron = nir.IF(
-                    r=_per_neuron(1.0 / dt, out),
-                    v_threshold=_per_neuron(theta, out, lif.name),
-                    v_reset=np.zeros(out, np.float32),
-                )
-            nodes[f"{lif.name}.conv"] = nir.Conv2d(
-                input_shape=size,
-                weight=_f32(weight),
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-                groups=int(conv.groups),
-                bias=_f32(bias),
-            )
-            nodes[f"{lif.name}.neuron"] = neuron
-            neurons.append(f"{lif.name}.neuron")
-            size = out[1:]
-        elif isinstance(layer, AvgPool2d):
-            kernel, stride, padding = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding)
-            if not layer.count_include_pad or layer.ceil_mode or layer.divisor_override is not None:
-                raise NotExportable(f"layer body.{index}: only average pooling that counts the padding exports")
-            nodes[f"pool.{index}"] = nir.AvgPool2d(
-                kernel_size=np.array(kernel), stride=np.array(stride), padding=np.array(padding)
-            )
-            size = _conv_out(size, kernel, stride, padding, (1, 1))
-        else:
-            raise NotExportable(f"layer body.{index} ({type(layer).__name__}) has no NIR form")
-    classes = int(model.output.weight.shape[0])
-    nodes["output.conv"] = nir.Conv2d(
-        input_shape=size,
-        weight=_f32(model.output.weight),
-        stride=(1, 1),
-        padding=(0, 0),
-        dilation=(1, 1),
-        groups=1,
-        bias=np.zeros(classes, np.float32),
-    )
+    graph = layer_graph(model, size)
+    nodes, edges, neurons = {"input": nir.Input(input_type=np.array([channels, *size]))}, [], []
+    exits, shapes = {INPUT: ["input"]}, {INPUT: (channels, *size)}
+    for node in graph.nodes:
+        try:
+            chain = node.part.nir_layers()
+        except NotSupported as err:
+            raise NotExportable(f"layer {node.name}: {err.what}") from None
+        sources = [name for producer in node.inputs for name in exits[producer]]
+        shape = shapes[node.inputs[0]]
+        for layer in _with_unit_r(chain, dt) if unit_r else chain:
+            name = f"{node.name}.{layer.role}"
+            nodes[name], shape = _nir_node(nir, layer, shape, dt, unit_r, node.name)
+            edges += [(source, name) for source in sources]
+            sources = [name]
+            if isinstance(layer, NirNeuron):
+                neurons.append(name)
+        exits[node], shapes[node] = sources, shape
+    last = graph.outputs["out"]
+    classes, size = shapes[last][0], shapes[last][1:]
     nodes["readout"] = nir.I(r=np.full((classes, *size), 1.0 / dt, np.float32))
     nodes["output"] = nir.Output(output_type=np.array([classes, *size]))
-    names = list(nodes)
-    graph = nir.NIRGraph(nodes=nodes, edges=list(zip(names[:-1], names[1:])))
-    return graph, neurons
+    edges += [(source, "readout") for source in exits[last]] + [("readout", "output")]
+    return nir.NIRGraph(nodes=nodes, edges=edges), neurons
 
 
 def host_side(model, input_size, dt, unit_r, changes, source=None) -> dict:
@@ -321,7 +283,7 @@ def export_model(
                 f"the model's img_size is the native size ({model.config.get('img_size')}): give the input size "
                 "with --input-size H W"
             )
-    problems = export_problems(model)
+    problems = export_problems(model, input_size)
     hard = [p for p in problems if p[3] is None]
     if hard or (problems and not lossy):
         raise NotExportable(_refusal((hard or problems)[0]))

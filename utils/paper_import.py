@@ -12,7 +12,8 @@ state dict names layers by position within the 'features' and 'classifier' parts
     scores_features.<n>.{weight,bias} / scores_classifier.<n>.{...}   FCN skip scores, n = convs before it
     upsample.<k>.0.weight                                  FCN decoder transposed conv k
 
-Our network keeps the same parts (models.SegmentationNet.part_units), so the mapping is by position.
+Our VGG networks keep the same parts (models/architectures/vgg.py: ``part_units``,
+``paper_skip_positions``), so the mapping is by position.
 """
 
 import pickle
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from models import ARCHITECTURES, MODEL_DEFAULTS, build_model
+from models import MODEL_DEFAULTS, build_model
+from models.architectures.vgg import TABLES as VGG_TABLES
 from models.conversion import THRESHOLD_TYPES
-from models.network import SkipScore
 from utils.checkpoint import FORMAT
 from utils.config import NATIVE_SIZE, SCHEMA, all_defaults, parse_size
 
@@ -97,8 +98,8 @@ def translate_config(paper: dict, path) -> dict:
     if model_type not in ("ann", "snn"):
         raise ValueError(f"{path}: config model_type must be 'ann' or 'snn', got {model_type!r}")
     arch = paper["architecture"]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{path}: unknown architecture {arch!r}; ours: {', '.join(ARCHITECTURES)}")
+    if arch not in VGG_TABLES:  # the paper's networks: the VGG tables (models/architectures/vgg.py)
+        raise ValueError(f"{path}: unknown architecture {arch!r}; the paper's: {', '.join(VGG_TABLES)}")
     if paper.get("kernel_size", 3) not in (3, None):
         raise ValueError(f"{path}: kernel_size {paper['kernel_size']} is not supported (the architectures use 3)")
     dataset = paper["dataset"]
@@ -177,7 +178,7 @@ def map_state_dict(paper_state: dict, model, path) -> dict:
                 )
     if model.output is not None:
         take(f"classifier.{len(model.part_units['classifier'])}.weight", "output.weight")
-    for body_index, part, count in _skip_positions(model, SkipScore):
+    for body_index, part, count in model.paper_skip_positions():
         prefix = next(
             (p + part for p in PAPER_SCORE_PREFIXES if f"{p}{part}.{count}.weight" in source), f"scores_{part}"
         )
@@ -217,19 +218,6 @@ def _take_bn(take, source, part, i, our_prefix, timesteps):
     return torch.tensor(max(counters, default=0), dtype=torch.long)
 
 
-def _skip_positions(model, skip_type):
-    """(body index, part, convs of that part before it) of each FCN skip: the paper's dict key."""
-    first_classifier = min(model.part_units["classifier"], default=len(model.body))
-    positions = []
-    for body_index, layer in enumerate(model.body):
-        if isinstance(layer, skip_type):
-            part = "features" if body_index < first_classifier else "classifier"
-            count = sum(1 for unit in model.part_units[part] if unit < body_index)
-            positions.append((body_index, part, count))
-    return positions
-
-
-# -------------------------------------------------------------------------------------- checkpoint
 def check_nested_thresholds(thresholds, path) -> dict:
     """thresholds[type][str(T)] = list, as ours; the paper's older flat {T: list} is named as such."""
     if not isinstance(thresholds, dict):

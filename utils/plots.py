@@ -51,13 +51,8 @@ HEADER_HEIGHT = 16
 
 
 def activity_unit(model):
-    """(name, module) of the layer the picture shows: the last conv unit at full resolution (before the
-    first pooling), whose activity lines up with the input pixels."""
-    units = getattr(model, "_full_resolution_units", lambda: [])() or model.conv_units()[:1]
-    unit = units[-1]
-    name = next(n for n, m in model.named_modules() if m is unit)
-    lif = getattr(unit.act, "name", None)  # a spiking unit's neurons carry the paper's layer name
-    return (lif or name), unit
+    """(name, module) of the layer the picture shows: the architecture's choice (``picture_layer``)."""
+    return model.picture_layer()
 
 
 @torch.no_grad()

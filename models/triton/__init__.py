@@ -1,6 +1,6 @@
 """The neurons' Triton backend: BNTT + LIF over all S timesteps of a layer in a few fused kernels.
 
-Same API as models/lif_torch.py (see its docstring; models/neurons.py chooses the backend)::
+Same API as models/lif_torch.py (see its docstring; models/neurons/base.py chooses the backend)::
 
     forward(x, u0, params, bn, keep_spikes) -> (spikes, compact, u, mean, invstd)
     backward(x, u0, compact, mean, invstd, weight, grad_spikes, grad_u_end, params, bn)

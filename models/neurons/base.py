@@ -1,39 +1,17 @@
-"""Spiking neuron models: one class per model, defined by its per-timestep dynamics; a registry by name.
+"""The neuron model's base class, the spike with its surrogate gradient, and the registry by name.
 
-A neuron layer keeps a state (a tuple of tensors, the membrane first) and, at each timestep t of its
-input currents ``I[t]``, runs three small methods (docs/neurons.md shows how to add a model)::
-
-    state = charge(state, I[t])                 e.g. u = leak * u + I
-    s[t]  = fire(state)                         s = H(u / theta - 1), with a surrogate gradient
-    state = reset(state, s[t].detach())         u = u - theta * s  (subtract)  or  u * (1 - |s|)  (zero)
-
-The generic path runs any model this way over ``[S, N, C, H, W]`` through ordinary autograd: the spike
-is an autograd function whose backward is the surrogate (``spike_fn``), the reset sees the detached
-spike, and nothing else is written by hand. Shipped models (``NEURONS``):
-
-- ``lif``:  u = leak * u + I (leak = ``leak_mem``); the paper's neuron.
-- ``if``:   u = u + I (no leak: ``leak_mem`` is ignored).
-- ``plif``: u = sigmoid(w) * u + I with one learnable ``w`` per layer (``leak_logit`` in the state
-  dict), initialised so that sigmoid(w) = ``leak_mem``.
-
-Every model has a threshold ``theta`` (a buffer: a float, or per channel / per neuron for converted
-SNNs), the imbalanced negative threshold ``theta_neg = -theta / alpha`` when built with ``alpha`` (a
--1 spike when ``u / theta_neg - 1 > 0``), and a reset by subtraction or to zero (``reset``).
-
-Accelerators (``models/fused.py``): the torch loops and the Triton kernels run LIF and IF (both
-resets) as one fused autograd function per layer; ``neuron_backend`` picks one: ``auto`` (the fastest
-that supports the model on its device), ``generic``, ``torch`` or ``triton``. The backend is an
-execution choice, not part of the model: the state dict is the same whichever runs it.
+A neuron model is one class (one file in this package, registered with ``@register_neuron``): docs/neurons.md.
 """
 
-import math
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
-from . import spikes as spike_protocol
-from .fused import (  # noqa: F401  (re-exported: the accelerators' API)
+from .. import protocol
+from .. import spikes as spike_protocol
+from ..clock import Timed
+from ..fused import (  # noqa: F401  (re-exported: the accelerators' API)
     ACCELERATORS,
     BACKENDS,
     LIFParams,
@@ -50,7 +28,7 @@ from .fused import (  # noqa: F401  (re-exported: the accelerators' API)
     supports,
     time_split,
 )
-from .surrogates import Surrogate, get_surrogate
+from ..surrogates import Surrogate, get_surrogate
 
 RESETS = ("subtract", "zero")
 NEURONS = {}
@@ -92,7 +70,7 @@ def spike_fn(x: torch.Tensor, surrogate: Surrogate) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- the base class
-class Neuron(nn.Module):
+class Neuron(protocol.Part, Timed):
     """A layer of spiking neurons for time-folded tensors ``[T*N, C, H, W]`` (time-major: t, then n).
 
     Subclasses set ``kind`` and define ``charge`` (and, if they differ from the threshold neuron's,
@@ -198,26 +176,19 @@ class Neuron(nn.Module):
             and self.accelerator(x.device) is not None
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        steps: int,
-        norm=None,
-        t0: int = 0,
-        membranes: Optional[dict] = None,
-        conv: Optional[nn.Module] = None,
-        replaying: bool = False,
-    ):
-        """Spikes for time-folded currents ``x`` of timesteps ``t0 .. t0+steps-1``.
+    def forward(self, x: torch.Tensor, steps: Optional[int] = None, norm=None, conv: Optional[nn.Module] = None):
+        """Spikes for the time-folded currents ``x`` of the block of timesteps that the network's clock
+        says (``steps``: the number of timesteps, for a layer used on its own).
 
-        ``norm`` (a TimeBatchNorm) is applied first (fused into an accelerator's backward). ``membranes``
-        (a dict keyed by layer) carries the state across blocks of timesteps: with ``t0 > 0`` this layer
-        continues from ``membranes[self]``, and its final state is stored there. With ``conv``, ``x`` is
-        that convolution's input and backward recomputes the convolution (see ``recomputes_conv``).
-        ``replaying``: memory-saving mode replays this block in backward (BN statistics stay as they are).
+        ``norm`` (a TimeBatchNorm) is applied first (fused into an accelerator's backward). The state is
+        carried across blocks of timesteps in the clock: with ``t0 > 0`` this layer continues from
+        ``clock.states[self]``, and its final state is stored there. With ``conv``, ``x`` is that
+        convolution's input and backward recomputes the convolution (see ``recomputes_conv``).
         """
-        state = membranes.get(self) if (membranes is not None and t0 > 0) else None
-        backend = self.accelerator(x.device)
+        clock = self.clock_for(steps)
+        steps, t0, replaying = clock.steps, clock.t0, clock.replaying
+        state = clock.states.get(self) if t0 > 0 else None
+        backend = None if clock.per_step else self.accelerator(x.device)
         if backend is None:
             if conv is not None:
                 x = conv(x)
@@ -238,14 +209,56 @@ class Neuron(nn.Module):
             u0 = None if state is None else state[0]
             spikes, u, compact = run_layer(x if conv is not None else time_split(x, steps), u0, call, conv)
             state = (u,)
-        if membranes is not None:
-            membranes[self] = state
+        clock.states[self] = state
         if self.recording and not replaying:  # memory-saving mode's replay: counted in the first pass
             self._record(spikes)
         out = spikes.flatten(0, 1)
         if torch.compiler.is_compiling():  # the spike mark is a python attribute on the tensor
             return out
         return spike_protocol.mark(out, None if compact is None else compact.flatten(0, 1), per_step=spikes)
+
+    # ---- the layer protocol (models/protocol.py) ----
+    def emits(self) -> protocol.Activity:
+        """What this neuron model outputs: binary spikes, signed ones with the negative threshold."""
+        return protocol.spikes(1, signed=self.alpha is not None, sources=(self,))
+
+    def activity(self, inputs):
+        return self.emits()
+
+    def conversion_problem(self):
+        return None
+
+    def nir_leak(self):
+        """The leak per step if this model is NIR's LIF (leak < 1) or IF (leak 1); None: no NIR node."""
+        return None
+
+    def nir_neuron(self) -> protocol.NirNeuron:
+        leak = self.nir_leak()
+        if leak is None:
+            raise protocol.NotSupported(
+                f"neuron '{self.kind or type(self).__name__}' has no NIR node", "neuron: lif, if or plif"
+            )
+        return protocol.NirNeuron(leak, self.thresholds()[0])
+
+    def nir_problems(self):
+        problems = []
+        if not self.hard_reset:
+            problems.append(
+                protocol.NirProblem(
+                    "reset by subtraction has no NIR form (NIR resets to v_reset)",
+                    "reset: zero",
+                    "reset to zero instead of by subtraction",
+                )
+            )
+        if self.thresholds()[1] is not None:
+            problems.append(
+                protocol.NirProblem(
+                    "the negative threshold (leaky-ReLU conversion) has no NIR form",
+                    "leaky: false",
+                    "negative spikes dropped",
+                )
+            )
+        return problems
 
     # ---- thresholds ----
     def thresholds(self):
@@ -304,66 +317,6 @@ class Neuron(nn.Module):
         )
 
 
-# ------------------------------------------------------------------------------- shipped neurons
-@register_neuron
-class LIF(Neuron):
-    """Leaky integrate-and-fire: u = leak * u + I. Runs on every backend."""
-
-    kind = "lif"
-
-    def charge(self, state, current):
-        return (self.leak * state[0] + current,)
-
-    def lif_params(self) -> Optional[LIFParams]:
-        # A subclass with dynamics of its own is not what the fused implementations compute.
-        if any(getattr(type(self), m) is not getattr(LIF, m) for m in _DYNAMICS):
-            return None
-        theta, theta_neg = self.thresholds()
-        return LIFParams(self.leak, theta, theta_neg, self.surrogate, self.hard_reset, self.compile)
-
-    def params(self) -> Optional[LIFParams]:  # the name of earlier versions
-        return self.lif_params()
-
-
-_DYNAMICS = ("initial_state", "charge", "fire", "reset")
-
-
-@register_neuron
-class IF(LIF):
-    """Integrate-and-fire: LIF without leak (u = u + I); ``leak`` is ignored (always 1)."""
-
-    kind = "if"
-
-    def __init__(self, leak: float = 1.0, *args, **kwargs):
-        super().__init__(1.0, *args, **kwargs)
-
-
-@register_neuron
-class PLIF(LIF):
-    """Parametric LIF (Fang et al. 2021): u = sigmoid(w) * u + I with one learnable ``w`` per layer
-    (``leak_logit``), initialised so that sigmoid(w) = ``leak``, which must be in (0, 1) (1 is no leak,
-    which a sigmoid does not reach). Runs on the generic path only."""
-
-    kind = "plif"
-
-    def __init__(self, leak: float = 0.99, *args, **kwargs):
-        leak = float(leak)
-        logit = math.log(leak / (1 - leak)) if 0 < leak < 1 else None
-        if logit is None or not 0 < torch.sigmoid(torch.tensor(logit)).item() < 1:
-            raise ValueError(
-                f"neuron 'plif' learns leak = sigmoid(w) and needs leak_mem in (0, 1) that float32 can "
-                f"represent that way, got {leak!r}"
-            )
-        super().__init__(leak, *args, **kwargs)
-        self.leak_logit = nn.Parameter(torch.tensor(logit))
-
-    def charge(self, state, current):
-        return (torch.sigmoid(self.leak_logit) * state[0] + current,)
-
-    def extra_repr(self):
-        return f"learned leak={torch.sigmoid(self.leak_logit.detach()).item():.4f}, " + super().extra_repr()
-
-
 def build_neuron(kind: str, **kwargs) -> Neuron:
     """A neuron layer of model ``kind`` (``NEURONS``)."""
     return get_neuron(kind)(**kwargs)
@@ -408,37 +361,3 @@ def time_sum(x, steps):
     if per_step is None or per_step.shape[0] != steps:
         per_step = time_split(x, steps)
     return per_step.sum(0)
-
-
-def lif_sequence(
-    currents: torch.Tensor,
-    leak: float = 0.99,
-    threshold: Threshold = 1.0,
-    surrogate: Union[str, Surrogate] = "linear",
-    threshold_neg: Optional[Threshold] = None,
-    time_dim: int = 0,
-    backend: str = "torch",
-    reset: str = "subtract",
-    **surrogate_params,
-) -> torch.Tensor:
-    """Spikes of a LIF layer driven by ``currents`` (time along ``time_dim``, default ``[T, ...]``).
-
-    ``threshold`` is a float (layer-wise) or a tensor that broadcasts against one timestep
-    (``[C, 1, 1]`` channel-wise, ``[C, H, W]`` neuron-wise). ``threshold_neg`` (negative) turns on
-    the imbalanced threshold; ``reset`` is 'subtract' or 'zero'. The result has the shape of ``currents``,
-    values in {0, 1} (or {-1, 0, 1}), and is differentiable through the surrogate when ``currents``
-    requires a gradient. ``backend`` 'triton' needs ``[T, N, C, H, W]`` currents (the kernels' layout);
-    'generic' runs the LIF model's per-step methods through autograd.
-    """
-    check_backend(backend)
-    if reset not in RESETS:
-        raise ValueError(f"unknown reset '{reset}'; choose one of {list(RESETS)}")
-    surrogate = get_surrogate(surrogate, **surrogate_params)
-    x = currents.movedim(time_dim, 0)
-    if backend == "generic":
-        neuron = LIF(leak, 1.0, surrogate, reset=reset, backend="generic")
-        neuron.thresholds = lambda: (threshold, threshold_neg)
-        return neuron.run_generic(x, None)[0].movedim(0, time_dim)
-    params = LIFParams(float(leak), threshold, threshold_neg, surrogate, reset == "zero")
-    call = _Call(backend_for(backend, x.device), params, None, None, x.shape[0])
-    return run_layer(x, None, call)[0].movedim(0, time_dim)

@@ -1,0 +1,35 @@
+"""Architectures by name (config key ``arch``): each one file, a ``SegmentationNet`` subclass registered with
+``@register_architecture(name, **options)``; ``options`` reach its ``build`` (one class can serve several
+names, as the VGG tables do). docs/architectures.md shows how to add one.
+"""
+
+ARCHITECTURES = {}  # name -> (class, build options)
+
+
+def register_architecture(name: str, **options):
+    """Class decorator: make a SegmentationNet subclass buildable as ``arch: name``."""
+
+    def register(cls):
+        if not name or name in ARCHITECTURES:
+            raise ValueError(f"architecture {cls.__name__} needs a new, non-empty name, got {name!r}")
+        ARCHITECTURES[name] = (cls, dict(options))
+        return cls
+
+    return register
+
+
+def get_architecture(name: str):
+    """(class, build options) of architecture ``name``."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture '{name}'; choose one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def build_architecture(cfg: dict):
+    """A fresh model of ``cfg['arch']`` built from the (resolved) model config ``cfg``."""
+    cls, options = get_architecture(cfg["arch"])
+    return cls(cfg, **options)
+
+
+# The shipped architectures register themselves on import.
+from . import sew_resnet, vgg  # noqa: E402, F401
