@@ -30,7 +30,7 @@ from models import resolve_model_config
 from utils import plots, preflight
 from utils.allocator import set_cpu_malloc
 from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoint
-from utils.config import SCHEMA, read_config_layer
+from utils.config import SCHEMA, read_config_layer, recorded_given
 from utils.distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from utils.evaluation import autocast, evaluate, to_model_input
 from utils.runs import (
@@ -262,7 +262,12 @@ def prepare(args, dist_info: dict):
     preflight.check_inputs([("--config", args.config, "file"), ("--resume", args.resume, "file")])
     resumed = load_checkpoint(args.resume) if args.resume else None
     base = {**resumed["config"], **resume_location(resumed["config"], args.resume)} if resumed else None
-    cfg = setup.resolve_config(args, base=base, base_source=args.resume)
+    base_given = None
+    if resumed:  # the keys its run was given, and the run folder it lies in
+        base_given = recorded_given(resumed, read_config_layer(resumed["config"], args.resume, strict=False))
+        base_given |= set(resume_location(resumed["config"], args.resume))
+    cfg, sources = setup.resolve_config_sources(args, base=base, base_source=args.resume, base_given=base_given)
+    args.given = sorted(setup.given_keys(sources))  # recorded in the checkpoints (utils/config.py)
     changes = check_resume(resumed, args.resume, cfg) if resumed is not None else {}
     if is_main:
         first = describe_changes(changes, int(resumed["epoch"]) + 1) if changes else ""
@@ -379,6 +384,7 @@ def run(args, dist_info, cfg, resumed, run_dir, note, progress):
         logger=logger,
         is_main=is_main,
         config_written=False,  # config.yaml is written with the first epoch boundary of this start
+        given=getattr(args, "given", None),  # the keys given (utils/config.py, given_keys), kept beside the config
     )
     try:
         best_miou = run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, best_miou, state)
@@ -526,6 +532,7 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
                 epoch,
                 best_miou,
                 state["generator"],
+                **({} if state.get("given") is None else {"given": state["given"]}),
                 **extra,
             ),
         )
