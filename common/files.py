@@ -101,6 +101,20 @@ def check_output_dir(path, what: str):
         raise ValueError(f"{what} {path} cannot be written: {problem}")
 
 
+def check_readable_folder(folder, what: str = "folder"):
+    """ValueError naming `folder` if its files cannot be listed or opened (permission denied): a folder
+    that cannot be read must not look empty."""
+    denied = not os.access(folder, os.R_OK | os.X_OK)
+    if not denied:
+        try:
+            with os.scandir(folder):
+                pass
+        except PermissionError:
+            denied = True
+    if denied:
+        raise ValueError(f"{what} {folder} is not readable (permission denied)")
+
+
 # ----------------------------------------------------------------------------- replacing files
 # An output that exists is replaced only if it is a file of the kind being written (a results JSON by a
 # results JSON, a NIR file by a NIR file): never a checkpoint or a file the project did not write as that

@@ -106,6 +106,8 @@ class FolderFrames:
         self.labels_dir = root / "labels" / split
         if not self.events_dir.is_dir() or not self.labels_dir.is_dir():
             raise FileNotFoundError(f"DDD17 split {split!r} not found under {root}: expected {LAYOUT}")
+        files.check_readable_folder(self.events_dir, "event folder")
+        files.check_readable_folder(self.labels_dir, "label folder")
         keys = sorted(k for k in map(frame_key, os.listdir(self.events_dir)) if k is not None)
         if not keys:
             raise FileNotFoundError(f"no rec<recording>_export_<frame>.npy files in {self.events_dir}")
