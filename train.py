@@ -391,7 +391,7 @@ def run(args, dist_info, cfg, resumed, run_dir, note, progress):
     finally:
         logger.close()
     if is_main:
-        report_done(run_dir, best_miou)
+        report_done(run_dir, best_miou, args.resume)
         draw_picture(model, val_set, cfg, device, run_dir)
 
 
@@ -541,8 +541,8 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
         if not state["config_written"]:
             setup.save_config_yaml(state["cfg"], state["run_dir"] / "config.yaml")
             state["config_written"] = True
-        if improved:
-            save("best.pth", metrics={k: v for k, v in record.items() if k.startswith("val_")})
+        if improved:  # with the epoch's record too: a resume from best.pth restores its metrics line
+            save("best.pth", metrics={k: v for k, v in record.items() if k.startswith("val_")}, record=record)
         save("last.pth", record=record)
     except WriteError as err:
         state["logger"].log_epoch({**record, "checkpoint_error": str(err)})
@@ -558,21 +558,37 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
     state["kept"], state["changes"] = (state["run_dir"] / "last.pth", epoch), {}
 
 
-def report_done(run_dir: Path, best_miou: float):
+def best_elsewhere(run_dir: Path, resumed_from) -> Path | None:
+    """The best checkpoint of a run continued into `run_dir` from another folder, whose epochs did not
+    improve on it: the resumed best.pth itself, or the best.pth beside the resumed last.pth."""
+    if resumed_from is None or (run_dir / "best.pth").exists():
+        return None
+    resumed_from = Path(resumed_from)
+    best = resumed_from if resumed_from.name == "best.pth" else resumed_from.with_name("best.pth")
+    return best if best.is_file() and best.resolve().parent != run_dir.resolve() else None
+
+
+def report_done(run_dir: Path, best_miou: float, resumed_from=None):
     present = [name for name in ("config.yaml", "metrics.jsonl", "last.pth", "best.pth") if (run_dir / name).exists()]
     best_epoch = next(
         (r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("val_miou") == best_miou), None
     )
     best = f"best val mIoU {best_miou:.4f}" + (f" (epoch {best_epoch})" if best_epoch else "")
+    elsewhere = best_elsewhere(run_dir, resumed_from)
+    if elsewhere is not None:  # this folder has no best.pth: no epoch of it improved on the resumed run
+        best += f", in {elsewhere} (no epoch of this run improved on it, so {run_dir} has no best.pth)"
     print(f"done: {best}. Files in {run_dir.resolve()}: {', '.join(present)}")
-    if "best.pth" in present:
-        print(f"evaluate with: python test.py --model_path {run_dir / 'best.pth'}")
+    if "best.pth" in present or elsewhere is not None:
+        print(f"evaluate with: python test.py --model_path {elsewhere or run_dir / 'best.pth'}")
 
 
 def draw_picture(model, val_set, cfg, device, run_dir: Path):
     """The run's last word: a picture of a few validation images (input | ground truth | prediction | one
     layer's activity) by the trained model, and its path as the last line printed."""
-    path = plots.save_activity_grid(model, val_set, cfg, device, run_dir / PICTURE, PICTURE_IMAGES)
+    try:
+        path = plots.save_activity_grid(model, val_set, cfg, device, run_dir / PICTURE, PICTURE_IMAGES)
+    except WriteError as err:  # the run itself is complete: say so
+        raise WriteError(f"{err}; the run itself is complete (its checkpoints and metrics are saved)") from None
     print(
         f"picture of {min(PICTURE_IMAGES, len(val_set))} validation images (input | ground truth | prediction | "
         "activity of one layer):"

@@ -11,6 +11,7 @@ by timestep over all layers.
 """
 
 import contextlib
+import re
 
 import torch
 import torch.nn as nn
@@ -443,9 +444,17 @@ class SegmentationNet(nn.Module):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"pretrained weights file '{path}' does not exist") from None
-        except Exception as exc:
-            raise ValueError(f"cannot read pretrained weights '{path}': {exc}") from None
+        except Exception as exc:  # one line: not PyTorch's advice to load it with weights_only=False
+            text = str(exc)
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            reason = reason.group(1).strip() if reason else (text.splitlines() or [type(exc).__name__])[0]
+            raise ValueError(
+                f"pretrained weights '{path}' are not a weights-only PyTorch file (torch.load with weights_only=True: "
+                f"{reason}; nothing in it was run)"
+            ) from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"pretrained weights '{path}' hold a {type(state).__name__}, not a dict of weights")
         vgg = [v for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.dim() == 4]
         if not vgg:
             raise ValueError(f"'{path}' holds no torchvision VGG 'features.<i>.weight' conv weights")
