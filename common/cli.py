@@ -12,12 +12,19 @@ Two more kinds of expected error become one line: a missing optional package (`O
 an ImportError whose message already says what to `pip install`), and an error raised in a DataLoader
 worker, which PyTorch re-raises in the main process as "Caught ValueError in DataLoader worker process 0.
 Original Traceback ...": the line is the worker's own message (`worker_message`).
+
+Under torchrun, an `error:` line is also written to the error file torchrun names (TORCHELASTIC_ERROR_FILE), so
+that torchrun's failure summary shows it ("traceback : error: ...") instead of a link. torchrun itself
+still prints a traceback of its own launcher after any worker that exits non-zero (it re-raises its
+ChildFailedError; nothing a worker does short of exiting 0 avoids that): docs/runs.md.
 """
 
 import argparse
+import json
 import os
 import re
 import sys
+import time
 
 
 class TrainingStopped(RuntimeError):
@@ -113,6 +120,19 @@ def expected_message(err: BaseException) -> str | None:
     return None
 
 
+def tell_torchrun(message: str):
+    """Under torchrun: write `message` to the error file it reads for its failure summary (the format of
+    torch.distributed.elastic's ErrorHandler, message as a string). Elsewhere nothing."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
+    except OSError:
+        pass  # torchrun then reports the exit code alone, as without the file
+
+
 def run_main(main, argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -132,5 +152,6 @@ def run_main(main, argv=None) -> int:
         if debug or message is None:
             raise
         print(f"error: {_cut(message)}  (run with --debug for the traceback)", file=sys.stderr)
+        tell_torchrun(f"error: {_cut(message)}")
         return 2
     return 0
