@@ -31,7 +31,7 @@ from models.conversion import cached_thresholds
 from utils import analysis, conversion_plugin, preflight
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, is_converted_snn, load_checkpoint
-from utils.config import NATIVE_SIZE, SCHEMA, check_value, coerce
+from utils.config import NATIVE_SIZE, SCHEMA, check_img_size, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 from utils.runs import interrupt_handling
@@ -105,6 +105,7 @@ def eval_config(checkpoint_cfg: dict, args, source) -> dict:
             except ValueError as err:
                 raise ValueError(f"--{key}: {err}") from None
     check_value("dataset", cfg["dataset"])
+    check_img_size(cfg, "--img_size" if args.img_size is not None else f"{source}'s img_size")
     info = data.dataset_info(cfg["dataset"], cfg)
     if int(info["num_classes"]) != int(cfg["num_classes"]) or int(info["in_channels"]) != int(cfg["in_channels"]):
         raise ValueError(
