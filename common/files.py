@@ -139,6 +139,22 @@ def starts_with(path, magic: bytes) -> bool:
         return False
 
 
+def is_text(path, limit: int = 1 << 16) -> bool:
+    """A text file (its first `limit` bytes UTF-8, no NUL byte): a list or a log, never a checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(limit)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start >= limit - 4  # a character cut at the limit
+    return True
+
+
 def is_image(path) -> bool:
     """An image file that PIL can read (its header checked, the pixels not decoded)."""
     from PIL import Image, UnidentifiedImageError

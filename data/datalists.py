@@ -63,6 +63,7 @@ def _write(out, names):
     if not names:
         raise ValueError(f"no entries to write to {out}")
     out = Path(out)
+    files.check_replace(out, "--out", "a text list", files.is_text)  # e.g. never a checkpoint
     files.atomic_write_bytes(out, "".join(f"{n}\n" for n in names).encode())
     return out, len(names)
 
@@ -105,6 +106,8 @@ def get_args_parser():
 
 def _main(argv):
     args = get_args_parser().parse_args(argv)
+    if args.out and not args.check:  # before any list is read
+        files.check_replace(args.out, "--out", "a text list", files.is_text)
     if args.check:
         n = check(args.dataset, args.root, args.split, args.check, args.deep)
         print(f"{args.check}: {n} entries OK")

@@ -105,6 +105,11 @@ def test_outputs_replace_only_their_own_kind(tiny_ann_run, tmp_path, capsys):
         args = [command, str(model), "-o", str(other)] + (["--type", "layer"] if command == "thresholds" else [])
         one_line_error(capsys, converter.main, args, f"-o {other} exists and is not a checkpoint")
     one_line_error(capsys, visualize._main, ["--out", str(note)], "--out", "not an image")
+    lists = ["--dataset", "ddd17", "--root", str(tmp_path), "--out", str(other)]
+    one_line_error(capsys, datalists._main, lists, "--out", "not a text list")
+    from data.ddd17.__main__ import _main as ddd17_main
+
+    one_line_error(capsys, ddd17_main, ["pack", str(tmp_path), "train", str(other)], "not a packed DDD17 file")
     assert other.read_bytes() == kept and note.read_text() == "mine"
 
     results = tmp_path / "results.json"  # a results JSON is replaced by the next one
