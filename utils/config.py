@@ -44,6 +44,7 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
     str2bool,
 )
 from data import registry
+from models.architectures import Pool, get_architecture
 from models.config import MODEL_KEYS, resolve_model_config
 from utils.allocator import POLICIES
 
@@ -387,8 +388,6 @@ def min_img_size(arch: str) -> int:
     """The smallest input side `arch` is meant for: its total downsampling (2 per stride-2 pooling), below
     which its deepest feature maps would be under one pixel. (One place, for the architecture table to
     provide later.)"""
-    from models.architectures import Pool, get_architecture
-
     table = get_architecture(arch)
     return 2 ** sum(1 for part in table.values() for token in part if isinstance(token, Pool) and token.stride == 2)
 
