@@ -5,7 +5,8 @@ This is NOT a packaging script: the project is installed with `pip install -r re
 `python setup.py` says so and exits with a non-zero code.
 
 Import it as a module (`import setup`): config parsing and checks (`add_config_arguments`,
-`resolve_config`, `describe_config`, `check_inputs`, `check_run`), then `build_datasets`, `build_loaders`,
+`resolve_config`, `resolve_config_sources` (the config and which keys were given), `describe_config`,
+`check_inputs`, `check_run`), then `build_datasets`, `build_loaders`,
 `build_model`, `build_loss`, `build_optimizer`, `build_scheduler`, `resolve_device`, `build_logger`,
 `seed_everything`.
 """
