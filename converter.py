@@ -12,13 +12,21 @@ Every file is read with torch.load(weights_only=True): a checkpoint that carries
 import argparse
 import sys
 
+from common import files
 from common.cli import ArgumentParser, run_main
 from utils import preflight
-from utils.checkpoint import FORMAT, save_checkpoint, validate_checkpoint
+from utils.checkpoint import FORMAT, checkpoint_kind, save_checkpoint, validate_checkpoint
 from utils.nir_export import add_export_args, require_nir, run_export
 from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
+# The kind of checkpoint each rewriting command writes (utils/checkpoint.py, checkpoint_kind): an existing
+# -o is replaced only if it is of that kind, never a training checkpoint or another file.
+OUTPUT_KINDS = {
+    "import-paper": ("imported", "a checkpoint that import-paper wrote"),
+    "thresholds": ("paper", "a checkpoint of the paper's repository"),
+    "state-dict": ("paper", "a checkpoint of the paper's repository"),
+}
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "threshold")
 
 
@@ -138,6 +146,9 @@ def main(argv=None):
     preflight.check_inputs(inputs)
     if getattr(args, "output", None):  # never replaces its input: refused before anything is read
         preflight.check_outputs([("-o", args.output, "file")], inputs=inputs)
+        if args.command in OUTPUT_KINDS:  # nor a file of another kind (export-nir: utils/nir_export.py)
+            kind, description = OUTPUT_KINDS[args.command]
+            files.check_replace(args.output, "-o", description, lambda path: checkpoint_kind(path) == kind)
     if args.command == "export-nir":
         return run_export(args)
     checkpoint = read_weights_only(args.path)

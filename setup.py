@@ -5,7 +5,8 @@ This is NOT a packaging script: the project is installed with `pip install -r re
 `python setup.py` says so and exits with a non-zero code.
 
 Import it as a module (`import setup`): config parsing and checks (`add_config_arguments`,
-`resolve_config`, `describe_config`, `check_inputs`, `check_run`), then `build_datasets`, `build_loaders`,
+`resolve_config`, `resolve_config_sources` (the config and which keys were given), `describe_config`,
+`check_inputs`, `check_run`), then `build_datasets`, `build_loaders`,
 `build_model`, `build_loss`, `build_optimizer`, `build_scheduler`, `resolve_device`, `build_logger`,
 `seed_everything`.
 """
@@ -29,9 +30,12 @@ from data.transforms import IGNORE_INDEX
 from utils.config import (
     SCHEMA,
     cli_values,
+    flag_sources,
+    given_keys,
     load_yaml_config,
-    merge_config,
+    merge_layers,
     read_config_layer,
+    recorded_given,
     save_config_yaml,
     validate_and_derive,
 )
@@ -53,6 +57,8 @@ POLY_POWER = 0.9
 __all__ = [
     "add_config_arguments",
     "resolve_config",
+    "resolve_config_sources",
+    "given_keys",
     "describe_config",
     "check_inputs",
     "check_run",
@@ -97,15 +103,31 @@ def base_config_file(args: argparse.Namespace, resuming: bool = False) -> Path |
     return QUICKSTART_CONFIGS.get(getattr(args, "model_type", None) or "snn", QUICKSTART_CONFIG)
 
 
-def resolve_config(args: argparse.Namespace, base: dict | None = None, base_source="the checkpoint") -> dict:
+def resolve_config(args: argparse.Namespace, base: dict | None = None, base_source="the checkpoint", **kwargs) -> dict:
     """defaults < base (a resumed checkpoint's config) < --config YAML (or the quickstart's) < flags
     -> one flat dict, every value checked. Nothing here reads data."""
-    layers = [read_config_layer(base, base_source, strict=False)] if base else []
+    return resolve_config_sources(args, base, base_source, **kwargs)[0]
+
+
+def resolve_config_sources(
+    args: argparse.Namespace, base: dict | None = None, base_source="the checkpoint", base_given=None
+) -> tuple[dict, dict]:
+    """resolve_config, and where each given key was set: (config, sources), sources = {key: '--flag', the
+    YAML file or the checkpoint}; a key at its default has no entry (utils/config.py: `given_keys(sources)`
+    is the set of given keys). `base_given`: the keys the base gives (None: those that differ from the
+    default; utils/config.py, recorded_given)."""
+    layers = []
+    if base:
+        values = read_config_layer(base, base_source, strict=False)
+        given = set(base_given) if base_given is not None else recorded_given({}, values)
+        layers.append((base_source, values, given))
     config_file = base_config_file(args, resuming=base is not None)
     if config_file is not None:
-        layers.append(load_yaml_config(config_file))
-    layers.append(cli_values(args))
-    return validate_and_derive(merge_config(*layers))
+        layers.append((_shown(config_file), load_yaml_config(config_file), None))
+    flags = cli_values(args)
+    config, sources = merge_layers([*layers, ("flags", flags, None)])
+    sources.update(flag_sources(flags))
+    return validate_and_derive(config, sources), sources
 
 
 def describe_config(args: argparse.Namespace, resume_path=None) -> str:

@@ -15,6 +15,7 @@ range or a flag that does nothing without another is one line, not a failure aft
 """
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ from common.cli import ArgumentParser, run_main
 from models.conversion import cached_thresholds
 from utils import analysis, conversion_plugin, preflight
 from utils.allocator import POLICIES, set_cpu_malloc
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
-from utils.config import NATIVE_SIZE, SCHEMA, check_value, coerce
+from utils.checkpoint import build_model_from_checkpoint, is_converted_snn, load_checkpoint
+from utils.config import NATIVE_SIZE, SCHEMA, check_img_size, check_value, coerce
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 from utils.runs import interrupt_handling
@@ -104,6 +105,7 @@ def eval_config(checkpoint_cfg: dict, args, source) -> dict:
             except ValueError as err:
                 raise ValueError(f"--{key}: {err}") from None
     check_value("dataset", cfg["dataset"])
+    check_img_size(cfg, "--img_size" if args.img_size is not None else f"{source}'s img_size")
     info = data.dataset_info(cfg["dataset"], cfg)
     if int(info["num_classes"]) != int(cfg["num_classes"]) or int(info["in_channels"]) != int(cfg["in_channels"]):
         raise ValueError(
@@ -184,10 +186,20 @@ def list_checkpoints(model_dir) -> list[str]:
 
 
 def given_flags(argv, plugins, dests) -> list:
-    """Which of `dests` the command line sets (a value equal to the default counts too)."""
+    """Which of `dests` the command line sets (a value equal to the default counts too), each as the
+    user typed it (its option string, e.g. '--neuron' for the dest conversion_neuron)."""
     unset = object()  # argparse fills in a default only where the namespace has no value yet
-    parsed = get_args_parser(plugins=plugins).parse_args(argv, argparse.Namespace(**{d: unset for d in dests}))
-    return [dest for dest in dests if getattr(parsed, dest) is not unset]
+    parser = get_args_parser(plugins=plugins)
+    parsed = parser.parse_args(argv, argparse.Namespace(**{d: unset for d in dests}))
+    return [typed_flag(parser, argv, dest) for dest in dests if getattr(parsed, dest) is not unset]
+
+
+def typed_flag(parser, argv, dest) -> str:
+    """The option string of `dest` as it appears in `argv` (the last one given; an abbreviation too)."""
+    spellings = [opt for action in parser._actions if action.dest == dest for opt in action.option_strings]
+    typed = [token.split("=", 1)[0] for token in argv if str(token).startswith("-")]
+    found = [t for t in typed if t in spellings] or [t for t in typed if any(o.startswith(t) for o in spellings)]
+    return found[-1] if found else (spellings[0] if spellings else f"--{dest}")
 
 
 def plugin_flags(plugin) -> list:
@@ -216,6 +228,26 @@ def check_paths(args):
                 path = args.save_snn.replace("{T}", str(steps)).replace("{type}", kind)
                 outputs.append(("--save_snn", path, "file"))
     preflight.check_outputs(outputs, inputs=inputs)
+    for what, path, kind in outputs:  # an existing output is replaced only by one of its own kind
+        if kind == "file" and path:
+            files.check_replace(path, what, *OUTPUT_KINDS[what])
+
+
+def is_results_file(path) -> bool:
+    """A results JSON that test.py --results wrote (its metrics and the checkpoint they are of)."""
+    try:
+        results = json.loads(Path(path).read_bytes()[: 1 << 24])
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and {"miou", "per_class_iou", "model_path"} <= results.keys()
+
+
+# What an existing output may be to be replaced: (its description, the test of its content).
+OUTPUT_KINDS = {
+    "--results": ("a results JSON of test.py", is_results_file),
+    "--save_snn": ("an SNN that test.py --save_snn wrote", is_converted_snn),
+    "--conversion_plot": ("an image", files.is_image),
+}
 
 
 def check_flags(args, argv, plugins):
@@ -233,7 +265,7 @@ def check_flags(args, argv, plugins):
             ignored = given_flags(argv, plugins, [d for d in plugin_flags(plugin) if d != "conversion"])
             if ignored:
                 raise ValueError(
-                    f"--{ignored[0]} applies to --conversion (ANN-to-SNN conversion) only; add --conversion or drop it"
+                    f"{ignored[0]} applies to --conversion (ANN-to-SNN conversion) only; add --conversion or drop it"
                 )
 
 
@@ -283,6 +315,18 @@ def check_resources(args, cfg, loader, device):
     )
 
 
+def evaluated(cfg: dict, ctx) -> str:
+    """What the table below it is of: the checkpoint's model, or the SNN converted from it."""
+    conversion = ctx.extras.get("conversion")
+    if conversion is None:
+        return f"{cfg['model_type']} {cfg['arch']}"
+    kind, steps = conversion["first"]
+    return (
+        f"the SNN converted from this {cfg['model_type'].upper()} ({ctx.cfg['arch']}, {kind}-wise thresholds, "
+        f"T={steps}; the ANN scored mIoU {conversion['ann_miou']:.4f})"
+    )
+
+
 def main(argv=None):
     with interrupt_handling():  # SIGTERM ends it as Ctrl-C does: a file being written is discarded whole
         evaluate_checkpoint(argv)
@@ -313,10 +357,7 @@ def evaluate_checkpoint(argv=None):
         if hasattr(plugin, "prepare_model"):
             ctx.model = plugin.prepare_model(ctx)
     results = results_dict(ctx.evaluate(), ctx.cfg, ctx.class_names, args.model_path)
-    print(
-        f"{args.model_path}: {cfg['model_type']} {cfg['arch']} on {cfg['dataset']} val "
-        f"({len(ctx.loader.dataset)} images)"
-    )
+    print(f"{args.model_path}: {evaluated(cfg, ctx)} on {cfg['dataset']} val ({len(ctx.loader.dataset)} images)")
     print(format_iou_table(results))
     for plugin in plugins:
         if hasattr(plugin, "analyze"):

@@ -30,7 +30,7 @@ from models import resolve_model_config
 from utils import plots, preflight
 from utils.allocator import set_cpu_malloc
 from utils.checkpoint import FORMAT, load_checkpoint, load_state, save_checkpoint
-from utils.config import SCHEMA, read_config_layer
+from utils.config import SCHEMA, read_config_layer, recorded_given
 from utils.distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from utils.evaluation import autocast, evaluate, to_model_input
 from utils.runs import (
@@ -262,7 +262,12 @@ def prepare(args, dist_info: dict):
     preflight.check_inputs([("--config", args.config, "file"), ("--resume", args.resume, "file")])
     resumed = load_checkpoint(args.resume) if args.resume else None
     base = {**resumed["config"], **resume_location(resumed["config"], args.resume)} if resumed else None
-    cfg = setup.resolve_config(args, base=base, base_source=args.resume)
+    base_given = None
+    if resumed:  # the keys its run was given, and the run folder it lies in
+        base_given = recorded_given(resumed, read_config_layer(resumed["config"], args.resume, strict=False))
+        base_given |= set(resume_location(resumed["config"], args.resume))
+    cfg, sources = setup.resolve_config_sources(args, base=base, base_source=args.resume, base_given=base_given)
+    args.given = sorted(setup.given_keys(sources))  # recorded in the checkpoints (utils/config.py)
     changes = check_resume(resumed, args.resume, cfg) if resumed is not None else {}
     if is_main:
         first = describe_changes(changes, int(resumed["epoch"]) + 1) if changes else ""
@@ -379,13 +384,14 @@ def run(args, dist_info, cfg, resumed, run_dir, note, progress):
         logger=logger,
         is_main=is_main,
         config_written=False,  # config.yaml is written with the first epoch boundary of this start
+        given=getattr(args, "given", None),  # the keys given (utils/config.py, given_keys), kept beside the config
     )
     try:
         best_miou = run_epochs(net, train_loader, val_loader, criterion, device, start_epoch, best_miou, state)
     finally:
         logger.close()
     if is_main:
-        report_done(run_dir, best_miou)
+        report_done(run_dir, best_miou, args.resume)
         draw_picture(model, val_set, cfg, device, run_dir)
 
 
@@ -526,6 +532,7 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
                 epoch,
                 best_miou,
                 state["generator"],
+                **({} if state.get("given") is None else {"given": state["given"]}),
                 **extra,
             ),
         )
@@ -534,8 +541,8 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
         if not state["config_written"]:
             setup.save_config_yaml(state["cfg"], state["run_dir"] / "config.yaml")
             state["config_written"] = True
-        if improved:
-            save("best.pth", metrics={k: v for k, v in record.items() if k.startswith("val_")})
+        if improved:  # with the epoch's record too: a resume from best.pth restores its metrics line
+            save("best.pth", metrics={k: v for k, v in record.items() if k.startswith("val_")}, record=record)
         save("last.pth", record=record)
     except WriteError as err:
         state["logger"].log_epoch({**record, "checkpoint_error": str(err)})
@@ -551,21 +558,37 @@ def commit_epoch(state, record: dict, best_miou: float, improved: bool):
     state["kept"], state["changes"] = (state["run_dir"] / "last.pth", epoch), {}
 
 
-def report_done(run_dir: Path, best_miou: float):
+def best_elsewhere(run_dir: Path, resumed_from) -> Path | None:
+    """The best checkpoint of a run continued into `run_dir` from another folder, whose epochs did not
+    improve on it: the resumed best.pth itself, or the best.pth beside the resumed last.pth."""
+    if resumed_from is None or (run_dir / "best.pth").exists():
+        return None
+    resumed_from = Path(resumed_from)
+    best = resumed_from if resumed_from.name == "best.pth" else resumed_from.with_name("best.pth")
+    return best if best.is_file() and best.resolve().parent != run_dir.resolve() else None
+
+
+def report_done(run_dir: Path, best_miou: float, resumed_from=None):
     present = [name for name in ("config.yaml", "metrics.jsonl", "last.pth", "best.pth") if (run_dir / name).exists()]
     best_epoch = next(
         (r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("val_miou") == best_miou), None
     )
     best = f"best val mIoU {best_miou:.4f}" + (f" (epoch {best_epoch})" if best_epoch else "")
+    elsewhere = best_elsewhere(run_dir, resumed_from)
+    if elsewhere is not None:  # this folder has no best.pth: no epoch of it improved on the resumed run
+        best += f", in {elsewhere} (no epoch of this run improved on it, so {run_dir} has no best.pth)"
     print(f"done: {best}. Files in {run_dir.resolve()}: {', '.join(present)}")
-    if "best.pth" in present:
-        print(f"evaluate with: python test.py --model_path {run_dir / 'best.pth'}")
+    if "best.pth" in present or elsewhere is not None:
+        print(f"evaluate with: python test.py --model_path {elsewhere or run_dir / 'best.pth'}")
 
 
 def draw_picture(model, val_set, cfg, device, run_dir: Path):
     """The run's last word: a picture of a few validation images (input | ground truth | prediction | one
     layer's activity) by the trained model, and its path as the last line printed."""
-    path = plots.save_activity_grid(model, val_set, cfg, device, run_dir / PICTURE, PICTURE_IMAGES)
+    try:
+        path = plots.save_activity_grid(model, val_set, cfg, device, run_dir / PICTURE, PICTURE_IMAGES)
+    except WriteError as err:  # the run itself is complete: say so
+        raise WriteError(f"{err}; the run itself is complete (its checkpoints and metrics are saved)") from None
     print(
         f"picture of {min(PICTURE_IMAGES, len(val_set))} validation images (input | ground truth | prediction | "
         "activity of one layer):"

@@ -101,6 +101,72 @@ def check_output_dir(path, what: str):
         raise ValueError(f"{what} {path} cannot be written: {problem}")
 
 
+def check_readable_folder(folder, what: str = "folder"):
+    """ValueError naming `folder` if its files cannot be listed or opened (permission denied): a folder
+    that cannot be read must not look empty."""
+    denied = not os.access(folder, os.R_OK | os.X_OK)
+    if not denied:
+        try:
+            with os.scandir(folder):
+                pass
+        except PermissionError:
+            denied = True
+    if denied:
+        raise ValueError(f"{what} {folder} is not readable (permission denied)")
+
+
+# ----------------------------------------------------------------------------- replacing files
+# An output that exists is replaced only if it is a file of the kind being written (a results JSON by a
+# results JSON, a NIR file by a NIR file): never a checkpoint or a file the project did not write as that
+# kind. The kind is told by the file's content, never by its name.
+def check_replace(path, what: str, kind: str, matches):
+    """ValueError before any work if an existing file at `path` is not of `kind` (e.g. 'a results JSON
+    of test.py'): `matches(path)` says whether it is; it must not raise."""
+    path = Path(path)
+    if not path.is_file() or matches(path):
+        return
+    raise ValueError(
+        f"{what} {path} exists and is not {kind}: it is not replaced (nothing was written); "
+        f"write to another path, or move the file away first"
+    )
+
+
+def starts_with(path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def is_text(path, limit: int = 1 << 16) -> bool:
+    """A text file (its first `limit` bytes UTF-8, no NUL byte): a list or a log, never a checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(limit)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start >= limit - 4  # a character cut at the limit
+    return True
+
+
+def is_image(path) -> bool:
+    """An image file that PIL can read (its header checked, the pixels not decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        return False
+    return True
+
+
 def _discard(tmp: Path):
     try:
         tmp.unlink()

@@ -4,8 +4,10 @@
 # SBD train_aug list (every SegmentationClassAug mask with an image, minus the val ids)
 python -m data.datalists --dataset voc2012 --root VOC --split train_aug
 python -m data.datalists --dataset voc2012 --root VOC --split train --out my_train.txt
-# validate a list (files exist; --deep also decodes every image/mask and checks labels and events)
+# validate a list (files exist; --deep also decodes every image/mask and checks labels and events); a split's
+# name instead of a list file checks that split (VOC: its list; DDD17: every frame of its folder)
 python -m data.datalists --dataset voc2012 --root VOC --check my_train.txt --deep
+python -m data.datalists --dataset ddd17 --root DDD17 --check train
 # DDD17: frame names in (recording, frame) order; --timesteps T keeps only THL targets
 python -m data.datalists --dataset ddd17 --root DDD17 --split train --out train.txt --timesteps 10
 python -m data.datalists --dataset ddd17 --root DDD17 --split train --check train.txt --deep
@@ -18,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common import files
-from common.cli import ArgumentParser
+from common.cli import ArgumentParser, run_main
 from data.ddd17 import DDD17, NUM_EVENT_CHANNELS, frame_name
 from data.voc2012 import VOC2012, find_voc_dir, missing_files, read_ids, split_list_and_masks
 
@@ -61,14 +63,21 @@ def _write(out, names):
     if not names:
         raise ValueError(f"no entries to write to {out}")
     out = Path(out)
+    files.check_replace(out, "--out", "a text list", files.is_text)  # e.g. never a checkpoint
     files.atomic_write_bytes(out, "".join(f"{n}\n" for n in names).encode())
     return out, len(names)
 
 
+DDD17_SPLITS = ("train", "test")
+
+
 def check(dataset, root, split, list_path, deep):
-    """Open the list as the dataset would (which names missing entries); --deep reads every item."""
+    """Open the list as the dataset would (which names missing entries); --deep reads every item. A split's
+    name that is not a file checks that split (VOC: its list file; DDD17: all the frames of its folder)."""
     if dataset == "voc2012":
         ds = VOC2012(root, str(list_path))
+    elif str(list_path) in DDD17_SPLITS and not Path(list_path).exists():
+        ds = DDD17(root, str(list_path), channels=range(NUM_EVENT_CHANNELS))
     else:
         ds = DDD17(root, split, datalist=list_path, channels=range(NUM_EVENT_CHANNELS))  # --deep: all channels
     if deep:
@@ -85,28 +94,34 @@ def get_args_parser():
     parser.add_argument("--root", required=True, help="dataset root (see README.md, section Data)")
     parser.add_argument("--split", default="train", help="voc2012: train/val/trainval/train_aug; ddd17: train/test")
     parser.add_argument("--out", help="list file to write")
-    parser.add_argument("--check", metavar="LIST", help="validate this list instead of writing one")
+    parser.add_argument(
+        "--check",
+        metavar="LIST",
+        help="validate this list (or a split's name: its list or folder) instead of writing one",
+    )
     parser.add_argument("--deep", action="store_true", help="with --check: decode and validate every item")
     parser.add_argument("--timesteps", type=int, default=1, help="ddd17: keep only frames with T-1 predecessors")
     return parser
 
 
-def main(argv=None):
+def _main(argv):
     args = get_args_parser().parse_args(argv)
-    try:
-        if args.check:
-            n = check(args.dataset, args.root, args.split, args.check, args.deep)
-            print(f"{args.check}: {n} entries OK")
-        elif args.dataset == "voc2012":
-            out, n = write_voc(args.root, args.split, args.out)
-            print(f"wrote {n} ids to {out}")
-        else:
-            out, n = write_ddd17(args.root, args.split, args.out, args.timesteps)
-            print(f"wrote {n} frames to {out}")
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    if args.out and not args.check:  # before any list is read
+        files.check_replace(args.out, "--out", "a text list", files.is_text)
+    if args.check:
+        n = check(args.dataset, args.root, args.split, args.check, args.deep)
+        print(f"{args.check}: {n} entries OK")
+    elif args.dataset == "voc2012":
+        out, n = write_voc(args.root, args.split, args.out)
+        print(f"wrote {n} ids to {out}")
+    else:
+        out, n = write_ddd17(args.root, args.split, args.out, args.timesteps)
+        print(f"wrote {n} frames to {out}")
+
+
+def main(argv=None) -> int:
+    """Exit code 0, or 2 with one `error:` line (common/cli.py)."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from common.keys import POSITIVE, Key, parse_size
 from data.event_frames import CHANNELS, check_channels
 from data.events import common as event_common
 from data.events import synthetic_raw
+from data.events.h5 import require_hdf5plugin
 from data.palettes import SYNTHETIC_PALETTE
 from data.registry import EVENTS, IMAGES, NUM_TRAIN, NUM_VAL, DatasetSpec
 from data.transforms import normalize_image, scale_events
@@ -348,6 +349,7 @@ def build_shapes(cfg, split):
 
 def build_events(cfg, split):
     if cfg["raw_events"]:  # the same shapes as raw events in the DSEC layout, read by the dsec-semantic code
+        require_hdf5plugin()  # before a temporary folder is made for them
         generator = SyntheticEvents(
             split,
             num_samples=_samples(cfg, split),

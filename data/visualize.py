@@ -10,13 +10,15 @@ second (negative events) in blue; labels and predictions use the dataset's palet
 ignored pixels (255) white.
 """
 
-import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from common.cli import ArgumentParser, run_main
+from common.files import atomic_path, check_replace, is_image
 from data import build_dataset, dataset_info
 from data.palettes import IGNORE_COLOUR
 from data.registry import EVENTS, get
@@ -71,8 +73,8 @@ def render_grid(rows) -> Image.Image:
     return grid
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m data.visualize", description="render dataset samples")
+def _main(argv):
+    parser = ArgumentParser(prog="python -m data.visualize", description="render dataset samples")
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--split", default="val", choices=["train", "val"])
@@ -82,17 +84,22 @@ def main(argv=None):
     parser.add_argument("--scale", type=int, default=1, help="enlarge the picture by this factor")
     parser.add_argument("--out", default="samples.png")
     args = parser.parse_args(argv)
+    check_replace(args.out, "--out", "an image", is_image)
     cfg = dict(dataset=args.dataset, data_root=args.data_root, channels=args.channels, img_size=args.img_size)
+    ds = build_dataset(cfg, args.split)
     try:
-        ds = build_dataset(cfg, args.split)
         grid = render_grid([render_sample(*ds[i], args.dataset) for i in args.index])
-    except (FileNotFoundError, ValueError, IndexError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except IndexError as err:
+        raise ValueError(f"--index: {err}") from None
     grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.NEAREST)
-    grid.save(args.out)
+    with atomic_path(args.out) as tmp:
+        grid.save(tmp, format=Image.registered_extensions().get(Path(args.out).suffix.lower(), "PNG"))
     print(f"wrote {args.out} ({len(args.index)} samples)")
-    return 0
+
+
+def main(argv=None) -> int:
+    """Exit code 0, or 2 with one `error:` line (common/cli.py)."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from common import files
 from common.keys import Key
 from data.palettes import VOC_PALETTE
 from data.registry import IMAGES, DatasetSpec
@@ -149,6 +150,8 @@ class VOC2012(torch.utils.data.Dataset):
         self.voc_dir = find_voc_dir(root)
         self.list_path, self.mask_dir = split_list_and_masks(self.voc_dir, split)
         self.ids = read_ids(self.list_path)
+        files.check_readable_folder(self.voc_dir / "JPEGImages", "image folder")
+        files.check_readable_folder(self.mask_dir, "mask folder")
         missing = missing_files(self.voc_dir, self.mask_dir, self.ids)
         if missing:
             raise FileNotFoundError(

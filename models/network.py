@@ -99,6 +99,12 @@ class SegmentationNet(nn.Module):
         or a dict of them (``'out'`` the main one, others e.g. auxiliary heads)."""
         raise NotImplementedError(f"architecture {type(self).__name__} does not define forward_steps(h)")
 
+    @classmethod
+    def min_input_size(cls, **options) -> int:
+        """The smallest input side this architecture takes (with these build options): its total
+        downsampling, below which its deepest feature maps would be under one pixel."""
+        return 1
+
     def readout_head(self) -> Optional[nn.Module]:
         """The linear map from the time-mean of the main output to the logits, or None."""
         return self._modules.get("head")

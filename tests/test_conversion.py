@@ -196,6 +196,9 @@ def test_test_py_conversion_end_to_end(tiny_ann_run, tmp_path, capsys):
         results,
     ]
     first = run_script(*common, "--save_snn", tmp_path / "snn.pth")  # as a user runs it
+    # the table is headed as the converted SNN's, not as the ANN's the checkpoint holds
+    header = next(line for line in first.stdout.splitlines() if line.startswith(f"{ann_path}: "))
+    assert "the SNN converted from this ANN (dl-vgg9, layer-wise thresholds, T=1;" in header, header
     report = json.loads(results.read_text())
     conversion = report["conversion"]
     assert set(conversion["miou"]) == {"layer", "channel"} and set(conversion["miou"]["layer"]) == {"1", "2"}

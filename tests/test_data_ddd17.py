@@ -182,7 +182,7 @@ def test_ddd17_datalists_write_and_check(tmp_path):
     )
     assert out.read_text().split() == ["rec99_export_3", "rec1487417411_export_10", "rec1487417411_export_11"]
     assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(out), "--deep"]) == 0
-    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path / "none"), "--out", str(out)]) == 1
+    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path / "none"), "--out", str(out)]) == 2
 
 
 def test_error_paths(tmp_path):
@@ -219,7 +219,7 @@ def test_error_paths(tmp_path):
     (labels / "rec1_export_2.png").write_bytes(b"broken")
     with pytest.raises(ValueError, match="cannot read mask .*rec1_export_2.png"):
         DDD17(tmp_path, "train")[1]
-    assert ddd17_main(["pack", str(tmp_path / "missing"), "train", str(tmp_path / "y.h5")]) == 1
+    assert ddd17_main(["pack", str(tmp_path / "missing"), "train", str(tmp_path / "y.h5")]) == 2
     (tmp_path / "bad.h5").write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="cannot read HDF5 file .*bad.h5"):
         DDD17(tmp_path / "bad.h5", "train")
@@ -240,9 +240,9 @@ def test_non_finite_events_are_named_never_blanked(tmp_path, capsys):
     listed.write_text("rec1_export_1\nrec1_export_2\n")
     assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(listed)]) == 0
     capsys.readouterr()
-    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(listed), "--deep"]) == 1
+    assert datalists.main(["--dataset", "ddd17", "--root", str(tmp_path), "--check", str(listed), "--deep"]) == 2
     assert "rec1_export_2.npy holds 2 NaN/inf" in capsys.readouterr().err
-    assert ddd17_main(["pack", str(tmp_path), "train", str(tmp_path / "p.h5")]) == 1
+    assert ddd17_main(["pack", str(tmp_path), "train", str(tmp_path / "p.h5")]) == 2
     assert "rec1_export_2.npy holds 2 NaN/inf" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.txt", "events", "labels"]  # no file, no temp file
 
@@ -283,9 +283,9 @@ def test_pack_output_folders(tmp_path, capsys):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file where a folder would be")
     capsys.readouterr()
-    assert ddd17_main(["pack", str(tmp_path / "root"), "train", str(blocker / "train.h5")]) == 1
+    assert ddd17_main(["pack", str(tmp_path / "root"), "train", str(blocker / "train.h5")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"output file {blocker / 'train.h5'} cannot be written: {blocker} is not a folder" in err
-    assert ddd17_main(["pack", str(tmp_path / "root"), "train", str(tmp_path)]) == 1  # a folder as output
+    assert ddd17_main(["pack", str(tmp_path / "root"), "train", str(tmp_path)]) == 2  # a folder as output
     assert "it is a folder" in capsys.readouterr().err

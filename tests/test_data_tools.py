@@ -138,7 +138,7 @@ def test_voc_datalists_write_and_check(tmp_path, capsys):
     assert datalists.main(["--dataset", "voc2012", "--root", str(voc), "--check", str(written), "--deep"]) == 0
     bad = tmp_path / "bad.txt"
     bad.write_text("2007_000032\nghost_1\n")
-    assert datalists.main(["--dataset", "voc2012", "--root", str(voc), "--check", str(bad)]) == 1
+    assert datalists.main(["--dataset", "voc2012", "--root", str(voc), "--check", str(bad)]) == 2
     assert "['ghost_1']" in capsys.readouterr().err
     out = tmp_path / "val_list.txt"
     assert datalists.main(["--dataset", "voc2012", "--root", str(voc), "--split", "val", "--out", str(out)]) == 0
@@ -170,4 +170,4 @@ def test_render_events_and_cli(tmp_path):
     out = tmp_path / "grid.png"
     assert visualize.main(["--dataset", "synthetic-events", "--index", "0", "5", "--out", str(out)]) == 0
     assert Image.open(out).size == (2 * 48 + 2, 2 * (48 + 2))
-    assert visualize.main(["--dataset", "voc2012", "--data-root", str(tmp_path), "--out", str(out)]) == 1
+    assert visualize.main(["--dataset", "voc2012", "--data-root", str(tmp_path), "--out", str(out)]) == 2

@@ -230,11 +230,12 @@ def test_readme_is_a_front_page():
     assert "pip install -r requirements.txt && python train.py" in first_block and test_command in first_block
 
 
-def test_readme_has_no_unreplaced_placeholders():
-    # Links and anchors (README.md's own #results included) are checked by
-    # test_markdown_links_resolve_inside_the_repository.
-    found = placeholders((REPO / "README.md").read_text(encoding="utf-8"))
-    assert not found, "README.md holds placeholders: " + "; ".join(found)
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_no_page_has_unreplaced_placeholders(path):
+    # Every page, README.md and docs/ alike. Links and anchors (README.md's own #results included) are
+    # checked by test_markdown_links_resolve_inside_the_repository.
+    found = placeholders(path.read_text(encoding="utf-8"))
+    assert not found, f"{path.relative_to(REPO)} holds placeholders: " + "; ".join(found)
 
 
 # ------------------------------------------------------------------------------- the helpers themselves

@@ -342,6 +342,11 @@ def test_cli_writes_metadata_and_never_overwrites_without_the_flag(tmp_path, cap
     out.write_text("keep me")
     code, _, err = cli(capsys, "export-nir", tmp_path / "m.pth", "-o", out)
     assert code == 2 and "--overwrite" in err and out.read_text() == "keep me"
+    # --overwrite replaces only a NIR file that export-nir wrote, never another file
+    code, _, err = cli(capsys, "export-nir", tmp_path / "m.pth", "-o", out, "--overwrite")
+    assert code == 2 and "is not a NIR file written by export-nir" in err and out.read_text() == "keep me"
+    out.unlink()
+    assert cli(capsys, "export-nir", tmp_path / "m.pth", "-o", out)[0] == 0
     code, printed, _ = cli(capsys, "export-nir", tmp_path / "m.pth", "-o", out, "--overwrite")
     assert code == 0 and "wrote" in printed
     host = read_host_side(nir.read(out))

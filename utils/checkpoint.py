@@ -125,6 +125,35 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return validate_checkpoint(_read_file(path, map_location), path)
 
 
+# ----------------------------------------------------------------------------- what a file is
+# The kinds of checkpoint the project writes, told by content (an output replaces only its own kind;
+# common/files.py, check_replace): 'training' (train.py: optimizer state; never replaced by another
+# command), 'converted' (test.py --save_snn), 'imported' (converter.py import-paper), 'paper' (a checkpoint
+# of the paper's repository, as converter.py thresholds / state-dict write them), 'model' (any other).
+def checkpoint_kind(path) -> str | None:
+    """The kind of checkpoint at `path` (above), or None if it is not a checkpoint. Never raises."""
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # mmap needs the zip format; older files are read whole
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(checkpoint, dict):
+        return None
+    if checkpoint.get("format") != FORMAT:
+        return "paper" if PAPER_REPO_KEYS & checkpoint.keys() and "state_dict" in checkpoint else None
+    if "optimizer" in checkpoint:
+        return "training"
+    if "conversion" in checkpoint:
+        return "converted"
+    return "imported" if "imported_from" in checkpoint else "model"
+
+
+def is_converted_snn(path) -> bool:
+    return checkpoint_kind(path) == "converted"
+
+
 def load_state(model: torch.nn.Module, state_dict: dict, source, config: dict):
     """load_state_dict(strict) with a readable error when the weights belong to another architecture."""
     if config.get("model_type", "snn") == "snn":  # weights of another neuron model (e.g. plif's leak)

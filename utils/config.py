@@ -9,6 +9,15 @@ Precedence (later wins): SCHEMA defaults < the checkpoint's config when resuming
 < command-line flags. Every key is a flag, spelled with underscores (`--leak_mem`, as in the paper's
 code) or dashes (`--leak-mem`). Booleans accept `--bn`, `--bn true`, `--bn false`, `--bn 0`.
 Values are checked before any work: a bad one is one line naming the key and what it accepts.
+
+Which keys were given. A resolved config is one flat dict of every key, so a default cannot be told
+from a value someone set. `merge_layers` therefore also returns the keys' sources: {key: where its value
+was set} for every key a layer set (a flag: '--leak_mem'; a YAML file: its path; a resumed checkpoint:
+its path); a key at its default has no entry. `given_keys(sources)` is the set of keys that were given.
+A YAML file gives every key it names. A resumed checkpoint gives the keys its run was given, recorded
+beside its config (`given`, a list of key names, written by train.py since this version); a checkpoint
+without that record gives the keys whose value differs from the default (an equal value cannot be told
+apart). The saved config.yaml and the checkpoint's `config` keep their format.
 """
 
 import argparse
@@ -35,6 +44,7 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
     str2bool,
 )
 from data import registry
+from models.architectures import min_input_size
 from models.config import MODEL_KEYS, resolve_model_config
 from utils.allocator import POLICIES
 
@@ -131,8 +141,15 @@ def check_values(config: dict, section: str | None = None):
             check_value(name, value)
 
 
-def check_combinations(config: dict):
-    """Settings that are each fine but mean nothing together (the dataset's own rules: its spec's check)."""
+def _from(name: str, sources) -> str:
+    """' (set in <where>)' for a key a layer set, for messages: the user may not have typed it."""
+    where = (sources or {}).get(name)
+    return "" if where is None or where == f"--{name}" else f" (set in {where}, not on the command line)"
+
+
+def check_combinations(config: dict, sources: dict | None = None):
+    """Settings that are each fine but mean nothing together (the dataset's own rules: its spec's check).
+    `sources` (merge_layers) lets a message say where a key the user did not type came from."""
     spec = registry.get(config["dataset"])
     if config["thl"] and spec.modality != registry.EVENTS:
         raise ValueError(
@@ -146,7 +163,17 @@ def check_combinations(config: dict):
     for name in registry.data_keys():
         readers = registry.datasets_reading(name)
         if spec.name not in readers and config[name] not in (None, False, SCHEMA[name].default):
-            raise ValueError(f"{name} applies to {' and '.join(readers)} only; dataset is {spec.name!r}")
+            where, origin = _from(name, sources), (sources or {}).get(name, "")
+            advice = ""
+            if where and origin.endswith((".yaml", ".yml")):
+                advice = (
+                    f": {origin} was written for another dataset; use a config for {spec.name}, or "
+                    f"--dataset {spec.name} without --config (the paper's defaults)"
+                )
+            raise ValueError(
+                f"{name}{where} applies to {' and '.join(readers)} only; dataset is {spec.name!r}"
+                f"{_from('dataset', sources)}{advice}"
+            )
     if spec.check is not None:
         spec.check(config)
 
@@ -305,15 +332,48 @@ def merge_config(*layers: dict) -> dict:
     return config
 
 
-def validate_and_derive(config: dict) -> dict:
+def merge_layers(layers) -> tuple[dict, dict]:
+    """`layers`: (source, values, given) from lowest to highest precedence; `given` is the set of keys of
+    `values` that the layer gives (None: all of them). Returns (config, sources): merge_config of the
+    values, and {key: source} of the keys given (the last layer to give a key names it)."""
+    sources = {}
+    for source, values, given in layers:
+        for name in values if given is None else given & values.keys():
+            sources[name] = str(source)
+    return merge_config(*(values for _, values, _ in layers)), sources
+
+
+def given_keys(sources: dict) -> set:
+    """The keys a flag, a YAML file or a resumed checkpoint set (see the module's doc), not defaults."""
+    return set(sources)
+
+
+def flag_sources(values: dict) -> dict:
+    """The sources of flag values (cli_values): each its flag."""
+    return {name: f"--{name}" for name in values}
+
+
+def recorded_given(checkpoint: dict, values: dict) -> set:
+    """The keys of a resumed checkpoint's config `values` that its run was given: its `given` record,
+    else (an older checkpoint) those that differ from the default."""
+    recorded = checkpoint.get("given") if isinstance(checkpoint, dict) else None
+    if isinstance(recorded, (list, tuple)) and all(isinstance(k, str) for k in recorded):
+        return set(recorded) & values.keys()
+    defaults_ = all_defaults()
+    return {k for k, v in values.items() if k in defaults_ and v != defaults_[k]}
+
+
+def validate_and_derive(config: dict, sources: dict | None = None) -> dict:
     """Check every value and combination, then fill the keys that follow from others
-    (in_channels, num_classes, name). Nothing here reads data."""
+    (in_channels, num_classes, name). Nothing here reads data. `sources` (merge_layers): where the given
+    keys were set, for the messages."""
     config = dict(config)
     check_values(config)
+    check_img_size(config, "img_size" + _from("img_size", sources))
     # THL feeds T consecutive frames, one per timestep: that is the 'sequence' encoder.
     if config["thl"] and config["model_type"] == "snn":
         config["encoder"] = "sequence"
-    check_combinations(config)
+    check_combinations(config, sources)
     info = data.dataset_info(config["dataset"], config)
     config["in_channels"] = int(info["in_channels"])
     config["num_classes"] = int(info["num_classes"])
@@ -322,6 +382,26 @@ def validate_and_derive(config: dict) -> dict:
         config["name"] = default_run_name(config)
     check_name(config["name"])
     return config
+
+
+def min_img_size(arch: str) -> int:
+    """The smallest input side `arch` is meant for: its total downsampling, below which its deepest feature
+    maps would be under one pixel (the architecture says: models/architectures/)."""
+    return min_input_size(arch)
+
+
+def check_img_size(config: dict, what: str = "img_size", size=None):
+    """ValueError if the input size (`size`, else config's img_size; the native size passes) is below
+    min_img_size of the config's architecture."""
+    size = config.get("img_size") if size is None else size
+    if not isinstance(size, (list, tuple)):
+        return
+    least = min_img_size(config["arch"])
+    if min(int(s) for s in size) < least:
+        raise ValueError(
+            f"{what} {'x'.join(map(str, size))} is below the smallest input {config['arch']} takes, {least}x{least} "
+            f"(its total downsampling): give {least} or more"
+        )
 
 
 def check_name(name: str):

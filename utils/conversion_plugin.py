@@ -29,6 +29,7 @@ from models.conversion import (
     store_thresholds,
 )
 from utils.checkpoint import FORMAT, save_checkpoint
+from utils.plots import save_figure
 
 
 def _comma_list(kind, choices=None):
@@ -303,10 +304,7 @@ def plot_curves(curves: dict, ann_miou: float, path, title: str = ""):
     ax.set_ylabel("mIoU")
     ax.set_title(f"ANN-to-SNN conversion {title}".strip(), fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, plt, path)  # atomic; a failed write names the file
 
 
 def _plot_path(args) -> Path:

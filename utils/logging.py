@@ -1,5 +1,6 @@
 """Run logging: console lines (through tqdm so bars stay intact), metrics.jsonl, TensorBoard when
-installed, Weights & Biases only when asked (--wandb; imported lazily). Only rank 0 logs."""
+installed (the run folder's tensorboard/: the numbers of each metrics line, for `tensorboard --logdir`;
+docs/runs.md), Weights & Biases only when asked (--wandb; imported lazily). Only rank 0 logs."""
 
 import json
 import math
@@ -69,14 +70,20 @@ class RunLogger:
         step = record.get("epoch", 0)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
         if self.tensorboard is not None:
-            for key, value in numbers.items():
-                self.tensorboard.add_scalar(key, value, step)
-            self.tensorboard.flush()
+            try:
+                for key, value in numbers.items():
+                    self.tensorboard.add_scalar(key, value, step)
+                self.tensorboard.flush()
+            except OSError as err:
+                raise OSError(f"cannot write {self.run_dir / 'tensorboard'}: {err.strerror or err}") from None
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
 
     def close(self):
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            try:
+                self.tensorboard.close()
+            except OSError as err:
+                raise OSError(f"cannot write {self.run_dir / 'tensorboard'}: {err.strerror or err}") from None
         if self.wandb is not None:
             self.wandb.finish()

@@ -38,11 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.files import atomic_path
+from common.files import atomic_path, check_replace
 from models.graph import INPUT, layer_graph
 from models.protocol import NirAvgPool, NirConv, NirNeuron, NotSupported
+from utils import preflight
 from utils.checkpoint import load_model
-from utils.config import parse_size
+from utils.config import check_img_size, parse_size
 
 FORMAT = "snnseg-nir-1"
 METADATA_KEY = "snnseg"
@@ -265,24 +266,59 @@ def host_side(model, input_size, dt, unit_r, changes, source=None) -> dict:
     }
 
 
+def is_export_file(path) -> bool:
+    """Whether ``path`` is a NIR file written by export-nir (HDF5 whose graph metadata holds our host-side
+    dict): the only kind of file --overwrite replaces. Reads the metadata only, never raises."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            text = f["node"]["metadata"][METADATA_KEY][()]
+        host = json.loads(text.decode() if isinstance(text, bytes) else text)
+        return isinstance(host, dict) and str(host.get("format", "")).startswith("snnseg-nir")
+    except Exception:  # not HDF5, not a NIR graph, no metadata of ours: not ours to replace
+        return False
+
+
+def check_output(output, overwrite: bool):
+    """An existing ``output`` is replaced only with ``overwrite`` and only if export-nir wrote it: never a
+    checkpoint or any other file (ValueError naming it)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    check_replace(output, "-o", "a NIR file written by export-nir", is_export_file)
+
+
+def check_input_size(model, input_size, what="--input-size"):
+    """(H, W) as ints, each at least the architecture's smallest input (utils/config.py, min_img_size)."""
+    if len(input_size) != 2 or any(int(s) <= 0 for s in input_size):
+        raise ValueError(f"{what} takes two positive ints H W, got {' '.join(map(str, input_size))}")
+    size = tuple(int(s) for s in input_size)
+    check_img_size(model.config, what, size)
+    return size
+
+
 def export_model(
     model, output, input_size=None, dt=DEFAULT_DT, lossy=False, unit_r=False, overwrite=False, source=None
 ):
     """Write ``model`` to ``output`` (.nir, atomically); returns (host-side dict, lines describing lossy changes).
 
     Refuses (NotExportable, one line) what NIR cannot express unless ``lossy``; an existing ``output``
-    unless ``overwrite``."""
+    unless ``overwrite`` and written by export-nir (never a checkpoint or another file); an input size
+    below the architecture's smallest or one that needs more memory than there is (utils/preflight.py)."""
     nir = require_nir()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    check_output(output, overwrite)
+    what = "--input-size"
     if input_size is None:
-        input_size = parse_size(model.config.get("img_size"))
+        input_size, what = parse_size(model.config.get("img_size")), "the model's img_size"
         if input_size is None:
             raise ValueError(
                 f"the model's img_size is the native size ({model.config.get('img_size')}): give the input size "
                 "with --input-size H W"
             )
+    input_size = check_input_size(model, input_size, what)
+    preflight.check_export_memory(model.config, input_size, lower="--input-size" if what == "--input-size" else what)
     problems = export_problems(model, input_size)
     hard = [p for p in problems if p[3] is None]
     if hard or (problems and not lossy):
@@ -313,7 +349,9 @@ def read_host_side(graph) -> dict:
 def add_export_args(parser):
     parser.add_argument("path", help="SNN checkpoint (trained, or converted with test.py --conversion --save_snn)")
     parser.add_argument("-o", "--output", required=True, help="the .nir file to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output file (only a NIR file export-nir wrote)"
+    )
     parser.add_argument(
         "--lossy", action="store_true", help="export what NIR cannot express exactly anyway, printing what changes"
     )
@@ -335,10 +373,11 @@ def run_export(args):
     """converter.py export-nir."""
     require_nir()  # before loading anything
     output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise ValueError(f"{output} exists; pass --overwrite to replace it")
+    check_output(output, args.overwrite)
     if args.dt <= 0:
         raise ValueError(f"--dt must be > 0, got {args.dt}")
+    if args.input_size is not None and min(args.input_size) <= 0:
+        raise ValueError(f"--input-size takes two positive ints H W, got {' '.join(map(str, args.input_size))}")
     model = load_model(args.path)
     host, changes = export_model(
         model, output, args.input_size, args.dt, args.lossy, args.unit_r, args.overwrite, source=args.path

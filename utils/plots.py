@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from common.files import atomic_path
 from data.visualize import render_grid, render_sample
 from utils.evaluation import to_model_input
 
@@ -38,11 +39,17 @@ def prediction_grid(samples, dataset: str) -> Image.Image:
     return grid.resize((grid.width * factor, grid.height * factor), Image.NEAREST) if factor > 1 else grid
 
 
-def save_prediction_grid(samples, path, dataset: str) -> Path:
+def write_image(image, path) -> Path:
+    """Save a PIL image atomically (common/files.py): a failed write (disk full) is a WriteError naming
+    `path`, and leaves no half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prediction_grid(samples, dataset).save(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     return path
+
+
+def save_prediction_grid(samples, path, dataset: str) -> Path:
+    return write_image(prediction_grid(samples, dataset), path)
 
 
 # --------------------------------------------------------------------------- the training run's picture
@@ -120,10 +127,7 @@ def save_activity_grid(model, dataset, cfg: dict, device, path, count: int = 4) 
     images = torch.stack([x for x, _ in items])
     layer, predictions, activity = layer_activity(model, images, cfg, device)
     samples = [(x, p, y, a.numpy()) for (x, y), p, a in zip(items, predictions, activity)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    activity_grid(samples, cfg["dataset"], layer, cfg["model_type"] == "snn").save(path)
-    return path
+    return write_image(activity_grid(samples, cfg["dataset"], layer, cfg["model_type"] == "snn"), path)
 
 
 # ------------------------------------------------------------------------------------------- charts
@@ -139,12 +143,15 @@ def _pyplot():
     return plt
 
 
-def _save(fig, plt, path):
+def save_figure(fig, plt, path):
+    """fig.savefig atomically (a failed write names `path`), format from the suffix; closes the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -159,7 +166,7 @@ def plot_firing_rates(spikes: list, path):
     ax.set_xticklabels([row["name"] for row in spikes], rotation=45, ha="right")
     ax.set_ylabel("firing rate (spikes / neuron / step)")
     ax.set_title("Firing rate per spiking layer")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_robustness(curves: dict, attack: str, path):
@@ -176,4 +183,4 @@ def plot_robustness(curves: dict, attack: str, path):
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"Robustness to {attack}")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

@@ -3,6 +3,7 @@
     check_inputs([("--model_path", path, "file"), ("data_root", root, "any")])
     check_outputs([("--results", path, "file"), ("--plot_dir", folder, "folder")], inputs=[...])
     check_memory(cfg, batch, timesteps, (height, width), device, training=False, what="the evaluation")
+    check_export_memory(cfg, (height, width))
 
 train.py, test.py and converter.py call these before they load data or evaluate, so that a missing
 input, an output that cannot be written (or would replace one of the inputs) and work that cannot fit
@@ -81,6 +82,9 @@ def check_outputs(items, inputs=()):
 #     optimizer moments: 4 x parameters x 4 bytes)
 #   evaluation (layer by layer; a layer's input and output of all T steps are alive at once):
 #     A_max x H x W x T x batch x 4 bytes x EVAL_FACTOR  (+ the weights)
+#   NIR export (converter.py export-nir; one value per neuron for each of its parameters, written with
+#   gzip): A_sum x H x W x EXPORT_BYTES (+ the weights twice); measured peaks of dl-vgg9 at 128-512 px
+#   were 16 to 17 bytes per A_sum x pixel.
 # memory_saving keeps only memory_block steps for backward. The factors are safety margins over what
 # the tensors themselves need (temporaries, the allocator's slack); measured peaks of dl-vgg9 on the CPU
 # (96-128 px, T 1-32, batch 1-8) were 0.4 to 1 times the estimate. Work is refused only when the estimate
@@ -90,6 +94,7 @@ SPIKE_BYTES = 1  # what an SNN keeps of a spike for backward
 TRAIN_FACTOR = 2.0
 EVAL_FACTOR = 3.0
 PROBE_SIZE = 64
+EXPORT_BYTES = 24  # per A_sum x pixel of a NIR export, with a margin over the measured 16-17
 
 
 @functools.lru_cache(maxsize=8)
@@ -187,6 +192,22 @@ def check_memory(cfg: dict, batch: int, timesteps: int, size, device, training: 
             f"{what} needs about {_gb(need)} of memory ({cfg['arch']} at {height}x{width}, T={timesteps}, "
             f"batch {batch}; the estimate is in docs/runs.md), more than the {_gb(have)} available on "
             f"{torch.device(device)}: lower {lower}"
+        )
+    return need
+
+
+def check_export_memory(cfg: dict, size, lower: str = "--input-size"):
+    """ValueError before any work if a NIR export at `size` (H, W) needs more than the CPU's available
+    memory (the estimate above)."""
+    a_sum, _, params = activation_profile(cfg)
+    height, width = size
+    need = int(a_sum * float(height) * float(width) * EXPORT_BYTES + 2 * params * BYTES_PER_VALUE)
+    have = available_bytes("cpu")
+    if have is not None and need > have:
+        raise ValueError(
+            f"the NIR export needs about {_gb(need)} of memory ({cfg['arch']} at {height}x{width}: NIR stores "
+            f"every neuron's parameters; the estimate is in docs/runs.md), more than the {_gb(have)} available: "
+            f"lower {lower}"
         )
     return need
 

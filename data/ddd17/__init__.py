@@ -106,6 +106,8 @@ class FolderFrames:
         self.labels_dir = root / "labels" / split
         if not self.events_dir.is_dir() or not self.labels_dir.is_dir():
             raise FileNotFoundError(f"DDD17 split {split!r} not found under {root}: expected {LAYOUT}")
+        files.check_readable_folder(self.events_dir, "event folder")
+        files.check_readable_folder(self.labels_dir, "label folder")
         keys = sorted(k for k in map(frame_key, os.listdir(self.events_dir)) if k is not None)
         if not keys:
             raise FileNotFoundError(f"no rec<recording>_export_<frame>.npy files in {self.events_dir}")
@@ -254,9 +256,20 @@ class DDD17(torch.utils.data.Dataset):
         return (x if self.thl else x[0]), label
 
 
+def is_packed(path) -> bool:
+    """Whether `path` is a packed DDD17 file (the only kind `pack` replaces). Never raises."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except Exception:
+        return False
+
+
 def pack(root, split, out, compression="gzip"):
-    """Pack a split of the folder tree into one chunked, compressed HDF5 file (written atomically)."""
+    """Pack a split of the folder tree into one chunked, compressed HDF5 file (written atomically); an
+    existing `out` is replaced only if it is a packed DDD17 file."""
     files.check_output(out, "output file")  # before reading a single frame
+    files.check_replace(out, "output file", "a packed DDD17 file", is_packed)
     frames = FolderFrames(Path(root), split)
     with files.atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         _write_frames(f, frames, split, compression)

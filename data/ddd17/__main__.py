@@ -5,11 +5,11 @@ A module of its own, so that ``python -m`` runs a module the data package has no
 
 import sys
 
-from common.cli import ArgumentParser
+from common.cli import ArgumentParser, run_main
 from data.ddd17 import pack
 
 
-def main(argv=None):
+def _main(argv):
     parser = ArgumentParser(prog="python -m data.ddd17", description="DDD17 tools")
     commands = parser.add_subparsers(dest="command", required=True)
     pack_cmd = commands.add_parser("pack", help="pack a split into one HDF5 file")
@@ -23,13 +23,13 @@ def main(argv=None):
         help="gzip: smallest; lzf: faster to pack; none: fastest to read, as large as the .npy",
     )
     args = parser.parse_args(argv)
-    try:
-        n = pack(args.root, args.split, args.out, None if args.compression == "none" else args.compression)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    n = pack(args.root, args.split, args.out, None if args.compression == "none" else args.compression)
     print(f"packed {n} frames of {args.split} into {args.out}")
-    return 0
+
+
+def main(argv=None) -> int:
+    """Exit code 0, or 2 with one `error:` line (common/cli.py)."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import files
 from common.keys import Key
 from data.events import common
 from data.events.h5 import EventFile, load_rectify_map
@@ -137,6 +138,7 @@ def find_labels(seq_dir, classes):
         candidates.append(("flat", flat, stamps[0] if len(stamps) == 1 else seq_dir / "timestamps.txt"))
     for layout, label_dir, stamps in candidates:
         if label_dir.is_dir():
+            files.check_readable_folder(label_dir, "label folder")
             labels = sorted(label_dir.glob("*.png"))
             if not labels:
                 raise FileNotFoundError(f"no .png labels in {label_dir}")

@@ -25,6 +25,13 @@ def get_architecture(name: str):
     return ARCHITECTURES[name]
 
 
+def min_input_size(name: str) -> int:
+    """The smallest input side architecture ``name`` takes: its total downsampling (``min_input_size`` of its
+    class, from its build options)."""
+    cls, options = get_architecture(name)
+    return int(cls.min_input_size(**options))
+
+
 def build_architecture(cfg: dict):
     """A fresh model of ``cfg['arch']`` built from the (resolved) model config ``cfg``."""
     cls, options = get_architecture(cfg["arch"])

@@ -62,6 +62,11 @@ class SEWResNet18(SegmentationNet):
             self.head = parts.readout(256, classes)
         self.stem.recompute = True  # full resolution / 2: the largest outputs, the cheapest convolution
 
+    @classmethod
+    def min_input_size(cls, fcn):
+        """Output stride 32 (FCN) or 8 (DeepLab, its last stages dilated)."""
+        return 32 if fcn else 8
+
     def full_prop_steps(self):
         """The conv units on the longest path (stem, two per block, the DeepLab classifier) and the readout."""
         return 17 if self.fcn else 19

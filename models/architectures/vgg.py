@@ -12,6 +12,7 @@ checkpoints of the paper's repository map onto ours); ``VGGNet`` reads them as o
 Another plain chain is one more table and one ``register_architecture`` line at the bottom.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -190,6 +191,11 @@ class VGGNet(SegmentationNet):
             for k in range(stages):
                 self.decoder.append(parts.decoder_stage(classes, spiking=k < stages - 1))
 
+    @classmethod
+    def min_input_size(cls, table):
+        """2 per stride-2 pooling."""
+        return 2 ** sum(1 for part in table.values() for token in part if isinstance(token, Pool) and token.stride == 2)
+
     def readout_head(self):
         return self.output
 
@@ -249,9 +255,17 @@ class VGGNet(SegmentationNet):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise FileNotFoundError(f"pretrained weights file '{path}' does not exist") from None
-        except Exception as exc:
-            raise ValueError(f"cannot read pretrained weights '{path}': {exc}") from None
+        except Exception as exc:  # one line: not PyTorch's advice to load it with weights_only=False
+            text = str(exc)
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+            reason = reason.group(1).strip() if reason else (text.splitlines() or [type(exc).__name__])[0]
+            raise ValueError(
+                f"pretrained weights '{path}' are not a weights-only PyTorch file (torch.load with weights_only=True: "
+                f"{reason}; nothing in it was run)"
+            ) from None
         state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"pretrained weights '{path}' hold a {type(state).__name__}, not a dict of weights")
         vgg = [v for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.dim() == 4]
         if not vgg:
             raise ValueError(f"'{path}' holds no torchvision VGG 'features.<i>.weight' conv weights")
