@@ -211,7 +211,12 @@ def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int 
 
 # ----------------------------------------------------------------------------- model and training
 def build_model(cfg: dict, device: torch.device | str = "cpu") -> nn.Module:
-    return models.build_model(cfg, SCHEMA).to(device)
+    model = models.build_model(cfg, SCHEMA).to(device)
+    if cfg.get("pretrained"):  # say which layers the file did not fit: a partial start is never silent
+        copied, kept = model.pretrained_layers
+        kept_text = f"; kept at their initialisation (shapes differ): {', '.join(kept)}" if kept else ""
+        print(f"pretrained {cfg['pretrained']}: copied {len(copied)} layers ({', '.join(copied)}){kept_text}")
+    return model
 
 
 def build_loss() -> nn.Module:

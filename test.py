@@ -27,11 +27,13 @@ import data
 import setup
 from common import files
 from common.cli import ArgumentParser, run_main
-from models.conversion import cached_thresholds
+from models.conversion import cached_thresholds, conversion_problems
+from models.graph import layer_graph
+from models.protocol import NotSupported
 from utils import analysis, conversion_plugin, preflight
 from utils.allocator import POLICIES, set_cpu_malloc
 from utils.checkpoint import build_model_from_checkpoint, is_converted_snn, load_checkpoint
-from utils.config import NATIVE_SIZE, SCHEMA, check_img_size, check_value, coerce
+from utils.config import NATIVE_SIZE, SCHEMA, check_img_size, check_value, coerce, parse_size
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
 from utils.runs import interrupt_handling
@@ -295,6 +297,20 @@ def check_conversion(args, cfg, checkpoint):
         )
 
 
+def check_layers(args, model):
+    """Every tool asked for can handle every layer of the model (models/protocol.py), before any data is read:
+    one line naming the layer and the tool otherwise."""
+    if getattr(args, "conversion", False) and not model.spiking:
+        problems = conversion_problems(model)
+        if problems:
+            raise ValueError(f"--conversion: {problems[0]}")
+    if getattr(args, "energy", False):
+        try:
+            layer_graph(model, parse_size(model.config.get("img_size")) or (64, 64)).check("--energy")
+        except NotSupported as err:
+            raise ValueError(str(err)) from None
+
+
 def check_resources(args, cfg, loader, device):
     """Before any work: one evaluation batch (at the largest T asked for) fits in the memory of `device`
     (utils/preflight.py's estimate)."""
@@ -350,6 +366,7 @@ def evaluate_checkpoint(argv=None):
     set_cpu_malloc(args.cpu_malloc)
     torch.manual_seed(args.seed)
     model = build_model_from_checkpoint(checkpoint, args.model_path, overrides=cfg).to(device)
+    check_layers(args, model)
     loader = build_val_loader(cfg)
     check_resources(args, cfg, loader, device)
     ctx = EvalContext(args, cfg, checkpoint, model, loader, device, class_names_for(cfg))

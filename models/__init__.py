@@ -22,7 +22,7 @@ def build_model(cfg: dict, other_keys=()) -> SegmentationNet:
     cfg = resolve_model_config(cfg, other_keys)  # unknown keys, choices, ranges, neuron: errors first
     model = build_architecture(cfg)
     if cfg["pretrained"]:
-        model.load_pretrained(cfg["pretrained"])
+        model.pretrained_layers = model.load_pretrained(cfg["pretrained"])  # (copied, kept at initialisation)
     return model
 
 

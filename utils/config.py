@@ -44,7 +44,7 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
     str2bool,
 )
 from data import registry
-from models.architectures import min_input_size
+from models.architectures import min_input_size, takes_pretrained
 from models.config import MODEL_KEYS, resolve_model_config
 from utils.allocator import POLICIES
 
@@ -160,6 +160,11 @@ def check_combinations(config: dict, sources: dict | None = None):
         raise ValueError("thl feeds one frame per timestep and needs model_type snn")
     if config["encoder"] == "sequence" and not config["thl"]:
         raise ValueError("encoder 'sequence' feeds one frame per timestep and needs --thl true (event data)")
+    if config.get("pretrained") and not takes_pretrained(config["arch"]):
+        raise ValueError(
+            f"pretrained{_from('pretrained', sources)}: architecture {config['arch']!r} cannot start from pretrained "
+            "weights (the VGG architectures take torchvision's VGG weights)"
+        )
     for name in registry.data_keys():
         readers = registry.datasets_reading(name)
         if spec.name not in readers and config[name] not in (None, False, SCHEMA[name].default):

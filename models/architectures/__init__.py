@@ -3,6 +3,8 @@
 names, as the VGG tables do). docs/architectures.md shows how to add one.
 """
 
+from ..network import SegmentationNet
+
 ARCHITECTURES = {}  # name -> (class, build options)
 
 
@@ -30,6 +32,11 @@ def min_input_size(name: str) -> int:
     class, from its build options)."""
     cls, options = get_architecture(name)
     return int(cls.min_input_size(**options))
+
+
+def takes_pretrained(name: str) -> bool:
+    """Whether architecture ``name`` can start from pretrained weights (its class has ``load_pretrained``)."""
+    return get_architecture(name)[0].load_pretrained is not SegmentationNet.load_pretrained
 
 
 def build_architecture(cfg: dict):
