@@ -275,7 +275,7 @@ def norse_module(graph, dt):
 def test_norse_runs_the_exported_converted_model_with_our_spikes_and_logits(tmp_path, capsys, threshold_type):
     """Both sides in float64: without leak, a converted network keeps many membranes near the threshold,
     and in float32 one spike flipped by the convolutions' different summation order cascades (seen: one
-    flip in features.4 became 238 in classifier.0). The file's float32 weights are exact in float64."""
+    flip in body.6 became 238 in body.9). The file's float32 weights are exact in float64."""
     from norse.torch.module.iaf import IAFCell
 
     x = image()
