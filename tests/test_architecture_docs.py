@@ -129,3 +129,20 @@ def test_nir_export_runs_in_snntorch_with_our_spikes_and_logits(tiny_resnet, tmp
     module = nir_tests.import_from_nir(nir_tests.without_integrator(graph, "head.conv"))
     peer_logits, peer_spikes, _ = nir_tests.run_peer(module, graph, x, nir_tests.snntorch.Leaky)
     nir_tests.assert_agree(peer_logits, peer_spikes, logits, spikes)
+
+
+def test_torch_compile_traces_the_example_whole_and_equals_eager(tiny_resnet):
+    """fullgraph: the clock, the ADD and the fused neurons' custom op trace without a graph break (aot_eager:
+    the capture, without inductor's code generation, which tests/test_neuron_compile.py covers)."""
+    model = net(def_threshold=0.3, neuron_backend="torch", timesteps=3).double()
+    x, y = torch.rand(2, 3, 12, 12, dtype=torch.float64) - 0.5, torch.randint(0, 3, (2, 12, 12))
+
+    def loss(x, y):
+        return F.cross_entropy(model(x), y)
+
+    params = list(model.parameters())
+    eager = torch.autograd.grad(loss(x, y), params)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(x, y), params)
+    assert eager[0].abs().sum() > 0
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
