@@ -3,7 +3,6 @@ itself, through every tool: training (SNN and ANN, memory-saving mode on two bac
 energy (the ADD's levels), ANN-to-SNN conversion (the summed layers share one threshold) and NIR export, run
 back in snnTorch (the ADD as two edges into one node)."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -13,28 +12,17 @@ import torch.nn.functional as F
 from models import ARCHITECTURES, build_model
 from models.conversion import Wiring, apply_thresholds, calibrate_thresholds, convert_ann
 from tests import test_nir_export as nir_tests
+from tests.doc_examples import run_example
 from utils.energy import OpCounter
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 
 
-def doc_code() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 1, "docs/architectures.md should hold exactly one python block (the worked example)"
-    return blocks[0]
-
-
 @pytest.fixture
 def tiny_resnet():
     """The page's architecture, registered for the test's duration."""
-    saved = dict(ARCHITECTURES)
-    namespace = {"__name__": "architectures_doc_example"}
-    exec(compile(doc_code(), str(DOC), "exec"), namespace)
-    try:
-        yield namespace["TinyResNet"]
-    finally:
-        ARCHITECTURES.clear()
-        ARCHITECTURES.update(saved)
+    with run_example(DOC, ARCHITECTURES, "TinyResNet") as cls:
+        yield cls
 
 
 def net(**cfg):

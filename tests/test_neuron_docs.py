@@ -2,35 +2,22 @@
 documentation and the test cannot drift apart: its spikes against a hand-written loop, and a whole
 network with it (training, memory-saving mode, spike counts, energy, checkpoints, backend refusal)."""
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from models import NEURONS, build_model
+from tests.doc_examples import run_example
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "neurons.md"
-
-
-def doc_code() -> str:
-    """The page's one python block."""
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
-    assert len(blocks) == 1, "docs/neurons.md should hold exactly one python block (the worked example)"
-    return blocks[0]
 
 
 @pytest.fixture
 def alif():
     """The ALIF class as the page defines it, registered for the test's duration."""
-    saved = dict(NEURONS)
-    namespace = {"__name__": "neurons_doc_example"}
-    exec(compile(doc_code(), str(DOC), "exec"), namespace)
-    try:
-        yield namespace["ALIF"]
-    finally:
-        NEURONS.clear()
-        NEURONS.update(saved)
+    with run_example(DOC, NEURONS, "ALIF") as cls:
+        yield cls
 
 
 def hand_alif(currents, leak, theta, rho, b, hard=False):
