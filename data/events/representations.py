@@ -91,18 +91,19 @@ def _voxel_dsec(x, y, t, p, bins, height, width, separate, exact):
     else:
         value = np.where(positive, np.float32(1), np.float32(-1))
         offset = 0
+    times = [(ti, 1 - np.abs(ti.astype(np.float32) - tn), ti < bins) for ti in (t0, t0 + 1)]
     indices, weights = [], []
     for xi in (x0, x0 + 1):
-        wx = 1 - np.abs(xi.astype(np.float32) - x)
+        vx = value * (1 - np.abs(xi.astype(np.float32) - x))
         ok_x = (xi >= 0) & (xi < width)
         for yi in (y0, y0 + 1):
-            wy = 1 - np.abs(yi.astype(np.float32) - y)
+            vxy = vx * (1 - np.abs(yi.astype(np.float32) - y))
             ok_xy = ok_x & (yi >= 0) & (yi < height)
-            for ti in (t0, t0 + 1):
-                ok = ok_xy & (ti < bins)
-                w = value * wx * wy * (1 - np.abs(ti.astype(np.float32) - tn))
-                indices.append((offset + (ti * height + yi) * width + xi)[ok])
-                weights.append(w[ok])
+            pixel = offset + yi * width + xi
+            for ti, wt, ok_t in times:
+                ok = ok_xy & ok_t
+                indices.append((pixel + ti * (height * width))[ok])
+                weights.append((vxy * wt)[ok])
     grid = np.zeros((2 if separate else 1) * bins * height * width, dtype=np.float32)
     np.add.at(grid, np.concatenate(indices), np.concatenate(weights))
     return grid
@@ -110,27 +111,27 @@ def _voxel_dsec(x, y, t, p, bins, height, width, separate, exact):
 
 def _voxel_ddd17(x, y, t, p, bins, height, width, separate):
     """[C*B*H*W] float32 (polarity-major): times normalised in float64 from int64, weights summed into
-    float32 grids, positive and negative events apart (signed = positive - negative). ESS adds its float64
-    weights to the float32 sums one by one (NumPy's slow mixed-type path); here they are rounded to float32
-    first, which can differ from ESS's sums in the last bit where several events meet."""
+    float32 grids, positive and negative events apart (signed = positive - negative), each grid's sums in
+    ESS's order (every event's left weight, then every right weight). ESS adds its float64 weights to the
+    float32 sums one by one (NumPy's slow mixed-type path); here they are rounded to float32 first, which can
+    differ from ESS's sums in the last bit where several events meet."""
+    plane = bins * height * width
     span = t[-1] - t[0]
     tn = ((bins - 1) * (t - t[0])) / (span if span else 1.0)
     t0 = tn.astype(np.int64)
     right = tn - t0
-    left = 1.0 - right
-    x = np.asarray(x).astype(np.int64)
-    y = np.asarray(y).astype(np.int64)
-    on_frame = (x >= 0) & (x < width) & (y >= 0) & (y < height)
-    pixel = x + y * width
-    grids = []
-    for polarity in (True, False):
-        grid = np.zeros(bins * height * width, dtype=np.float32)
-        sel = on_frame & ((np.asarray(p) > 0) == polarity)
-        np.add.at(grid, (pixel + t0 * width * height)[sel], left[sel].astype(np.float32))
-        sel &= t0 + 1 < bins
-        np.add.at(grid, (pixel + (t0 + 1) * width * height)[sel], right[sel].astype(np.float32))
-        grids.append(grid)
-    return np.concatenate(grids) if separate else grids[0] - grids[1]
+    left = (1.0 - right).astype(np.float32)
+    x, y, p = (np.asarray(a, dtype=np.int64) for a in (x, y, p))
+    index = x + y * width + t0 * (height * width) + np.where(p > 0, 0, plane)
+    ok = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+    nxt = ok & (t0 + 1 < bins)
+    grid = np.zeros(2 * plane, dtype=np.float32)
+    np.add.at(
+        grid,
+        np.concatenate([index[ok], index[nxt] + height * width]),
+        np.concatenate([left[ok], right[nxt].astype(np.float32)]),
+    )
+    return grid if separate else grid[:plane] - grid[plane:]
 
 
 # ----------------------------------------------------------------------------- histograms
@@ -238,22 +239,22 @@ def normalize(x, mode, loader="dsec", exact=True):
     if mode == "none":
         return x
     if mode == "nonzero":
-        out = torch.from_numpy(np.array(x, dtype=np.float32, copy=True))
-        mask = out != 0
-        values = out[mask]
-        if values.numel():
-            if loader == "dsec":
-                mean = values.mean()
-                std = values.std() if values.numel() > 1 else torch.zeros(())
-            elif exact:  # sums over the whole array, as ESS's
-                count = mask.sum()
-                mean = out.sum() / count
-                std = torch.sqrt((out**2).sum() / count - mean**2)
+        out = np.array(x, dtype=np.float32, copy=True)
+        flat = out.reshape(-1)
+        index = np.flatnonzero(flat)
+        if index.size:
+            values = flat[index]
+            if loader == "dsec":  # torch's mean and std of the non-zero entries, as ESS's
+                mean, std = torch.from_numpy(values).mean(), torch.from_numpy(values).std()
+            elif exact:  # ESS's sums over the whole array, in float32
+                whole = torch.from_numpy(flat)
+                mean = whole.sum() / np.float32(index.size)
+                std = torch.sqrt((whole**2).sum() / np.float32(index.size) - mean**2)
             else:
-                v64 = values.double()
-                mean, std = v64.mean().float(), v64.std(unbiased=False).float()
-            out = torch.where(mask, (out - mean) / std if std > 0 else out - mean, out)
-        return out.numpy()
+                mean, std = values.astype(np.float64).mean(), values.astype(np.float64).std()
+            mean, std = np.float32(mean), np.float32(std)
+            flat[index] = (values - mean) / std if std > 0 else values - mean
+        return out
     if mode == "minmax":
         lo = x.min(axis=(-2, -1), keepdims=True)
         hi = x.max(axis=(-2, -1), keepdims=True)
