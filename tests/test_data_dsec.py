@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-from data.events.common import EventSettings
+from data.events.common import EmptyWindowWarning, EventSettings
 from data.events.ddd17_events import DDD17Events
 from data.events.dsec import DSECSemantic
 from tests.conftest import read_jsonl, run_script
@@ -59,13 +59,13 @@ def reference(events, t_end, settings, crop=440):
         grid = np.zeros((settings.bins, settings.per_bin, H, W))
     elif settings.representation == "voxel":
         grid = brute_voxel(rx, ry, t[sel], events["p"][sel], settings.bins, H, W, settings.separate_polarity)
-    else:
+    else:  # histogram of a time window: ESS's DSEC loader counts each of B equal parts of the window apart
         grid = np.zeros((settings.bins, 2, H, W))
-        t0, t1 = t[sel][0], t[sel][-1]
+        part = settings.window_ms * 1000 / settings.bins
         for xi, yi, ti, pi in zip(rx, ry, t[sel], events["p"][sel]):
-            s = min(int(settings.bins * (ti - t0) / (t1 - t0)), settings.bins - 1) if t1 > t0 else 0
+            s = int((ti - (t_end - settings.window_ms * 1000)) // part)
             if 0 <= int(np.floor(xi)) < W and 0 <= int(np.floor(yi)) < H:
-                grid[s, 0 if pi else 1, int(np.floor(yi)), int(np.floor(xi))] += 1
+                grid[s, 1 if pi else 0, int(np.floor(yi)), int(np.floor(xi))] += 1  # negative, then positive
     g = torch.from_numpy(grid).float()
     mask = g != 0
     if settings.normalize == "nonzero" and mask.any():
@@ -73,6 +73,7 @@ def reference(events, t_end, settings, crop=440):
     return g[..., :crop, :]
 
 
+@pytest.mark.filterwarnings("ignore::data.events.common.EmptyWindowWarning")  # the fixture's silent window
 @pytest.mark.parametrize(
     "settings",
     [
@@ -109,14 +110,17 @@ def reference_unrectified(events, t_end, settings):
 
 def test_silent_window_gives_empty_input_and_ess_label_selection(real_size_root):
     root, events, labels, stamps = real_size_root
-    ds = DSECSemantic(root, "train", labels="all")
+    with pytest.warns(EmptyWindowWarning, match=r"sequence zurich_city_00_a: 1 of its 10 windows \(10%\) hold no"):
+        ds = DSECSemantic(root, "train", labels="all")
     x, y = ds[6]  # the window (300, 350] ms holds no event
     assert not x.any() and np.array_equal(y.numpy(), labels[6])
-    ess = DSECSemantic(root, "train")  # ESS: the first 6 labels dropped, then every second
+    with pytest.warns(EmptyWindowWarning, match="1 of its 2 windows"):
+        ess = DSECSemantic(root, "train")  # ESS: the first 6 labels dropped, then every second
     assert [ess.sample(i)[1] for i in range(len(ess))] == [6, 8]
     assert [ess.sample(i)[2] for i in range(len(ess))] == [int(stamps[6]), int(stamps[8])]
 
 
+@pytest.mark.filterwarnings("ignore::data.events.common.EmptyWindowWarning")  # the fixture's silent window
 def test_registry_and_config_keys(real_size_root):
     root, *_ = real_size_root
     cfg = dict(dataset="dsec-semantic", data_root=str(root), img_size=-1, dsec_labels="all", bins=4)
@@ -315,7 +319,7 @@ def ddd17_root(tmp_path_factory):
 def test_ddd17_events_splits_and_items_brute_force(ddd17_root):
     root, recs = ddd17_root
     settings = EventSettings(window_events=500, normalize="nonzero")
-    val = DDD17Events(root, "val", settings=settings)
+    val = DDD17Events(root, "val", settings=settings, img_size=(200, 346))  # the sensor's width: no resize
     assert [r.folder.name for r in val.recordings] == ["dir1"] and len(val) == 4
     assert [r.folder.name for r in DDD17Events(root, "train", settings=settings).recordings] == [
         f"dir{i}" for i in (0, 2, 3, 5, 6)
@@ -332,15 +336,18 @@ def test_ddd17_events_splits_and_items_brute_force(ddd17_root):
         assert item_x.shape == (5, 200, 346)
         assert torch.allclose(item_x, grid.reshape(5, 260, 346)[:, :200], atol=1e-4)
         assert np.array_equal(item_y.numpy(), labels[i])
-    timed = DDD17Events(
-        root, "val", settings=EventSettings(window_ms=20, representation="histogram", bins=1, normalize="none")
-    )
-    hx, _ = timed[2]
-    t_img = image_times[numbers[2] - 1]
-    sel = (t >= t_img - 20_000_000) & (t < t_img)
-    expected = np.zeros((2, 260, 346))
-    np.add.at(expected, (1 - p[sel], y[sel], x[sel]), 1)
-    assert np.array_equal(hx.numpy(), expected[:, :200])
+    timed = EventSettings(window_ms=20, representation="histogram", bins=1, normalize="none")
+    for exact in (True, False):
+        timed.ess_exact = exact
+        hx, _ = DDD17Events(root, "val", settings=timed, img_size=(200, 346))[2]
+        t_img = image_times[numbers[2] - 1]
+        sel = (t >= t_img - 20_000_000) & (t < t_img)
+        if exact:  # ESS's DDD17 time windows leave out the events of their last instant
+            sel &= t < t[sel].max()
+        expected = np.zeros((2, 260, 346))
+        np.add.at(expected, (p[sel], y[sel], x[sel]), 1)  # negative, then positive
+        assert np.array_equal(hx.numpy(), expected[:, :200])
+    assert DDD17Events(root, "val", settings=settings)[0][0].shape == (5, 200, 352)  # ESS's width by default
 
 
 def test_ddd17_events_errors(tmp_path, ddd17_root):

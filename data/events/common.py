@@ -37,6 +37,13 @@ def label_size(path):
         raise ValueError(f"cannot read label {path}: {err}") from None
 
 
+LATE_US = 1_000_000  # a label this long after the last event is outside the events' time range
+
+
+class EmptyWindowWarning(UserWarning):
+    """Some windows of a raw-event dataset hold no event, or lie outside its events' time range."""
+
+
 class EventSettings:
     """How a window of events becomes an input tensor (the config keys of the event datasets)."""
 
@@ -50,6 +57,7 @@ class EventSettings:
         normalize="nonzero",
         channels=None,
         as_timesteps=False,
+        ess_exact=True,
     ):
         if representation not in rep.REPRESENTATIONS:
             raise ValueError(f"representation must be one of {', '.join(rep.REPRESENTATIONS)}, got {representation!r}")
@@ -61,6 +69,7 @@ class EventSettings:
             raise ValueError(f"window_ms must be > 0, got {window_ms}")
         if window_events is not None and int(window_events) < 1:
             raise ValueError(f"window_events must be >= 1, got {window_events}")
+        check_window(window_ms, window_events)
         self.representation = representation
         self.bins = int(bins)
         self.separate_polarity = bool(separate_polarity)
@@ -72,6 +81,7 @@ class EventSettings:
             if not self.channels or any(not 0 <= c < 6 for c in self.channels):
                 raise ValueError(f"channels: Ev-SegNet channels must be indices in 0..5, got {self.channels}")
         self.as_timesteps = bool(as_timesteps)
+        self.ess_exact = bool(ess_exact)
 
     @property
     def per_bin(self):
@@ -86,35 +96,71 @@ class EventSettings:
             return dict(count=self.window_events)
         return dict(duration_us=int(round(self.window_ms * 1000)))
 
-    def tensor(self, events, height, width, unbiased, window=None):
-        """[B, C, height, width] float32 array of a window's events (normalised on the whole sensor)."""
-        grid = rep.represent(
-            events,
-            self.representation,
-            self.bins,
-            height,
-            width,
-            separate_polarity=self.separate_polarity,
-            channels=self.channels,
-            window=window if self.window_events is None else None,
-        )
-        return rep.normalize(grid, self.normalize, unbiased=unbiased)
+    def tensor(self, events, height, width, loader, window=None):
+        """[B, C, H, W] float32 array of a window's events (dict x, y, t, p), normalised, on the whole sensor,
+        in the arithmetic of ESS's `loader` ('dsec' or 'ddd17'). window: (start, end) of a time window (on
+        the events' clock), None for an event-count window."""
+        x, y, t, p = (events[k] for k in ("x", "y", "t", "p"))
+        exact = self.ess_exact
+        if window is None or self.window_events is not None:
+            rule, window = "count", None
+        else:
+            rule = "window" if loader == "dsec" else "span"
+        norm = dict(mode=self.normalize, loader=loader, exact=exact)
+        if self.representation == "voxel":
+            (lo, hi), *_ = rep.parts(t, 1, rule, window, exact)
+            grid = rep.voxel_grid(
+                x[lo:hi], y[lo:hi], t[lo:hi], p[lo:hi], self.bins, height, width, self.separate_polarity, loader, exact
+            )
+            return rep.normalize(grid, **norm)
+        if self.representation == "histogram":
+            out = np.empty((self.bins, 2, height, width), dtype=np.float32)
+            for b, (lo, hi) in enumerate(rep.parts(t, self.bins, rule, window, exact)):
+                counts = rep.histogram(x[lo:hi], y[lo:hi], p[lo:hi], height, width, truncate=exact and loader == "dsec")
+                out[b] = rep.normalize(counts, **norm)  # ESS normalises each part it builds
+            return out
+        start, end = window if window is not None else (None, None)
+        grid = rep.evsegnet(x, y, t, p, self.bins, height, width, start, end, self.channels)
+        return rep.normalize(grid, **norm)
 
     def shape_item(self, grid):
-        """[B, C, H, W] -> the item: [B, C, H, W] as timesteps, else [B*C, H, W]."""
+        """[B, C, H, W] -> the item: [B, C, H, W] as timesteps, else [B*C, H, W] in ESS's channel order:
+        bin-major (b*C + c), except the two-polarity voxel grid, polarity-major (c*B + b: the positive
+        bins, then the negative ones)."""
         x = torch.from_numpy(np.ascontiguousarray(grid))
-        return x if self.as_timesteps else x.reshape(-1, *x.shape[-2:])
+        if self.as_timesteps:
+            return x
+        if self.representation == "voxel" and self.separate_polarity:
+            x = x.transpose(0, 1)
+        return x.reshape(-1, *x.shape[-2:])
+
+
+def check_window(window_ms, window_events):
+    """window_ms and window_events both set: one would be ignored. window_ms at its default (50) counts as
+    not set (configs hold every key at its default)."""
+    if window_events is not None and window_ms is not None and float(window_ms) != WINDOW_MS:
+        raise ValueError(
+            f"window_ms ({float(window_ms):g}) and window_events ({window_events}) are both set: give one "
+            "(window_ms: the window's length; window_events: its number of events)"
+        )
 
 
 def resize_pair(x, y, size):
-    """Bilinear (antialiased) input, nearest label, to size (h, w); None keeps the size."""
-    if size is None:
+    """Resize an item (x [..., h, w], label y [h, w]) to size (h, w); None keeps it. Enlarging (the only
+    resizing ESS does: DDD17 to 200x352, DSEC's resize option to 448x640) is ESS's: bilinear with
+    align_corners=True for x, OpenCV's nearest (source floor(i * in/out)) for y. Reducing, which ESS never
+    does, is antialiased bilinear for x and nearest for y."""
+    if size is None or tuple(size) == tuple(y.shape):
         return x, y
     flat = x.reshape(-1, *x.shape[-2:])[None]
-    flat = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
-    x = flat.reshape(*x.shape[:-2], *size)
-    y = F.interpolate(y[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
-    return x, y
+    if size[0] >= y.shape[0] and size[1] >= y.shape[1]:
+        flat = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=True)[0]
+        rows, cols = (np.minimum(np.floor(np.arange(o) * (1.0 / (o / i))), i - 1) for o, i in zip(size, y.shape))
+        y = y[torch.from_numpy(rows.astype(np.int64))][:, torch.from_numpy(cols.astype(np.int64))]
+    else:
+        flat = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
+        y = F.interpolate(y[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
+    return flat.reshape(*x.shape[:-2], *size), y
 
 
 def parse_size(value):
@@ -147,7 +193,13 @@ def settings_from_cfg(cfg):
         normalize=cfg["event_norm"],
         channels=cfg["channels"] if cfg["representation"] == "evsegnet" else None,
         as_timesteps=bool(cfg["thl"]),
+        ess_exact=bool(cfg["ess_exact"]),
     )
+
+
+def check(cfg):
+    """The spec check of the raw-event datasets (before any file is read)."""
+    check_window(cfg["window_ms"], cfg["window_events"])
 
 
 def in_channels_of(cfg):
@@ -160,6 +212,7 @@ def in_channels_of(cfg):
 
 
 _D = "data"
+WINDOW_MS = 50.0
 # The keys of the raw-event datasets (dsec-semantic, ddd17-events, synthetic-events with raw_events); also
 # `channels` (the Ev-SegNet channels kept by representation evsegnet) and `thl` (bins as timesteps).
 KEYS = (
@@ -173,7 +226,14 @@ KEYS = (
     ),
     Key("bins", _D, 5, int, "raw events: time bins (channels, or timesteps with --thl)", interval=POSITIVE),
     Key("separate_polarity", _D, False, bool, "raw events, voxel: positive and negative as two channels"),
-    Key("window_ms", _D, 50.0, float, "raw events: window length before each label (ms)", interval=ABOVE_ZERO),
+    Key(
+        "window_ms",
+        _D,
+        WINDOW_MS,
+        float,
+        "raw events: window length before each label (ms); not with window_events",
+        interval=ABOVE_ZERO,
+    ),
     Key(
         "window_events",
         _D,
@@ -190,6 +250,14 @@ KEYS = (
         str,
         "raw events: nonzero (mean/std of the non-zero entries, ESS), minmax ([-0.5, 0.5] per channel) or none",
         ("nonzero", "minmax", "none"),
+    ),
+    Key(
+        "ess_exact",
+        _D,
+        True,
+        bool,
+        "raw events: items as ESS's loaders build them, their defects included (the published numbers); "
+        "false: the defects corrected (docs/data.md)",
     ),
     CHANNELS,
 )

@@ -21,6 +21,7 @@ labels='ess' keeps ESS's label frames: the first 6 of each sequence are dropped 
 label is used; labels='all' uses every label.
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from data.registry import EVENTS, DatasetSpec
 
 NAME = "dsec-semantic"
 SPLIT_FOLDERS = {"train": "train", "val": "test", "test": "test"}
+SENSOR = (480, 640)  # DSEC's event camera (height, width)
 TRAIN_SEQUENCES = tuple(f"zurich_city_{s}" for s in ("00_a", "01_a", "02_a", "04_a", "05_a", "06_a", "07_a", "08_a"))
 TEST_SEQUENCES = ("zurich_city_13_a", "zurich_city_14_c", "zurich_city_15_a")
 ESS_DROPPED_LABELS = 6  # (remove_time_window 250 ms // 100 + 1) * 2 in ESS's Sequence
@@ -161,20 +163,62 @@ def read_timestamps(path, count):
 
 
 class Sequence:
-    def __init__(self, seq_dir, classes):
+    def __init__(self, seq_dir, classes, sensor=None):
         self.name = seq_dir.name
         self.layout, self.labels, stamps_file = find_labels(seq_dir, classes)
         self.timestamps = read_timestamps(stamps_file, len(self.labels))
         event_dir = seq_dir / "events" / "left"
-        self.rectify_map = load_rectify_map(event_dir / "rectify_map.h5")
+        self.rectify_map = load_rectify_map(event_dir / "rectify_map.h5", sensor or self._sensor_of_labels())
         self.sensor = self.rectify_map.shape[:2]
         self.events = EventFile(event_dir / "events.h5", sensor=self.sensor)
+
+    def _sensor_of_labels(self):
+        """The sensor the labels imply (the size most of the first, middle and last labels have): DSEC's
+        640x480 for 640-wide labels; else (other data in the DSEC layout) as wide as the labels and at
+        least as high, (-height, width)."""
+        sizes = [common.label_size(self.labels[i]) for i in (-1, len(self.labels) // 2, 0)]
+        height, width = max(sizes, key=sizes.count)
+        return SENSOR if width == SENSOR[1] else (-height, width)
+
+    def check_windows(self, chosen, settings):
+        """Before any item is read, from ms_to_idx and the first and last event alone: the chosen labels whose
+        window holds no event or whose timestamp lies outside the events' time range (at or before the first
+        event, or later than the last one by more than the window's length and common.LATE_US). All of them:
+        an error naming the sequence; some: a warning with their share."""
+        f = self.events
+        duration = settings.window_kwargs().get("duration_us")
+        local = (self.timestamps[list(chosen)] - f.t_offset).tolist()  # on the events' clock
+        after = f.last_t + max(duration or 0, common.LATE_US)
+        bad = [
+            not f.num_events or t <= f.first_t or t > after or f.event_bounds(t + f.t_offset, duration) == 0
+            for t in local
+        ]
+        if not any(bad):
+            return
+        ranges = (
+            f"labels at {min(local)}..{max(local)} us and events at {f.first_t}..{f.last_t} us on the events' "
+            f"clock, i.e. timestamps.txt minus t_offset {f.t_offset}"
+        )
+        if all(bad):
+            raise ValueError(
+                f"sequence {self.name}: none of its {len(bad)} windows holds events of its label's time ({ranges}): "
+                f"wrong t_offset, timestamps.txt or ms_to_idx in {f.path}?"
+            )
+        share = sum(bad) / len(bad)
+        warnings.warn(
+            f"sequence {self.name}: {sum(bad)} of its {len(bad)} windows ({share:.0%}) hold no event or lie outside "
+            f"the events' time range ({ranges}); their inputs are empty or of another time",
+            common.EmptyWindowWarning,
+            stacklevel=3,
+        )
 
 
 class DSECSemantic(torch.utils.data.Dataset):
     """Items: x float32 [B*C, H, W] (or [B, C, H, W] with settings.as_timesteps), y int64 [H, W] (255 ignored)."""
 
-    def __init__(self, root, split="train", classes=11, settings=None, img_size=None, augment=False, labels="ess"):
+    def __init__(
+        self, root, split="train", classes=11, settings=None, img_size=None, augment=False, labels="ess", sensor=None
+    ):
         if split not in SPLIT_FOLDERS:
             raise ValueError(f"dsec-semantic has splits {sorted(SPLIT_FOLDERS)}, got {split!r}")
         if labels not in ("ess", "all"):
@@ -190,7 +234,7 @@ class DSECSemantic(torch.utils.data.Dataset):
         seq_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir())
         if not seq_dirs:
             raise FileNotFoundError(f"no sequence folders in {split_dir}: expected {LAYOUT}")
-        self.sequences = [Sequence(d, self.classes) for d in seq_dirs]
+        self.sequences = [Sequence(d, self.classes, sensor) for d in seq_dirs]
         self.items = []
         for s, seq in enumerate(self.sequences):
             chosen = range(len(seq.labels))
@@ -198,6 +242,8 @@ class DSECSemantic(torch.utils.data.Dataset):
                 chosen = range(ESS_DROPPED_LABELS, len(seq.labels), ESS_LABEL_STRIDE)
             self.items += [(s, i) for i in chosen]
             self._check_label_size(seq)
+            if len(chosen):
+                seq.check_windows(chosen, self.settings)
         if not self.items:
             raise ValueError(
                 f"no labelled frames in {split_dir} (labels={labels!r} drops the first 6 of each sequence)"
@@ -228,11 +274,12 @@ class DSECSemantic(torch.utils.data.Dataset):
         height, width = seq.sensor
         if label.shape[1] != width or label.shape[0] > height:
             raise ValueError(f"label {seq.labels[i]} is {label.shape[1]}x{label.shape[0]}; expected {width} wide")
-        events = seq.events.window(t_end, **self.settings.window_kwargs())
+        kwargs = self.settings.window_kwargs()
+        events = seq.events.window(t_end, **kwargs)
         xy = seq.rectify_map[events["y"], events["x"]]
         rectified = dict(x=xy[:, 0], y=xy[:, 1], t=events["t"], p=events["p"])
-        window = (t_end - self.settings.window_ms * 1000, t_end)
-        grid = self.settings.tensor(rectified, height, width, unbiased=True, window=window)
+        window = (t_end - kwargs["duration_us"], t_end) if "duration_us" in kwargs else None
+        grid = self.settings.tensor(rectified, height, width, "dsec", window)
         grid = grid[..., : label.shape[0], :]  # ESS: the bottom rows, which the labels lack, are dropped
         x = self.settings.shape_item(grid)
         x, label = common.resize_pair(x, label, self.size)
@@ -265,6 +312,7 @@ SPEC = DatasetSpec(
     modality=EVENTS,
     in_channels=common.in_channels_of,
     needs_root=True,
+    check=common.check,
     keys=(
         *common.KEYS,
         Key("dsec_classes", "data", 11, int, "dsec-semantic: 11 or 19 classes", (11, 19)),

@@ -70,15 +70,42 @@ class EventFile:
             self.ms_to_idx = np.asarray(f["ms_to_idx"][()], dtype=np.int64)
             self.t_offset = int(f["t_offset"][()]) if "t_offset" in f else 0
             try:
+                self.first_t = int(f["events/t"][0]) if self.num_events else 0
                 self.last_t = int(f["events/t"][-1]) if self.num_events else 0
+                if self.ms_to_idx.ndim != 1 or (np.diff(self.ms_to_idx) < 0).any():
+                    raise ValueError(f"{self.path}: ms_to_idx must be a non-decreasing 1-D index")
+                if self.ms_to_idx.size and (self.ms_to_idx[-1] > self.num_events or self.ms_to_idx[0] < 0):
+                    raise ValueError(f"{self.path}: ms_to_idx points outside the {self.num_events} events")
+                self._check_index(f["events/t"])
             except OSError as err:  # a filter that is not registered, or truncated chunks
                 raise ValueError(f"cannot read events/t of {self.path}: {err}") from None
-        if self.ms_to_idx.ndim != 1 or (np.diff(self.ms_to_idx) < 0).any():
-            raise ValueError(f"{self.path}: ms_to_idx must be a non-decreasing 1-D index")
-        if self.ms_to_idx.size and (self.ms_to_idx[-1] > self.num_events or self.ms_to_idx[0] < 0):
-            raise ValueError(f"{self.path}: ms_to_idx points outside the {self.num_events} events")
         self._file = None
         self._pid = None
+
+    def _check_index(self, t, samples=16):
+        """ms_to_idx against events/t at a few entries (two single-event reads each), so that an index that
+        does not describe the events (e.g. all zeros) is found when the file is opened."""
+        if not self.num_events or not self.ms_to_idx.size:
+            return
+        last = min(self.ms_to_idx.size - 1, self.last_t // 1000 + 1)
+        for ms in np.unique(np.linspace(0, last, samples).astype(np.int64)).tolist():
+            i = int(self.ms_to_idx[ms])
+            at = int(t[i]) if i < self.num_events else None
+            before = int(t[i - 1]) if i > 0 else None
+            if (at is not None and at < 1000 * ms) or (before is not None and before >= 1000 * ms):
+                raise ValueError(
+                    f"{self.path}: ms_to_idx does not index events/t: entry {ms} is {i}, but events/t"
+                    f"[{i - 1}:{i + 1}] = {before}, {at} us (expected the first event at or after {ms} ms)"
+                )
+
+    def event_bounds(self, t_end, duration_us=None):
+        """An upper bound, from ms_to_idx alone (no event read), of the number of events in the window that
+        ends at t_end (the labels' clock): before it (duration_us None), or in its last duration_us."""
+        end_local = int(t_end) - self.t_offset
+        stop = self._index_at_ms(-(-end_local // 1000))
+        if duration_us is None:
+            return stop
+        return stop - self._index_at_ms((end_local - int(duration_us)) // 1000)
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None, "_pid": None}
@@ -154,16 +181,26 @@ class EventFile:
 
 
 def load_rectify_map(path, sensor=(480, 640)):
-    """float32 [H, W, 2] map from raw (x, y) to rectified (x, y)."""
+    """float32 [H, W, 2] map from raw (x, y) to rectified (x, y), for a sensor of (H, W) = `sensor`; a
+    negative H means any height of at least -H."""
     path = Path(path)
+    height, width = int(sensor[0]), int(sensor[1])
+    expected = f"[{height}, {width}, 2]" if height > 0 else f"[H >= {-height}, {width}, 2]"
     with _open(path) as f:
         if "rectify_map" not in f:
-            raise ValueError(f"{path} has no dataset 'rectify_map' (expected float32 [{sensor[0]}, {sensor[1]}, 2])")
+            raise ValueError(f"{path} has no dataset 'rectify_map' (expected float32 {expected})")
         rmap = np.asarray(f["rectify_map"][()], dtype=np.float32)
-    if rmap.ndim != 3 or rmap.shape[2] != 2:
-        raise ValueError(f"{path}: rectify_map has shape {rmap.shape}, expected [H, W, 2], e.g. [480, 640, 2]")
+    shape = list(rmap.shape)
+    if len(shape) != 3 or shape[1:] != [width, 2] or (shape[0] != height if height > 0 else shape[0] < -height):
+        why = f"the {width}x{height} sensor" if height > 0 else f"labels {width} wide and {-height} high"
+        raise ValueError(
+            f"{path}: rectify_map has shape {shape}, expected {expected} (a rectified (x, y) per pixel of {why})"
+        )
     if not np.isfinite(rmap).all():
         raise ValueError(f"{path}: rectify_map holds NaN/inf values")
+    x, y = rmap[..., 0], rmap[..., 1]
+    if not ((x > -1) & (x < width) & (y > -1) & (y < shape[0])).any():
+        raise ValueError(f"{path}: rectify_map sends every pixel outside the {width}x{shape[0]} frame")
     return rmap
 
 

@@ -75,5 +75,10 @@ def build(generator, split, settings):
         write_root(root, split, generator)
         _ROOTS[key] = root
     return DSECSemantic(
-        _ROOTS[key], split, classes=generator.num_classes, settings=settings or EventSettings(), labels="all"
+        _ROOTS[key],
+        split,
+        classes=generator.num_classes,
+        settings=settings or EventSettings(),
+        labels="all",
+        sensor=(generator.height + ROWS_BELOW, generator.width),
     )
