@@ -105,6 +105,9 @@ def test_window_ms_and_window_events_together_are_refused(capsys, tmp_path):
     one_line_error(
         capsys, train.main, train_argv(root, tmp_path, "--config", str(config), "--window_ms", "10"), "both set"
     )
+    # a given 50 is a given value, though it equals the default: the sources tell them apart
+    argv = train_argv(root, tmp_path, "--window_ms", "50", "--window_events", "100")
+    one_line_error(capsys, train.main, argv, "window_ms (50) and window_events (100)", "both set")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pth"))
     # the defaults do not count as given: either key alone is accepted
     for flags in (["--window_events", "100"], ["--window_ms", "20"]):

@@ -179,6 +179,13 @@ def check_combinations(config: dict, sources: dict | None = None):
                 f"{name}{where} applies to {' and '.join(readers)} only; dataset is {spec.name!r}"
                 f"{_from('dataset', sources)}{advice}"
             )
+    given = set(sources or ())
+    if {"window_ms", "window_events"} <= given and config.get("window_events") is not None:
+        raise ValueError(  # the default 50 ms cannot be told from a given 50 by value: ask the sources
+            f"window_ms ({float(config['window_ms']):g}{_from('window_ms', sources)}) and window_events "
+            f"({config['window_events']}{_from('window_events', sources)}) are both set: give one (window_ms: the "
+            "window's length; window_events: its number of events)"
+        )
     if spec.check is not None:
         spec.check(config)
 

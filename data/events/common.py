@@ -136,8 +136,9 @@ class EventSettings:
 
 
 def check_window(window_ms, window_events):
-    """window_ms and window_events both set: one would be ignored. window_ms at its default (50) counts as
-    not set (configs hold every key at its default)."""
+    """window_ms and window_events both set: one would be ignored. Here, where only values are known, window_ms
+    at its default (50) counts as not set; the run's configuration, which knows the keys the user gave,
+    refuses a given 50 too (utils/config.py check_combinations)."""
     if window_events is not None and window_ms is not None and float(window_ms) != WINDOW_MS:
         raise ValueError(
             f"window_ms ({float(window_ms):g}) and window_events ({window_events}) are both set: give one "
