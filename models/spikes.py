@@ -1,6 +1,8 @@
 """The spike protocol: how a tensor says that it holds spikes, and how spikes are kept for backward.
 
-Spikes are {-1, 0, 1}, exact in one byte. A layer that produces spikes marks its output with ``mark``;
+Spikes are integers (binary {0, 1}, signed {-1, 0, 1}, or levels 0..D with D <= 127), exact in one byte. A
+layer marks its output with ``mark`` only when it declares integer spikes (``Neuron.emits``): a neuron that
+declares analog values is not marked, and its output is kept as it is. A layer that produces spikes marks it;
 layers that save their input for backward (convolutions) then keep its one-byte copy instead of the
 float tensor (``storable`` / ``restored``), and the readout sums a neuron layer's ``[S, N, ...]`` output
 directly (``per_step``).
@@ -31,7 +33,7 @@ class SpikeInfo:
 def mark(
     tensor: torch.Tensor, compact: Optional[torch.Tensor] = None, per_step: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Tag ``tensor`` (values in {-1, 0, 1}) as spikes; returns it."""
+    """Tag ``tensor`` (integer values within the producer's declared levels) as spikes; returns it."""
     setattr(tensor, _ATTRIBUTE, SpikeInfo(compact, per_step))
     return tensor
 
@@ -71,7 +73,11 @@ def restored(stored: torch.Tensor, dtype) -> torch.Tensor:
 
 def _pack(tensor):
     stored, dtype = storable(tensor)
-    return stored if dtype is None else (stored, dtype)
+    # Not the tensor itself: autograd restores its graph metadata on unpacking, and a tensor that an op saved
+    # of its own output (sigmoid, exp, tanh) would otherwise hold its grad_fn, which holds it: a reference
+    # cycle through C++ that the garbage collector cannot see, so a graph that backward never reaches (a
+    # neuron's final state) was never freed.
+    return stored.detach() if dtype is None else (stored, dtype)
 
 
 def _unpack(packed):
