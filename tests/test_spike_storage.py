@@ -5,11 +5,12 @@ and only integer spikes stored in one byte (a neuron emitting other values gets 
 import gc
 import weakref
 
+import pytest
 import torch
 
-from models import build_model
+from models import build_model, protocol
 from models import spikes as spike_protocol
-from models.neurons import LIF
+from models.neurons import LIF, Neuron
 
 torch.set_num_threads(2)
 
@@ -68,3 +69,63 @@ def test_training_steps_free_the_final_state_that_backward_never_reaches():
     gc.collect()
     assert len(refs) == 3 * 2 * len(model.neuron_layers())
     assert [ref() for ref in refs if ref() is not None] == []
+
+
+class Halves(Neuron):
+    """Emits s / 2 (SpikeYOLO's normalised levels, for D = 2) and says so: analog values."""
+
+    kind = ""
+
+    def charge(self, state, current):
+        return (self.leak * state[0] + current,)
+
+    def fire(self, state):
+        return super().fire(state) / 2
+
+    def reset(self, state, spike):
+        return super().reset(state, spike * 2)
+
+    def emits(self):
+        return protocol.analog(sources=(self,))
+
+
+class Undeclared(Halves):
+    """The same values, declared as binary spikes (the base class's emits)."""
+
+    def emits(self):
+        return Neuron.emits(self)
+
+
+def next_conv_weight_gradient(neuron, currents, steps):
+    """(spikes, the gradient of a following convolution's weight): the project's convolution under the spike
+    hooks, as a network runs it, and F.conv2d on a float copy of the same input, written here."""
+    from models.convolution import Conv2d
+
+    torch.manual_seed(1)
+    conv = Conv2d(3, 4, 3, padding=1, bias=False).double()
+    w = torch.randn(currents.shape[0], 4, *currents.shape[-2:], dtype=torch.float64)
+    with spike_protocol.compact_spikes():
+        spikes = neuron(currents, steps=steps)
+        out = conv(spikes)
+    (grad,) = torch.autograd.grad((out * w).sum(), conv.weight)
+    weight = conv.weight.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        (torch.nn.functional.conv2d(spikes.detach(), weight, padding=1) * w).sum(), weight
+    )
+    return spikes, grad, expected
+
+
+def test_a_neuron_declaring_analog_values_gets_exact_weight_gradients():
+    torch.manual_seed(0)
+    currents = torch.rand(4 * 2, 3, 6, 6, dtype=torch.float64) * 1.5
+    spikes, grad, expected = next_conv_weight_gradient(Halves(0.9, backend="generic").double(), currents, 4)
+    assert set(spikes.unique().tolist()) == {0.0, 0.5} and not spike_protocol.holds_spikes(spikes)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_neuron_emitting_values_it_does_not_declare_is_refused_before_backward():
+    neuron = Undeclared(0.9, backend="generic", name="body.2.act")
+    with pytest.raises(ValueError) as err:
+        neuron(torch.rand(4 * 2, 3, 6, 6) * 1.5, steps=4)
+    message = str(err.value)
+    assert "\n" not in message and "body.2.act" in message and "0.5" in message and "protocol.analog()" in message

@@ -46,6 +46,7 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
 from data import registry
 from models.architectures import min_input_size
 from models.config import MODEL_KEYS, resolve_model_config
+from models.neurons import NEURONS, ignored_key_problem
 from utils.allocator import POLICIES
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -160,6 +161,10 @@ def check_combinations(config: dict, sources: dict | None = None):
         raise ValueError("thl feeds one frame per timestep and needs model_type snn")
     if config["encoder"] == "sequence" and not config["thl"]:
         raise ValueError("encoder 'sequence' feeds one frame per timestep and needs --thl true (event data)")
+    if config["model_type"] == "snn" and config.get("neuron", "lif") in NEURONS:  # an unknown one: its key's check
+        problem = ignored_key_problem(config, sources or {}, all_defaults())
+        if problem:
+            raise ValueError(problem)
     for name in registry.data_keys():
         readers = registry.datasets_reading(name)
         if spec.name not in readers and config[name] not in (None, False, SCHEMA[name].default):
