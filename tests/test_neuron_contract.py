@@ -88,3 +88,23 @@ def test_detach_reset_default_is_todays_model():
     assert all(n.detach_reset and n.lif_params() is not None for n in explicit.neuron_layers())
     x = torch.rand(2, 3, 16, 16)
     assert torch.equal(default(x), explicit(x))
+
+
+def test_the_zero_reset_of_a_multi_level_neuron_clears_the_membrane_after_any_level():
+    """The base class's zero reset follows the declared levels: u * (1 - |s|) would turn a level-2 spike into
+    -u; I-LIF with reset zero is written out here (its published reset subtracts)."""
+    from models.neurons import ILIF
+
+    torch.manual_seed(0)
+    currents = torch.rand(8, 2, 3, 4, 4, dtype=torch.float64) * 2
+    neuron = ILIF(0.5, 0.5, spike_levels=3, reset="zero", backend="generic").double()
+    spikes, (v,) = neuron.run_generic(currents, None)
+    u, expected = torch.zeros_like(currents[0]), []
+    for current in currents:
+        u = 0.5 * u + current
+        s = torch.round(torch.clamp(u / 0.5, 0, 3))
+        u = torch.where(s > 0, torch.zeros_like(u), u)
+        expected.append(s)
+    assert torch.equal(spikes, torch.stack(expected)) and (spikes >= 2).sum() > 20
+    torch.testing.assert_close(v, u, rtol=0, atol=1e-15)
+    assert (v >= 0).all()

@@ -123,6 +123,17 @@ def test_a_neuron_declaring_analog_values_gets_exact_weight_gradients():
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_integer_levels_are_stored_in_one_byte_and_give_exact_weight_gradients():
+    from models.neurons import ILIF
+
+    torch.manual_seed(0)
+    currents = torch.rand(4 * 2, 3, 6, 6, dtype=torch.float64) * 3
+    spikes, grad, expected = next_conv_weight_gradient(ILIF(0.5, 0.75, backend="generic").double(), currents, 4)
+    assert set(spikes.unique().tolist()) == {0.0, 1.0, 2.0, 3.0, 4.0}
+    assert spike_protocol.storable(spikes)[0].dtype == torch.int8
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_a_neuron_emitting_values_it_does_not_declare_is_refused_before_backward():
     neuron = Undeclared(0.9, backend="generic", name="body.2.act")
     with pytest.raises(ValueError) as err:
