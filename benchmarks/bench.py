@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.baseline import per_timestep_forward  # noqa: E402
 from data.transforms import IGNORE_INDEX  # noqa: E402
-from models import ARCHITECTURES, build_model  # noqa: E402
+from models import ARCHITECTURES, NEURONS, build_model  # noqa: E402
 from utils.allocator import POLICIES, set_cpu_malloc  # noqa: E402
 from utils.config import parse_size  # noqa: E402
 
@@ -103,7 +103,7 @@ def get_args_parser():
         choices=["auto", "generic", "torch", "triton"],
         help="model config key 'neuron_backend' (left out of the config when not given)",
     )
-    p.add_argument("--neuron", choices=["lif", "if", "plif"], help="model config key 'neuron' (default lif)")
+    p.add_argument("--neuron", choices=sorted(NEURONS), help="model config key 'neuron' (default lif)")
     p.add_argument("--reset", choices=["subtract", "zero"], help="model config key 'reset' (default subtract)")
     p.add_argument(
         "--dilated_as_dense",

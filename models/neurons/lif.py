@@ -89,6 +89,9 @@ class PLIF(LIF):
             return None
         return float(torch.sigmoid(self.leak_logit.detach().float()))
 
+    def describe(self):
+        return {**super().describe(), "leak": f"learned {float(torch.sigmoid(self.leak_logit.detach())):.4g}"}
+
     def extra_repr(self):
         return f"learned leak={torch.sigmoid(self.leak_logit.detach()).item():.4f}, " + super().extra_repr()
 
