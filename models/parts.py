@@ -279,7 +279,8 @@ class Add(protocol.Part):
             out = out + x
         if torch.compiler.is_compiling() or not all(map(spike_protocol.holds_spikes, inputs)):
             return out
-        return spike_protocol.mark(out)  # integer levels: kept in one byte for backward like spikes
+        # integer levels up to the sum of the terms': kept in one byte for backward like spikes (up to 127)
+        return spike_protocol.mark(out, levels=sum(map(spike_protocol.levels, inputs)))
 
     def activity(self, inputs):
         return protocol.summed(inputs)

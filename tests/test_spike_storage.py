@@ -103,10 +103,10 @@ def next_conv_weight_gradient(neuron, currents, steps):
 
     torch.manual_seed(1)
     conv = Conv2d(3, 4, 3, padding=1, bias=False).double()
-    w = torch.randn(currents.shape[0], 4, *currents.shape[-2:], dtype=torch.float64)
     with spike_protocol.compact_spikes():
         spikes = neuron(currents, steps=steps)
         out = conv(spikes)
+    w = torch.randn(out.shape, dtype=torch.float64)
     (grad,) = torch.autograd.grad((out * w).sum(), conv.weight)
     weight = conv.weight.detach().clone().requires_grad_()
     (expected,) = torch.autograd.grad(
@@ -140,3 +140,21 @@ def test_a_neuron_emitting_values_it_does_not_declare_is_refused_before_backward
         neuron(torch.rand(4 * 2, 3, 6, 6) * 1.5, steps=4)
     message = str(err.value)
     assert "\n" not in message and "body.2.act" in message and "0.5" in message and "protocol.analog()" in message
+
+
+@pytest.mark.parametrize("levels, one_byte", [(4, True), (100, False)])
+def test_a_residual_sum_is_kept_in_one_byte_only_while_its_declared_levels_fit(levels, one_byte):
+    """Two maps of I-LIF spikes 0..D added (a residual ADD) hold levels up to 2 D: in int8 while 2 D <= 127,
+    else as they are, so that the next convolution's weight gradient stays exact."""
+    from models.neurons import ILIF
+    from models.parts import Add
+
+    torch.manual_seed(0)
+    neurons = [ILIF(0.5, 0.01, spike_levels=levels, backend="generic").double() for _ in range(2)]
+    currents = [torch.rand(2 * 2, 3, 6, 6, dtype=torch.float64) * levels * 0.012 for _ in range(2)]
+    summed = Add()(*(n(c, steps=2) for n, c in zip(neurons, currents)))
+    assert summed.max() > 127 if not one_byte else summed.max() <= 2 * levels
+    assert spike_protocol.levels(summed) == 2 * levels
+    assert (spike_protocol.storable(summed)[1] is not None) == one_byte
+    _, grad, expected = next_conv_weight_gradient(lambda x, steps: summed, None, None)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)

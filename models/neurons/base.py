@@ -291,9 +291,11 @@ class Neuron(protocol.Part, Timed):
         out = spikes.flatten(0, 1)
         if torch.compiler.is_compiling():  # the spike mark is a python attribute on the tensor
             return out
-        if not self.emits().is_spikes:  # analog values: kept as they are for backward, never in one byte
+        activity = self.emits()
+        if not activity.is_spikes:  # analog values: kept as they are for backward, never in one byte
             return out
-        return spike_protocol.mark(out, None if compact is None else compact.flatten(0, 1), per_step=spikes)
+        compact = None if compact is None else compact.flatten(0, 1)
+        return spike_protocol.mark(out, compact, per_step=spikes, levels=activity.levels)
 
     # ---- the layer protocol (models/protocol.py) ----
     def emits(self) -> protocol.Activity:
