@@ -209,18 +209,30 @@ def _check_known(cfg, other_keys):
 
 
 def _check_neuron(cfg):
-    """The neuron model can be built with these settings (e.g. plif's leak_mem), on this backend; 'compile'
-    (the torch backend's per-timestep compile) only where the torch backend can run it."""
+    """The neuron model can be built with these settings (e.g. plif's leak_mem), on this backend."""
     try:
-        neuron = build_neuron(cfg["neuron"], **neuron_arguments(cfg))
+        build_neuron(cfg["neuron"], **neuron_arguments(cfg))
     except ValueError as err:
         raise ValueError(f"model config neuron {cfg['neuron']!r}: {err}") from None
-    if cfg["compile"] and (cfg["neuron_backend"] == "generic" or not supports("torch", neuron)):
-        path = "neuron_backend 'generic'" if cfg["neuron_backend"] == "generic" else f"neuron '{cfg['neuron']}'"
-        raise ValueError(
-            f"compile applies to the torch neuron backend's steps, but {path} runs on the generic path; "
-            "leave compile out (torch.compile of the whole model: benchmarks/bench.py --compile_model)"
-        )
+
+
+def compile_problem(cfg) -> str | None:
+    """Why 'compile' (the torch backend's per-timestep compile) cannot apply to the neurons of run config
+    ``cfg``: they run on the generic path. None if it applies, or if the neuron cannot be built at all (the
+    model's own check says why). A run refuses it (utils/config.py); a stored model with it still loads."""
+    if not cfg.get("compile") or cfg.get("model_type", "snn") != "snn":
+        return None
+    try:
+        neuron = build_neuron(cfg["neuron"], **neuron_arguments(cfg))
+    except (ValueError, KeyError):
+        return None
+    if cfg["neuron_backend"] != "generic" and supports("torch", neuron):
+        return None
+    path = "neuron_backend 'generic'" if cfg["neuron_backend"] == "generic" else f"neuron '{cfg['neuron']}'"
+    return (
+        f"compile applies to the torch neuron backend's steps, but {path} runs on the generic path; "
+        "leave compile out (torch.compile of the whole model: benchmarks/bench.py --compile_model)"
+    )
 
 
 def _check_surrogate(name, params):

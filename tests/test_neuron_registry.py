@@ -85,3 +85,11 @@ def test_inspect_shows_the_neuron_model_reset_leak_and_thresholds(tmp_path, caps
         out = capsys.readouterr().out
         for text in words:
             assert text in out, out
+
+
+def test_bench_refuses_compile_on_the_generic_path_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--neuron", "plif", "--compile"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--compile: compile applies to the torch neuron backend's steps" in err[-1] and "'plif'" in err[-1]
+    build_model(dict(arch="dl-vgg9", timesteps=2, num_classes=3, neuron="plif", compile=True))  # a stored model loads

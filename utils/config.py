@@ -45,7 +45,7 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
 )
 from data import registry
 from models.architectures import min_input_size
-from models.config import MODEL_KEYS, resolve_model_config
+from models.config import MODEL_KEYS, compile_problem, resolve_model_config
 from models.neurons import NEURONS, ignored_key_problem
 from utils.allocator import POLICIES
 
@@ -162,7 +162,7 @@ def check_combinations(config: dict, sources: dict | None = None):
     if config["encoder"] == "sequence" and not config["thl"]:
         raise ValueError("encoder 'sequence' feeds one frame per timestep and needs --thl true (event data)")
     if config["model_type"] == "snn" and config.get("neuron", "lif") in NEURONS:  # an unknown one: its key's check
-        problem = ignored_key_problem(config, sources or {}, all_defaults())
+        problem = ignored_key_problem(config, sources or {}, all_defaults()) or compile_problem(config)
         if problem:
             raise ValueError(problem)
     for name in registry.data_keys():
