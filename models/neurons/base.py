@@ -215,7 +215,8 @@ class Neuron(protocol.Part, Timed):
         if bool(bad.any()):
             found = float(values[bad].flatten()[0])
             raise ValueError(
-                f"neuron '{self.kind}'{f' (layer {self.name})' if self.name else ''} emits {found!r} but "
+                f"neuron '{self.kind or type(self).__name__}'{f' (layer {self.name})' if self.name else ''} emits "
+                f"{found!r} but "
                 f"declares {activity.describe()} (Neuron.emits): declare protocol.spikes(levels=D) for integer "
                 "levels, protocol.analog() for other values"
             )
