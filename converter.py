@@ -15,7 +15,14 @@ import sys
 from common import files
 from common.cli import ArgumentParser, run_main
 from utils import preflight
-from utils.checkpoint import FORMAT, checkpoint_kind, save_checkpoint, validate_checkpoint
+from utils.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    build_model_from_checkpoint,
+    checkpoint_kind,
+    save_checkpoint,
+    validate_checkpoint,
+)
 from utils.nir_export import add_export_args, require_nir, run_export
 from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
 
@@ -35,7 +42,9 @@ def get_args_parser() -> ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    inspect = sub.add_parser("inspect", help="format, config, epoch, best mIoU, layers, thresholds")
+    inspect = sub.add_parser(
+        "inspect", help="format, config, epoch, best mIoU, layers, neurons (reset, leak, thresholds), thresholds"
+    )
     inspect.add_argument("path", help="checkpoint (ours or the paper repository's)")
     inspect.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -83,7 +92,26 @@ def inspect_lines(checkpoint, path) -> list:
         f"state dict  {len(state)} tensors, {params:,} parameters (buffers not counted)",
     ]
     lines += [f"  {key:<40} {tuple(value.shape)}" for key, value in state.items()]
+    if not is_paper_checkpoint(checkpoint) and cfg.get("model_type") == "snn":
+        lines += neuron_lines(checkpoint, path)
     lines += threshold_lines(checkpoint.get("thresholds"))
+    return lines
+
+
+def neuron_lines(checkpoint, path) -> list:
+    """The neuron model and each neuron layer's reset, leak and threshold, as the layer describes itself
+    (Neuron.describe), from the model the checkpoint rebuilds."""
+    cfg = checkpoint["config"]
+    head = f"neurons     {cfg.get('neuron', 'lif')}, detach_reset {str(cfg.get('detach_reset', True)).lower()}"
+    try:
+        model = build_model_from_checkpoint(checkpoint, path)
+    except (CheckpointError, ValueError, KeyError, RuntimeError) as err:
+        return [f"{head} (the model does not rebuild: {str(err).splitlines()[0]})"]
+    layers = [(name, layer) for name, layer in model.named_modules() if layer in set(model.neuron_layers())]
+    lines = [f"{head}, {len(layers)} layers"]
+    for name, layer in layers:
+        info = layer.describe()
+        lines.append(f"  {name:<28} reset {info['reset']}; leak {info['leak']}; threshold {info['threshold']}")
     return lines
 
 

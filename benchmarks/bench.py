@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.baseline import per_timestep_forward  # noqa: E402
 from data.transforms import IGNORE_INDEX  # noqa: E402
-from models import ARCHITECTURES, build_model  # noqa: E402
+from models import ARCHITECTURES, NEURONS, build_model, resolve_model_config  # noqa: E402
+from models.config import compile_problem  # noqa: E402
 from utils.allocator import POLICIES, set_cpu_malloc  # noqa: E402
 from utils.config import parse_size  # noqa: E402
 
@@ -103,7 +104,7 @@ def get_args_parser():
         choices=["auto", "generic", "torch", "triton"],
         help="model config key 'neuron_backend' (left out of the config when not given)",
     )
-    p.add_argument("--neuron", choices=["lif", "if", "plif"], help="model config key 'neuron' (default lif)")
+    p.add_argument("--neuron", choices=sorted(NEURONS), help="model config key 'neuron' (default lif)")
     p.add_argument("--reset", choices=["subtract", "zero"], help="model config key 'reset' (default subtract)")
     p.add_argument(
         "--dilated_as_dense",
@@ -150,6 +151,12 @@ def parse_args(argv=None):
         parser.error("--img_size: the benchmark needs a fixed size (S or H W), not the native one")
     if args.baseline and args.path == "per-timestep":
         parser.error("--baseline compares against the multi-step path: leave --path at multistep")
+    try:
+        problem = compile_problem(resolve_model_config(model_config(args, "snn")))
+    except ValueError as error:  # a neuron that cannot be built with these flags
+        parser.error(str(error))
+    if problem:
+        parser.error(f"--compile: {problem}")
     return args
 
 

@@ -14,7 +14,7 @@ from common.keys import ABOVE_ZERO, POSITIVE, Interval, Key, check_value, coerce
 from .architectures import ARCHITECTURES
 from .convolution import DENSE_CHOICES
 from .encoders import ENCODERS
-from .neurons import BACKENDS, NEURONS, RESETS, build_neuron
+from .neurons import BACKENDS, NEURONS, RESETS, build_neuron, neuron_arguments, supports
 from .surrogates import SURROGATES, get_surrogate
 
 
@@ -45,8 +45,8 @@ MODEL_KEYS = key_table(
             _M,
             "lif",
             str,
-            "neuron model: lif, if (no leak: leak_mem is ignored) or plif (learnable leak, "
-            "initialised to leak_mem); docs/neurons.md",
+            "spiking neuron model, any registered one (their equations, sources and the keys each ignores: "
+            "docs/neurons.md)",
             _names(NEURONS),
             snn_only=True,
         ),
@@ -60,6 +60,24 @@ MODEL_KEYS = key_table(
             snn_only=True,
         ),
         Key("def_threshold", _M, 1.0, float, "firing threshold", interval=ABOVE_ZERO, snn_only=True),
+        Key(
+            "detach_reset",
+            _M,
+            True,
+            bool,
+            "the reset sees the spike without its gradient (false: the gradient also flows through the reset, "
+            "as the published clif, glif and ilif train)",
+            snn_only=True,
+        ),
+        Key(
+            "spike_levels",
+            _M,
+            4,
+            int,
+            "largest spike level D of multi-level neurons (ilif: integer spikes 0..D)",
+            interval=Interval(1, 127),
+            snn_only=True,
+        ),
         Key("surrogate", _M, "linear", str, "surrogate gradient of the spike", _names(SURROGATES), snn_only=True),
         Key("surrogate_params", _M, {}, "mapping", "surrogate parameters, e.g. '{gamma: 0.3}'", snn_only=True),
         Key("bn", _M, True, bool, "batch norm through time (one statistic per timestep)"),
@@ -185,7 +203,7 @@ def _check_known(cfg, other_keys):
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(str(name), [*MODEL_KEYS, *other_keys], n=1)
+            close = difflib.get_close_matches(str(name), [*MODEL_KEYS, *other_keys], n=1, cutoff=0.7)
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"model config: unknown config key(s): {', '.join(hints)}")
 
@@ -193,18 +211,28 @@ def _check_known(cfg, other_keys):
 def _check_neuron(cfg):
     """The neuron model can be built with these settings (e.g. plif's leak_mem), on this backend."""
     try:
-        build_neuron(
-            cfg["neuron"],
-            leak=cfg["leak_mem"],
-            threshold=cfg["def_threshold"],
-            surrogate=cfg["surrogate"],
-            surrogate_params=cfg["surrogate_params"],
-            alpha=float(cfg["alpha"]) if cfg["leaky"] else None,
-            reset=cfg["reset"],
-            backend=cfg["neuron_backend"],
-        )
+        build_neuron(cfg["neuron"], **neuron_arguments(cfg))
     except ValueError as err:
         raise ValueError(f"model config neuron {cfg['neuron']!r}: {err}") from None
+
+
+def compile_problem(cfg) -> str | None:
+    """Why 'compile' (the torch backend's per-timestep compile) cannot apply to the neurons of run config
+    ``cfg``: they run on the generic path. None if it applies, or if the neuron cannot be built at all (the
+    model's own check says why). A run refuses it (utils/config.py); a stored model with it still loads."""
+    if not cfg.get("compile") or cfg.get("model_type", "snn") != "snn":
+        return None
+    try:
+        neuron = build_neuron(cfg["neuron"], **neuron_arguments(cfg))
+    except (ValueError, KeyError):
+        return None
+    if cfg["neuron_backend"] != "generic" and supports("torch", neuron):
+        return None
+    path = "neuron_backend 'generic'" if cfg["neuron_backend"] == "generic" else f"neuron '{cfg['neuron']}'"
+    return (
+        f"compile applies to the torch neuron backend's steps, but {path} runs on the generic path; "
+        "leave compile out (torch.compile of the whole model: benchmarks/bench.py --compile_model)"
+    )
 
 
 def _check_surrogate(name, params):

@@ -6,7 +6,8 @@
     apply_thresholds(snn, raw, 'channel', scaling_factor=0.7)
 
 The ANN's (affine-free) BN is folded into each conv's weight and bias, every ReLU becomes an IF/LIF neuron
-(``neuron`` 'lif' with ``leak_mem``, 1.0 by default, or 'if') with reset by subtraction (or to zero,
+(``neuron`` 'lif' with ``leak_mem``, 1.0 by default, or 'if': the registered neurons whose class declares
+``converts``) with reset by subtraction (or to zero,
 ``reset`` 'zero'), and the thresholds come from the input currents the partly converted SNN
 produces on calibration batches. Like the paper's code, calibration keeps the earlier layers at their raw
 (unscaled) thresholds and the scaling factor is applied only when the SNN is used; so the raw thresholds
@@ -41,11 +42,11 @@ from .architectures import build_architecture
 from .config import resolve_model_config
 from .graph import layer_graph
 from .network import SegmentationNet
+from .neurons import conversion_neurons
 from .protocol import NotSupported
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
 CONVERSION_ENCODERS = ("poisson", "direct")
-CONVERSION_NEURONS = ("lif", "if")  # neurons without learnable parameters: nothing for the ANN to give them
 
 
 def fold_batchnorm(unit):
@@ -71,8 +72,8 @@ def snn_config(
     reset: str = "subtract",
 ) -> dict:
     """The converted SNN's config: the ANN's, with IF/LIF neurons, no BN and conv biases (folded BN)."""
-    if neuron not in CONVERSION_NEURONS:
-        raise ValueError(f"conversion builds neurons {list(CONVERSION_NEURONS)}, got neuron {neuron!r}")
+    if neuron not in conversion_neurons():  # the neuron class declares it (Neuron.converts)
+        raise ValueError(f"conversion builds neurons {conversion_neurons()}, got neuron {neuron!r}")
     if encoder not in CONVERSION_ENCODERS:
         raise ValueError(f"conversion encoder must be one of {list(CONVERSION_ENCODERS)}, got {encoder!r}")
     if int(timesteps) < 1:

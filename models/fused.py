@@ -109,8 +109,8 @@ def check_backend(name: str, neuron=None):
             "wheels); use neuron_backend 'torch' or 'auto'"
         )
     if neuron is not None and name in ACCELERATORS and not supports(name, neuron):
-        # a LIF-type neuron is refused for its reset only
-        what = f"'{neuron.kind}'" + (" with reset zero" if neuron.lif_params() is not None else "")
+        # a LIF neuron is refused for a reset that passes the spike's gradient only
+        what = f"'{neuron.kind}'" + ("" if getattr(neuron, "detach_reset", True) else " with detach_reset false")
         raise ValueError(f"neuron_backend '{name}' does not support neuron {what}; use 'generic' or 'auto'")
 
 

@@ -171,7 +171,7 @@ class SegmentationNet(nn.Module):
                     k,
                     carries,
                     recompute=True,
-                    spikes_in=spike_protocol.holds_spikes(part),
+                    spikes_in=spike_protocol.levels(part),
                     this_pass=this_pass,
                     use_reentrant=False,
                     context_fn=lambda: (contextlib.nullcontext(), this_pass.replay()),
@@ -193,14 +193,15 @@ class SegmentationNet(nn.Module):
             observer.alias(readout, total)
         return head(readout)
 
-    def _run_block(self, h, t0, steps, carries, recompute=False, spikes_in=False, this_pass=None):
+    def _run_block(self, h, t0, steps, carries, recompute=False, spikes_in=0, this_pass=None):
         """Timesteps t0 .. t0+steps-1 through the architecture: ({output name: its sum over these steps},
         [each neuron layer's final state]). ``recompute``: spiking conv units keep only their input and
-        recompute their convolution in backward. ``spikes_in``: ``h`` holds spikes (checkpoint's replay
-        passes a copy of ``h`` that has lost the mark, and must store what the first pass stored).
+        recompute their convolution in backward. ``spikes_in``: ``h`` holds spikes of these levels (0:
+        it does not; checkpoint's replay passes a copy of ``h`` that has lost the mark, and must store what the
+        first pass stored).
         ``this_pass``: the forward call's state (whether memory-saving mode is replaying this block now)."""
         if spikes_in:
-            h = spike_protocol.mark(h)
+            h = spike_protocol.mark(h, levels=spikes_in)
         replaying = this_pass is not None and this_pass.replaying
         neurons = self.neuron_layers()
         # Each layer's state, carried in and out through the clock, which is cleared afterwards: memory-saving

@@ -23,7 +23,7 @@ from . import protocol
 from . import spikes as spike_protocol
 from .clock import Timed
 from .convolution import AvgPool2d, Conv2d
-from .neurons import Neuron, TimeBN, build_neuron
+from .neurons import Neuron, TimeBN, build_neuron, neuron_arguments
 
 BN_EPS, BN_MOMENTUM = 1e-4, 0.1
 
@@ -279,7 +279,8 @@ class Add(protocol.Part):
             out = out + x
         if torch.compiler.is_compiling() or not all(map(spike_protocol.holds_spikes, inputs)):
             return out
-        return spike_protocol.mark(out)  # integer levels: kept in one byte for backward like spikes
+        # integer levels up to the sum of the terms': kept in one byte for backward like spikes (up to 127)
+        return spike_protocol.mark(out, levels=sum(map(spike_protocol.levels, inputs)))
 
     def activity(self, inputs):
         return protocol.summed(inputs)
@@ -400,18 +401,7 @@ class Parts:
 
     def neuron(self, name: str = "") -> Neuron:
         cfg = self.cfg
-        alpha = float(cfg["alpha"]) if cfg.get("leaky") else None
-        neuron = build_neuron(
-            cfg.get("neuron", "lif"),
-            leak=cfg["leak_mem"],
-            threshold=cfg["def_threshold"],
-            surrogate=cfg["surrogate"],
-            surrogate_params=cfg.get("surrogate_params"),
-            alpha=alpha,
-            reset=cfg.get("reset", "subtract"),
-            name=name,
-            backend=cfg.get("neuron_backend", "auto"),
-        )
+        neuron = build_neuron(cfg.get("neuron", "lif"), **neuron_arguments(cfg, name))
         neuron.compile = bool(cfg.get("compile", False))
         return neuron
 

@@ -1,6 +1,10 @@
 """The spike protocol: how a tensor says that it holds spikes, and how spikes are kept for backward.
 
-Spikes are {-1, 0, 1}, exact in one byte. A layer that produces spikes marks its output with ``mark``;
+Spikes are integers (binary {0, 1}, signed {-1, 0, 1}, or levels 0..D), exact in one byte up to 127. A layer
+marks its output with ``mark`` only when it declares integer spikes (``Neuron.emits``), with the declared
+largest level: a neuron that declares analog values is not marked, and its output is kept as it is, and so is a
+sum of spikes whose declared levels exceed 127 (residual ADDs of multi-level neurons). A layer that produces
+spikes marks it;
 layers that save their input for backward (convolutions) then keep its one-byte copy instead of the
 float tensor (``storable`` / ``restored``), and the readout sums a neuron layer's ``[S, N, ...]`` output
 directly (``per_step``).
@@ -21,18 +25,26 @@ _ATTRIBUTE = "_spike_info"
 @dataclass(frozen=True)
 class SpikeInfo:
     """What is known about a spike tensor: its one-byte copy if one exists already (the neurons keep one
-    for their own backward, and the next layer then shares it), and the ``[S, N, ...]`` tensor it is the
-    time-folded view of (a neuron layer's output)."""
+    for their own backward, and the next layer then shares it), the ``[S, N, ...]`` tensor it is the
+    time-folded view of (a neuron layer's output), and the largest |value| its producer declares (``levels``:
+    1 for binary spikes, D for a multi-level neuron, the sum of the terms' at a residual ADD)."""
 
     compact: Optional[torch.Tensor] = None
     per_step: Optional[torch.Tensor] = None
+    levels: int = 1
+
+
+MAX_STORED_LEVEL = torch.iinfo(SPIKE_STORAGE).max  # 127: larger levels are kept as they are
 
 
 def mark(
-    tensor: torch.Tensor, compact: Optional[torch.Tensor] = None, per_step: Optional[torch.Tensor] = None
+    tensor: torch.Tensor,
+    compact: Optional[torch.Tensor] = None,
+    per_step: Optional[torch.Tensor] = None,
+    levels: int = 1,
 ) -> torch.Tensor:
-    """Tag ``tensor`` (values in {-1, 0, 1}) as spikes; returns it."""
-    setattr(tensor, _ATTRIBUTE, SpikeInfo(compact, per_step))
+    """Tag ``tensor`` (integer values up to ``levels``, as its producer declares) as spikes; returns it."""
+    setattr(tensor, _ATTRIBUTE, SpikeInfo(compact, per_step, int(levels)))
     return tensor
 
 
@@ -46,8 +58,15 @@ def holds_spikes(tensor: torch.Tensor) -> bool:
 
 
 def like(source: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` marked as spikes if ``source`` was (a copy or a slice of spikes is spikes)."""
-    return mark(tensor) if holds_spikes(source) else tensor
+    """``tensor`` marked as spikes if ``source`` was (a copy or a slice of spikes is spikes), with its levels."""
+    source_info = info(source)
+    return tensor if source_info is None else mark(tensor, levels=source_info.levels)
+
+
+def levels(tensor: torch.Tensor) -> int:
+    """The declared largest |value| of a spike tensor (0 when it is not marked)."""
+    spike_info = info(tensor)
+    return 0 if spike_info is None else spike_info.levels
 
 
 def storable(tensor: torch.Tensor):
@@ -58,7 +77,7 @@ def storable(tensor: torch.Tensor):
     hooks, which would keep float spikes (4 bytes) there.
     """
     spike_info = info(tensor)
-    if spike_info is None:
+    if spike_info is None or spike_info.levels > MAX_STORED_LEVEL:  # sums of many levels: not exact in a byte
         return tensor, None
     compact = spike_info.compact if spike_info.compact is not None else tensor.to(SPIKE_STORAGE)
     return compact, tensor.dtype
@@ -71,7 +90,11 @@ def restored(stored: torch.Tensor, dtype) -> torch.Tensor:
 
 def _pack(tensor):
     stored, dtype = storable(tensor)
-    return stored if dtype is None else (stored, dtype)
+    # Not the tensor itself: autograd restores its graph metadata on unpacking, and a tensor that an op saved
+    # of its own output (sigmoid, exp, tanh) would otherwise hold its grad_fn, which holds it: a reference
+    # cycle through C++ that the garbage collector cannot see, so a graph that backward never reaches (a
+    # neuron's final state) was never freed.
+    return stored.detach() if dtype is None else (stored, dtype)
 
 
 def _unpack(packed):

@@ -97,7 +97,17 @@ class Sigmoid(Surrogate):
         return self.params["alpha"] * s * (1 - s)
 
 
-SURROGATES = {cls.name: cls for cls in (Linear, FastSigmoid, Exponential, PassThrough, ArcTan, Sigmoid)}
+class Rectangle(Surrogate):
+    """Rectangular window: ``alpha`` where ``|x| < 0.5 / alpha``, else 0 (SpikingJelly's ``Rect``, CLIF's default)."""
+
+    name, defaults = "rect", {"alpha": 1.0}
+
+    def grad(self, x):
+        a = self.params["alpha"]
+        return a * (x.abs() < 0.5 / a).to(x.dtype)
+
+
+SURROGATES = {cls.name: cls for cls in (Linear, FastSigmoid, Exponential, PassThrough, ArcTan, Sigmoid, Rectangle)}
 
 
 def get_surrogate(name, **params) -> Surrogate:

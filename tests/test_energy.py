@@ -259,3 +259,31 @@ def test_fcn_decoder_and_scores_are_counted():
     names = [row["name"] for row in counter.summary()["per_layer"]]
     assert sum(name.startswith("decoder.") for name in names) == 3
     assert len(names) == 9 + 4 + 3  # 9 convs, 4 scores, 3 transposed convs
+
+
+def test_ilif_levels_count_as_that_many_spikes_and_synaptic_operations():
+    """I-LIF emits 0..D in one step: a level-k spike is k events, counted k times by the energy count (as the
+    multi-level papers count it on hardware that unrolls it) and by the spike count; the 1x1 conv's SOPs are
+    the levels times its output channels (a hand count), the others a per-event brute force."""
+    torch.manual_seed(0)
+    model = tiny_net(encoder="direct", neuron="ilif", spike_levels=3, def_threshold=2.0)
+    model.record_spikes(True)
+    x = torch.rand(1, 2, 8, 8) * 0.1
+    with torch.no_grad():
+        seen = recorded_inputs(model, x)
+        model.reset_spike_stats()
+        with OpCounter(model) as counter:
+            model(x)
+    rows = {row["name"]: row for row in counter.summary()["per_layer"]}
+    levels = seen["conv3"][0]
+    assert set(levels.unique().tolist()) == {0.0, 1.0, 2.0, 3.0}, "the input must drive every level"
+    assert rows["conv3"]["input"] == "spikes (levels up to 3)"
+    assert rows["conv3"]["sops"] == float(levels.sum()) * 4  # 1x1 conv: each event reaches the 4 channels
+    assert rows["conv3"]["spikes_in"] == float(levels.sum())
+    assert rows["conv1"]["sops"] == 0 and rows["conv1"]["macs"] > 0  # direct (analog) input
+    with torch.no_grad():
+        assert rows["conv2"]["sops"] == brute_force_sops(seen["pool"][0], [model.pool, model.conv2.conv])
+        assert rows["head"]["sops"] == brute_force_sops(seen["add"][0] + seen["add"][1], [model.head])
+    stats = model.conv2.act.spike_stats()  # conv2's spikes are conv3's input
+    assert stats["spikes"] == float(levels.sum()) and stats["levels"] == 3
+    assert stats["firing"] == float((levels != 0).sum()) < stats["spikes"]

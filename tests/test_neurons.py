@@ -104,6 +104,7 @@ FORMULAS = {
     "pass_through": lambda x: 1.0,
     "atan": lambda x: 1 / (1 + (math.pi * x) ** 2),
     "sigmoid": lambda x: 4 * (1 / (1 + math.exp(-4 * x))) * (1 - 1 / (1 + math.exp(-4 * x))),
+    "rect": lambda x: 1.0 if abs(x) < 0.5 else 0.0,
 }
 
 

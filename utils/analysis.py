@@ -164,25 +164,40 @@ def measure_activity(
 
 
 def spike_rows(stats: list) -> list:
-    """{name, neurons, spikes_per_image, rate, steps} per layer; rate = spikes / neurons / simulated steps."""
+    """{name, neurons, levels, spikes_per_image, rate, firing, steps} per layer. Spikes are events: a spike of
+    level k counts k, as energy counts its synaptic operations; rate = spikes / neurons / simulated steps (up to
+    the declared levels); firing = the fraction of neuron-steps that emit at all (at most 1; equal to the rate
+    for binary spikes)."""
     rows = []
     for layer in stats:
         images, steps, neurons = layer["images"], layer["steps"], layer["neurons"]
         per_image = layer["spikes"] / images if images else 0.0
-        rate = per_image / (neurons * steps) if neurons and steps else 0.0
+        firing = layer.get("firing", layer["spikes"]) / images if images else 0.0
+        neuron_steps = neurons * steps
         rows.append(
-            {"name": layer["name"], "neurons": neurons, "spikes_per_image": per_image, "rate": rate, "steps": steps}
+            {
+                "name": layer["name"],
+                "neurons": neurons,
+                "levels": layer.get("levels", 1),
+                "spikes_per_image": per_image,
+                "rate": per_image / neuron_steps if neuron_steps else 0.0,
+                "firing": firing / neuron_steps if neuron_steps else 0.0,
+                "steps": steps,
+            }
         )
     return rows
 
 
 def spike_totals(rows: list) -> dict:
     spikes = sum(row["spikes_per_image"] for row in rows)
+    firing = sum(row["firing"] * row["neurons"] * row["steps"] for row in rows)
     neuron_steps = sum(row["neurons"] * row["steps"] for row in rows)
     return {
         "spikes_per_image": spikes,
         "neurons": sum(row["neurons"] for row in rows),
+        "levels": max((row["levels"] for row in rows), default=1),
         "rate": spikes / neuron_steps if neuron_steps else 0.0,
+        "firing": firing / neuron_steps if neuron_steps else 0.0,
     }
 
 
@@ -236,14 +251,22 @@ def compare_energy(ctx, results: dict, other):
 
 def format_spike_table(rows: list, totals: dict, images: int) -> str:
     width = max([len(row["name"]) for row in rows] + [5])
+    multi = any(row["levels"] > 1 for row in rows)
     lines = [
-        f"spikes over {images} images, rate = spikes / neurons / steps (steps = {rows[0]['steps']} simulated)",
-        f"{'layer':<{width}}  {'neurons':>9}  {'spikes/image':>13}  {'rate':>7}",
+        f"spikes over {images} images, rate = spikes / neurons / steps (steps = {rows[0]['steps']} simulated)"
+        + (
+            "; a spike of level k counts k (as energy counts it), firing = share of neuron-steps that emit"
+            if multi
+            else ""
+        ),
+        f"{'layer':<{width}}  {'neurons':>9}  {'spikes/image':>13}  {'rate':>7}"
+        + (f"  {'levels':>6}  {'firing':>7}" if multi else ""),
     ]
     for row in rows + [dict(totals, name="total")]:
-        lines.append(
-            f"{row['name']:<{width}}  {row['neurons']:>9d}  {row['spikes_per_image']:>13.1f}  {row['rate']:>7.4f}"
-        )
+        line = f"{row['name']:<{width}}  {row['neurons']:>9d}  {row['spikes_per_image']:>13.1f}  {row['rate']:>7.4f}"
+        if multi:
+            line += f"  {row['levels']:>6d}  {row['firing']:>7.4f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

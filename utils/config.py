@@ -45,7 +45,8 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
 )
 from data import registry
 from models.architectures import min_input_size, takes_pretrained
-from models.config import MODEL_KEYS, resolve_model_config
+from models.config import MODEL_KEYS, compile_problem, resolve_model_config
+from models.neurons import NEURONS, ignored_key_problem
 from utils.allocator import POLICIES
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -165,6 +166,10 @@ def check_combinations(config: dict, sources: dict | None = None):
             f"pretrained{_from('pretrained', sources)}: architecture {config['arch']!r} cannot start from pretrained "
             "weights (the VGG architectures take torchvision's VGG weights)"
         )
+    if config["model_type"] == "snn" and config.get("neuron", "lif") in NEURONS:  # an unknown one: its key's check
+        problem = ignored_key_problem(config, sources or {}, all_defaults()) or compile_problem(config)
+        if problem:
+            raise ValueError(problem)
     for name in registry.data_keys():
         readers = registry.datasets_reading(name)
         if spec.name not in readers and config[name] not in (None, False, SCHEMA[name].default):

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 import data
 from models.conversion import (
     CONVERSION_ENCODERS,
-    CONVERSION_NEURONS,
     THRESHOLD_TYPES,
     apply_thresholds,
     cached_thresholds,
@@ -28,6 +27,7 @@ from models.conversion import (
     convert_ann,
     store_thresholds,
 )
+from models.neurons import conversion_neurons
 from utils.checkpoint import FORMAT, save_checkpoint
 from utils.plots import save_figure
 
@@ -100,9 +100,10 @@ def add_test_args(parser: argparse.ArgumentParser):
     group.add_argument(
         "--neuron",
         dest="conversion_neuron",
-        choices=CONVERSION_NEURONS,
+        choices=conversion_neurons(),
         default="lif",
-        help="neurons of the converted SNN: lif (leak --leak_mem) or if (no leak) (default lif)",
+        help="neurons of the converted SNN, those whose class declares 'converts' (lif: leak --leak_mem; if: "
+        "no leak) (default lif)",
     )
     group.add_argument(
         "--reset",

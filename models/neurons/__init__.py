@@ -44,7 +44,11 @@ from .base import (  # noqa: F401  (the base class, the registry and the acceler
     backend_name,
     build_neuron,
     check_backend,
+    conversion_neurons,
     get_neuron,
+    ignored_key_problem,
+    level_fn,
+    neuron_arguments,
     register_neuron,
     run_layer,
     spike_fn,
@@ -53,4 +57,7 @@ from .base import (  # noqa: F401  (the base class, the registry and the acceler
     time_split,
     time_sum,
 )
+from .clif import CLIF  # noqa: F401, E402
+from .glif import GLIF  # noqa: F401, E402
+from .ilif import ILIF  # noqa: F401, E402
 from .lif import IF, LIF, PLIF, lif_sequence  # noqa: F401  (the shipped models register on import)

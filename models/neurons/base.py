@@ -35,9 +35,17 @@ NEURONS = {}
 
 
 def register_neuron(cls):
-    """Class decorator: make a Neuron subclass buildable by its ``kind`` (config key ``neuron``)."""
+    """Class decorator: make a Neuron subclass buildable by its ``kind`` (config key ``neuron``).
+
+    Checked here, when the class is defined, not when a run first steps: a new, non-empty ``kind``, and a
+    ``charge`` of its own (the one method the base class cannot supply)."""
     if not cls.kind or cls.kind in NEURONS:
         raise ValueError(f"neuron class {cls.__name__} needs a new, non-empty 'kind', got {cls.kind!r}")
+    if getattr(cls, "charge", None) is Neuron.charge:
+        raise ValueError(
+            f"neuron class {cls.__name__} ('{cls.kind}') defines no charge(state, current): every neuron model "
+            "needs one (docs/neurons.md, 'Adding a neuron in one file')"
+        )
     NEURONS[cls.kind] = cls
     return cls
 
@@ -69,6 +77,28 @@ def spike_fn(x: torch.Tensor, surrogate: Surrogate) -> torch.Tensor:
     return _Spike.apply(x, surrogate)
 
 
+class _Levels(torch.autograd.Function):
+    """round(clamp(x, 0, D)) forward; backward the straight-through rectangle: 1 where 0 <= x <= D."""
+
+    @staticmethod
+    def forward(ctx, x, levels):
+        ctx.save_for_backward(x)
+        ctx.levels = levels
+        return torch.round(torch.clamp(x, 0, levels))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * ((x >= 0) & (x <= ctx.levels)).to(grad.dtype), None
+
+
+def level_fn(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Integer spikes ``round(clamp(x, 0, levels))`` (0, 1, ..., levels) with the straight-through gradient of
+    the multi-level papers (I-LIF, SpikeYOLO; SpikingJelly's ``MultiLevelSpikeCount``): 1 where ``0 <= x <=
+    levels``, else 0."""
+    return _Levels.apply(x, int(levels))
+
+
 # ---------------------------------------------------------------------------------- the base class
 class Neuron(protocol.Part, Timed):
     """A layer of spiking neurons for time-folded tensors ``[T*N, C, H, W]`` (time-major: t, then n).
@@ -76,10 +106,20 @@ class Neuron(protocol.Part, Timed):
     Subclasses set ``kind`` and define ``charge`` (and, if they differ from the threshold neuron's,
     ``initial_state``, ``fire``, ``reset``). The base class owns what every model shares: the threshold
     buffer (any shape that broadcasts against ``[C, H, W]``, kept in the state dict), the negative
-    threshold (``alpha``), the surrogate, the reset, spike counting and the backend choice.
+    threshold (``alpha``), the surrogate, the reset, whether the reset sees the spike's gradient
+    (``detach_reset``), spike counting and the backend choice.
+
+    What a class declares about itself (docs/neurons.md, "The spike contract"): ``emits()`` (binary,
+    signed, integer levels up to D, or analog: storage, counting, energy, the zero reset, conversion and NIR
+    follow it), ``ignores`` (model keys it does not read: a run that gives one is refused, naming it),
+    ``options`` (model keys passed to ``__init__`` under their own name, e.g. ``spike_levels``) and
+    ``converts`` (ANN-to-SNN conversion may build it).
     """
 
     kind = ""
+    ignores: dict = {}  # {model key: why this neuron does not read it}
+    options: tuple = ()  # model keys given to __init__ as keyword arguments of the same name
+    converts = False  # conversion may build it: the rate of its spikes approximates a ReLU's output
 
     def __init__(
         self,
@@ -91,10 +131,18 @@ class Neuron(protocol.Part, Timed):
         reset: str = "subtract",
         name: str = "",
         backend: str = "auto",
+        detach_reset: bool = True,
     ):
+        if type(self).charge is Neuron.charge:
+            raise ValueError(
+                f"neuron class {type(self).__name__} defines no charge(state, current): every neuron model needs "
+                "one (docs/neurons.md, 'Adding a neuron in one file')"
+            )
         super().__init__()
         if reset not in RESETS:
             raise ValueError(f"unknown reset '{reset}'; choose one of {list(RESETS)}")
+        self.detach_reset = bool(detach_reset)
+        self._contract_checked = False  # the first generic forward checks emits() against the values
         self.leak = float(leak)
         self.surrogate = get_surrogate(surrogate, **(surrogate_params or {}))
         self.alpha = alpha
@@ -114,7 +162,8 @@ class Neuron(protocol.Part, Timed):
         return (torch.zeros_like(current, dtype=torch.promote_types(current.dtype, torch.float32)),)
 
     def charge(self, state: tuple, current: torch.Tensor) -> tuple:
-        raise NotImplementedError
+        """The state after the input current of one timestep (before firing). Every model defines it."""
+        raise NotImplementedError(f"neuron class {type(self).__name__} defines no charge(state, current)")
 
     def fire(self, state: tuple) -> torch.Tensor:
         """s = H(u / theta - 1) (minus H(u / theta_neg - 1) with the negative threshold)."""
@@ -126,9 +175,13 @@ class Neuron(protocol.Part, Timed):
         return spike
 
     def reset(self, state: tuple, spike: torch.Tensor) -> tuple:
-        """``spike`` is detached. Subtract: u - theta * s (theta_neg for a -1 spike); zero: u * (1 - |s|)."""
+        """``spike`` is detached unless ``detach_reset`` is false. Subtract: u - theta * s (theta_neg for a
+        -1 spike; s * theta for a spike of level s); zero: u * (1 - |s|), and with levels above 1 (as
+        ``emits()`` declares) u * (1 - min(|s|, 1)): zero after any spike."""
         u = state[0]
         if self.hard_reset:
+            if self.emits().levels > 1:
+                return (u * (1 - spike.abs().clamp(max=1)), *state[1:])
             return (u * (1 - spike.abs()), *state[1:])
         theta, theta_neg = self.thresholds()
         if theta_neg is None:
@@ -143,9 +196,30 @@ class Neuron(protocol.Part, Timed):
         for t in range(x.shape[0]):
             state = self.charge(state, x[t])
             spike = self.fire(state)
-            state = self.reset(state, spike.detach())
+            state = self.reset(state, spike.detach() if self.detach_reset else spike)
             out.append(spike.to(x.dtype))
         return torch.stack(out), tuple(state)
+
+    def check_contract(self, spikes: torch.Tensor):
+        """A ValueError naming the layer unless ``spikes`` holds what ``emits()`` declares: integers within
+        the declared levels (non-negative unless signed). Run on a layer's first generic forward, so that a
+        neuron emitting, say, ``s / D`` while declaring spikes is refused before its output is stored in
+        one byte for backward (which would make the next convolution's weight gradient wrong)."""
+        activity = self.emits()
+        if not activity.is_spikes:
+            return
+        values = spikes.detach()
+        bad = (values != values.round()) | (values.abs() > activity.levels)
+        if not activity.signed:
+            bad |= values < 0
+        if bool(bad.any()):
+            found = float(values[bad].flatten()[0])
+            raise ValueError(
+                f"neuron '{self.kind or type(self).__name__}'{f' (layer {self.name})' if self.name else ''} emits "
+                f"{found!r} but "
+                f"declares {activity.describe()} (Neuron.emits): declare protocol.spikes(levels=D) for integer "
+                "levels, protocol.analog() for other values"
+            )
 
     # ---- the accelerated path ----
     def lif_params(self) -> Optional[LIFParams]:
@@ -196,6 +270,9 @@ class Neuron(protocol.Part, Timed):
                 x = norm(x, steps, t0, replaying)
             spikes, state = self.run_generic(time_split(x, steps), state)
             compact = None
+            if not self._contract_checked and not torch.compiler.is_compiling():
+                self.check_contract(spikes)
+                self._contract_checked = True
         else:
             bn = None if norm is None else norm.time_bn(t0, steps, replaying)
             call = _Call(
@@ -215,11 +292,17 @@ class Neuron(protocol.Part, Timed):
         out = spikes.flatten(0, 1)
         if torch.compiler.is_compiling():  # the spike mark is a python attribute on the tensor
             return out
-        return spike_protocol.mark(out, None if compact is None else compact.flatten(0, 1), per_step=spikes)
+        activity = self.emits()
+        if not activity.is_spikes:  # analog values: kept as they are for backward, never in one byte
+            return out
+        compact = None if compact is None else compact.flatten(0, 1)
+        return spike_protocol.mark(out, compact, per_step=spikes, levels=activity.levels)
 
     # ---- the layer protocol (models/protocol.py) ----
     def emits(self) -> protocol.Activity:
-        """What this neuron model outputs: binary spikes, signed ones with the negative threshold."""
+        """What this neuron model outputs: binary spikes, signed ones with the negative threshold. A model
+        with integer levels 0..D returns ``protocol.spikes(levels=D, sources=(self,))``; one whose outputs
+        are not integers (e.g. normalised levels s / D) returns ``protocol.analog(sources=(self,))``."""
         return protocol.spikes(1, signed=self.alpha is not None, sources=(self,))
 
     def activity(self, inputs):
@@ -235,8 +318,14 @@ class Neuron(protocol.Part, Timed):
     def nir_neuron(self) -> protocol.NirNeuron:
         leak = self.nir_leak()
         if leak is None:
+            exportable = sorted(kind for kind, cls in NEURONS.items() if cls.nir_leak is not Neuron.nir_leak)
             raise protocol.NotSupported(
-                f"neuron '{self.kind or type(self).__name__}' has no NIR node", "neuron: lif, if or plif"
+                f"neuron '{self.kind or type(self).__name__}' has no NIR node", f"neuron: {', '.join(exportable)}"
+            )
+        activity = self.emits()
+        if not activity.is_spikes or activity.levels > 1:
+            raise protocol.NotSupported(
+                f"neuron '{self.kind}' emits {activity.describe()}; NIR's neurons emit binary spikes"
             )
         return protocol.NirNeuron(leak, self.thresholds()[0])
 
@@ -291,23 +380,39 @@ class Neuron(protocol.Part, Timed):
 
     # ---- spike counting ----
     def _record(self, spikes):
+        """Events: a spike of level k counts k (as energy counts its synaptic operations); with levels above
+        1 also the neuron-steps that fire at all (for binary spikes the two are the same number)."""
         self.spike_count += spikes.detach().abs().sum(dtype=torch.float64)  # exact for bf16 spikes too
+        if self.emits().levels > 1:
+            self.firing_count += (spikes.detach() != 0).sum(dtype=torch.float64)
         self.images += spikes.shape[1]
         self.steps = spikes.shape[0]
         self.neurons = spikes[0, 0].numel()
 
     def reset_spike_stats(self):
         self.spike_count = torch.zeros((), dtype=torch.float64)
+        self.firing_count = torch.zeros((), dtype=torch.float64)
         self.images, self.steps, self.neurons = 0, 0, 0
 
     def spike_stats(self) -> dict:
+        """``spikes``: events (levels summed); ``firing``: neuron-steps with a non-zero output; ``levels``:
+        the declared largest level (0 for a neuron that emits analog values)."""
+        levels = self.emits().levels
         return {
             "name": self.name,
             "neurons": self.neurons,
             "spikes": float(self.spike_count),
+            "firing": float(self.firing_count if levels > 1 else self.spike_count),
+            "levels": levels,
             "images": self.images,
             "steps": self.steps,
         }
+
+    def describe(self) -> dict:
+        """What ``converter.py inspect`` shows of the layer: {reset, leak, threshold} as text."""
+        theta, theta_neg = self.thresholds()
+        threshold = _summary(self.threshold) + ("" if theta_neg is None else f", negative -threshold / {self.alpha}")
+        return {"reset": "zero" if self.hard_reset else "subtract", "leak": f"{self.leak:g}", "threshold": threshold}
 
     def extra_repr(self):
         shape = tuple(self.threshold.shape) or float(self.threshold)
@@ -317,9 +422,58 @@ class Neuron(protocol.Part, Timed):
         )
 
 
+def _summary(tensor) -> str:
+    """A number, or a tensor's shape and range, as text."""
+    tensor = tensor.detach()
+    if tensor.numel() == 1:
+        return f"{float(tensor):.4g}"
+    return f"{tuple(tensor.shape)} in [{float(tensor.min()):.4g}, {float(tensor.max()):.4g}]"
+
+
 def build_neuron(kind: str, **kwargs) -> Neuron:
     """A neuron layer of model ``kind`` (``NEURONS``)."""
     return get_neuron(kind)(**kwargs)
+
+
+def neuron_arguments(cfg: dict, name: str = "") -> dict:
+    """The keyword arguments of the neuron class ``cfg['neuron']`` for a model config ``cfg``: the keys every
+    neuron takes, and the model keys the class asks for by name (``options``)."""
+    cls = get_neuron(cfg.get("neuron", "lif"))
+    arguments = dict(
+        leak=cfg["leak_mem"],
+        threshold=cfg["def_threshold"],
+        surrogate=cfg["surrogate"],
+        surrogate_params=cfg.get("surrogate_params"),
+        alpha=float(cfg["alpha"]) if cfg.get("leaky") else None,
+        reset=cfg.get("reset", "subtract"),
+        name=name,
+        backend=cfg.get("neuron_backend", "auto"),
+        detach_reset=cfg.get("detach_reset", True),
+    )
+    for key in cls.options:
+        arguments[key] = cfg[key]
+    return arguments
+
+
+def ignored_key_problem(cfg: dict, given, defaults: dict) -> Optional[str]:
+    """One line naming a model key that neuron ``cfg['neuron']`` does not read (its class's ``ignores``)
+    and that was given: typed as a flag (``given`` holds '--key' sources), or set elsewhere to a value
+    other than its default (a paper config spells the defaults out); None if there is none."""
+    kind = cfg.get("neuron", "lif")
+    for key, why in get_neuron(kind).ignores.items():
+        where = given.get(key) if isinstance(given, dict) else (key if key in given else None)
+        if where is None:
+            continue
+        if where != f"--{key}" and cfg.get(key) == defaults.get(key):
+            continue
+        shown = f"--{key}" if where == f"--{key}" else f"{key} (set in {where})"
+        return f"{shown} means nothing to neuron '{kind}': {why}; leave it out"
+    return None
+
+
+def conversion_neurons() -> list:
+    """The registered neurons that ANN-to-SNN conversion may build (their class declares ``converts``)."""
+    return sorted(kind for kind, cls in NEURONS.items() if cls.converts)
 
 
 def state_dict_neuron_errors(kind: str, state_dict: dict) -> Optional[str]:

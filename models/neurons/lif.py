@@ -27,13 +27,15 @@ class LIF(Neuron):
     """Leaky integrate-and-fire: u = leak * u + I. Runs on every backend."""
 
     kind = "lif"
+    converts = True
 
     def charge(self, state, current):
         return (self.leak * state[0] + current,)
 
     def lif_params(self) -> Optional[LIFParams]:
-        # A subclass with dynamics of its own is not what the fused implementations compute.
-        if any(getattr(type(self), m) is not getattr(LIF, m) for m in _DYNAMICS):
+        # A subclass with dynamics of its own is not what the fused implementations compute, nor is a reset
+        # that passes the spike's gradient (their backward detaches it).
+        if any(getattr(type(self), m) is not getattr(LIF, m) for m in _DYNAMICS) or not self.detach_reset:
             return None
         theta, theta_neg = self.thresholds()
         return LIFParams(self.leak, theta, theta_neg, self.surrogate, self.hard_reset, self.compile)
@@ -53,6 +55,7 @@ class IF(LIF):
     """Integrate-and-fire: LIF without leak (u = u + I); ``leak`` is ignored (always 1)."""
 
     kind = "if"
+    ignores = {"leak_mem": "an IF neuron has no leak (u = u + I)"}
 
     def __init__(self, leak: float = 1.0, *args, **kwargs):
         super().__init__(1.0, *args, **kwargs)
@@ -65,6 +68,7 @@ class PLIF(LIF):
     which a sigmoid does not reach). Runs on the generic path only."""
 
     kind = "plif"
+    converts = False  # its leak is learned: the ANN has nothing to give it
 
     def __init__(self, leak: float = 0.99, *args, **kwargs):
         leak = float(leak)
@@ -84,6 +88,9 @@ class PLIF(LIF):
         if type(self).charge is not PLIF.charge:
             return None
         return float(torch.sigmoid(self.leak_logit.detach().float()))
+
+    def describe(self):
+        return {**super().describe(), "leak": f"learned {float(torch.sigmoid(self.leak_logit.detach())):.4g}"}
 
     def extra_repr(self):
         return f"learned leak={torch.sigmoid(self.leak_logit.detach()).item():.4f}, " + super().extra_repr()
