@@ -104,6 +104,7 @@ FORMULAS = {
     "pass_through": lambda x: 1.0,
     "atan": lambda x: 1 / (1 + (math.pi * x) ** 2),
     "sigmoid": lambda x: 4 * (1 / (1 + math.exp(-4 * x))) * (1 - 1 / (1 + math.exp(-4 * x))),
+    "clamped_tanh": lambda x: 1.5 * (1 - math.tanh(1.5 * x) ** 2) / (2 * math.tanh(1.5)) if abs(x) < 1 else 0.0,
 }
 
 
