@@ -45,7 +45,7 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
 )
 from data import registry
 from models.architectures import min_input_size
-from models.config import MODEL_KEYS, resolve_model_config
+from models.config import MODEL_KEYS, architecture_defaults, resolve_model_config
 from utils.allocator import POLICIES
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -369,6 +369,9 @@ def validate_and_derive(config: dict, sources: dict | None = None) -> dict:
     keys were set, for the messages."""
     config = dict(config)
     check_values(config)
+    # The settings an architecture is defined with (models/network.py, config_defaults), where no layer gave them.
+    given = given_keys(sources or {})
+    config.update({k: v for k, v in architecture_defaults(config["arch"], SCHEMA).items() if k not in given})
     check_img_size(config, "img_size" + _from("img_size", sources))
     # THL feeds T consecutive frames, one per timestep: that is the 'sequence' encoder.
     if config["thl"] and config["model_type"] == "snn":
