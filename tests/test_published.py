@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import converter
 import setup
 import train
-from models import build_model
+from models import build_model, build_neuron
 from tests.conftest import load_test_script, one_line_error
 from tests.event_fixtures import write_ddd17_recording
 from tests.published_seeds import seeded_input, seeded_labels, seeded_mask, seeded_state
@@ -111,6 +111,29 @@ def assert_training_step(model, x, ref, names, loss_fn):
             close([float(module.running_mean.sum()), float(module.running_var.sum())], [mean, var], f"BN {name}")
             assert int(module.num_batches_tracked) == count, name
     return checked
+
+
+# ------------------------------------------------------------------------------------------------ the neuron
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_lifact_layer_equals_its_step_by_step_form(threshold):
+    """The fused layer (one autograd function, the membrane replayed in backward) against the base class's loop
+    with the reset's spike attached: spikes, final membrane and the gradients of the currents and of a carried
+    membrane, with values at the surrogate's edges (u = 0, u = theta)."""
+    neuron = build_neuron("lifact", leak=0.25, threshold=threshold, surrogate="clamped_tanh", reset="zero").double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 2, 3, 4, 4, generator=g, dtype=torch.float64) * 1.6 - 0.3
+    x[0, 0, 0, 0, :2] = torch.tensor([threshold, 0.0])
+    u0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    weights, weights_u = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(u0.shape, generator=g)
+    results = []
+    for run in (neuron.run_generic, neuron.run_steps):
+        currents, carried = x.clone().requires_grad_(), u0.clone().requires_grad_()
+        spikes, (u,) = run(currents, (carried,))
+        ((spikes * weights).sum() + (u * weights_u).sum()).backward()
+        results.append([spikes.detach(), u.detach(), currents.grad, carried.grad])
+    assert results[0][0].sum() > 20 and torch.equal(results[0][0], results[1][0])
+    for fused, stepped in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(fused, stepped, rtol=1e-13, atol=1e-15)
 
 
 # --------------------------------------------------------------------------------------------- the networks
@@ -397,3 +420,17 @@ def test_published_config_trains_one_epoch_on_synthetic_events(tmp_path, name):
     assert len(metrics) == 1 and np.isfinite(metrics[0]["loss"]) and "val_miou" in metrics[0]
     cfg = load_checkpoint(tmp_path / "run" / "last.pth")["config"]
     assert cfg["loss"] == "ohem" and cfg["aux_weight"] == 0.4 and cfg["optimizer"] == "adam" and not cfg["amsgrad"]
+
+
+# -------------------------------------------------------------------------------------------- the benchmark
+def test_benchmark_runs_our_side_and_refuses_another_repository(tmp_path):
+    from argparse import Namespace
+
+    from benchmarks import published as bench
+
+    with pytest.raises(SystemExit, match="is not the sltnet repository"):
+        bench.main(["--repo", str(tmp_path), "--model", "sltnet"])
+    for model in ("sltnet", "spike-brgnet"):
+        args = Namespace(model=model, dataset="ddd17", img_size=[16, 24])
+        bench.ours(args, 2, training=True)()  # the published config's model, loss and optimiser: one step
+        bench.ours(args, 2, training=False)()

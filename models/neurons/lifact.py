@@ -27,23 +27,25 @@ def _fire(u, theta, out):
 class _LIFActLayer(torch.autograd.Function):
     """LIFAct over ``[S, N, ...]`` currents: (spikes, final membrane). Backward, step t from the last:
     dL/du_t = (dL/ds_t - c * u_t) * ds/du_t + c * (1 - s_t), with c = dL/du'_t the gradient reaching the
-    membrane after the reset (leak * dL/du_{t+1}); dL/dx_t = dL/du_t."""
+    membrane after the reset (leak * dL/du_{t+1}); dL/dx_t = dL/du_t. The membrane is at least float32."""
 
     @staticmethod
     def forward(ctx, x, u0, leak, theta, surrogate):
         dtype = torch.promote_types(x.dtype, torch.float32)
         spikes = torch.empty_like(x)
-        u = None if u0 is None else u0.to(dtype, copy=True)
-        fired = spikes[0] if spikes.dtype == dtype else torch.empty(x.shape[1:], dtype=dtype, device=x.device)
+        fired = torch.empty(x.shape[1:], dtype=dtype, device=x.device) if x.dtype != dtype else None
+        u = torch.empty(x.shape[1:], dtype=dtype, device=x.device)
         for t in range(x.shape[0]):
-            if u is None:
-                u = x[0].to(dtype, copy=True)  # from rest: 0 * leak + x
+            if t > 0:
+                charged = u.mul_(leak).add_(x[t])
+            elif u0 is None:
+                charged = x[0] if x.dtype == dtype else x[0].to(dtype)  # from rest: 0 * leak + x
             else:
-                u.mul_(leak).add_(x[t])
-            fired = _fire(u, theta, spikes[t] if spikes.dtype == dtype else fired)
-            if spikes.dtype != dtype:
-                spikes[t] = fired
-            u.addcmul_(u, fired, value=-1)  # u * (1 - s): u - u = 0 where it fired
+                charged = torch.add(x[0], u0, alpha=leak, out=u)
+            s = _fire(charged, theta, spikes[t] if fired is None else fired)
+            if fired is not None:
+                spikes[t] = s
+            torch.addcmul(charged, charged, s, value=-1, out=u)  # u * (1 - s): u - u = 0 where it fired
         ctx.save_for_backward(x, u0)
         ctx.leak, ctx.theta, ctx.surrogate = leak, theta, surrogate
         return spikes, u
@@ -53,32 +55,35 @@ class _LIFActLayer(torch.autograd.Function):
         x, u0 = ctx.saved_tensors
         leak, theta, surrogate = ctx.leak, ctx.theta, ctx.surrogate
         dtype = torch.promote_types(x.dtype, torch.float32)
-        if x.shape[0] == 1 and u0 is None and x.dtype == dtype:
+        steps = x.shape[0]
+        fired = torch.empty(x.shape[1:], dtype=dtype, device=x.device)
+        if steps == 1 and u0 is None and x.dtype == dtype:
             membranes = x  # one step from rest: u = 0 * leak + x = x
-        else:
+        else:  # replay the membrane before each reset
             membranes = torch.empty(x.shape, dtype=dtype, device=x.device)
-            u = torch.zeros_like(membranes[0]) if u0 is None else u0.to(dtype, copy=True)
-            fired = torch.empty_like(u)
-            for t in range(x.shape[0]):  # replay the membrane before each reset
-                u.mul_(leak).add_(x[t])
-                membranes[t] = u
-                u.addcmul_(u, _fire(u, theta, fired), value=-1)
-        grad_x = torch.empty_like(x)
+            u = torch.zeros_like(fired) if u0 is None else u0.to(dtype)
+            for t in range(steps):
+                if t == 0 and u0 is None:
+                    membranes[0].copy_(x[0])
+                else:
+                    torch.add(x[t], u, alpha=leak, out=membranes[t])
+                if t < steps - 1:
+                    u = torch.addcmul(membranes[t], membranes[t], _fire(membranes[t], theta, fired), value=-1)
+        grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
         carry = grad_u  # dL/du' after the last reset: None unless the final state is used
-        fired = torch.empty_like(membranes[0])
-        for t in reversed(range(x.shape[0])):
-            u_t = membranes[t]
+        for t in reversed(range(steps)):
+            u_t, out = membranes[t], grad_x[t]
             slope = surrogate.grad(torch.div(u_t, theta).sub_(1)).div_(theta)
-            grad_s = grad_spikes[t].to(dtype) if grad_spikes is not None else torch.zeros_like(u_t)
+            grad_s = grad_spikes[t] if grad_spikes is not None else torch.zeros_like(u_t)
             if carry is None:
-                grad = grad_s * slope
+                torch.mul(grad_s, slope, out=out)
             else:
-                grad = (grad_s - carry * u_t).mul_(slope)
-                grad.add_(carry).addcmul_(carry, _fire(u_t, theta, fired), value=-1)  # + c * (1 - s)
-            grad_x[t] = grad
-            carry = grad * leak
+                torch.mul(carry, u_t, out=out)
+                torch.sub(grad_s, out, out=out).mul_(slope)
+                out.add_(carry).addcmul_(carry, _fire(u_t, theta, fired), value=-1)  # + c * (1 - s)
+            carry = out * leak
         grad_u0 = carry if u0 is not None and ctx.needs_input_grad[1] else None
-        return grad_x, grad_u0, None, None, None
+        return grad_x.to(x.dtype), grad_u0, None, None, None
 
 
 @register_neuron
