@@ -2,11 +2,13 @@
 
     python converter.py inspect trained_models/quickstart-ann/best.pth
     python converter.py import-paper paper_ann.pth -o trained_models/paper-ann.pth
+    python converter.py import-published sltnet STLNet_DDD17_Test.pth -o trained_models/sltnet-ddd17.pth
     python converter.py thresholds paper_ann.pth --type layer -o paper_ann_nested.pth
     python converter.py state-dict paper_ann.pth -o paper_ann_convs.pth
     python converter.py export-nir trained_models/quickstart-deployable/best.pth -o quickstart.nir
 
-Every file is read with torch.load(weights_only=True): a checkpoint that carries code is refused, never run.
+Every file is read with torch.load(weights_only=True): a checkpoint that carries code is refused, never run
+(import-published allows the numpy scalars and arrays that SLTNet's and Spike-BRGNet's checkpoints hold).
 """
 
 import argparse
@@ -25,12 +27,14 @@ from utils.checkpoint import (
 )
 from utils.nir_export import add_export_args, require_nir, run_export
 from utils.paper_import import conv_weights_only, import_paper_checkpoint, is_paper_checkpoint, read_weights_only
+from utils.published_import import SOURCES, import_published
 
 THRESHOLD_TYPES = ("layer", "channel", "neuron")
 # The kind of checkpoint each rewriting command writes (utils/checkpoint.py, checkpoint_kind): an existing
 # -o is replaced only if it is of that kind, never a training checkpoint or another file.
 OUTPUT_KINDS = {
     "import-paper": ("imported", "a checkpoint that import-paper wrote"),
+    "import-published": ("imported", "a checkpoint that an import command wrote"),
     "thresholds": ("paper", "a checkpoint of the paper's repository"),
     "state-dict": ("paper", "a checkpoint of the paper's repository"),
 }
@@ -52,6 +56,22 @@ def get_args_parser() -> ArgumentParser:
     paper.add_argument("path", help="checkpoint written by the paper's code")
     paper.add_argument("-o", "--output", required=True, help="where to write our checkpoint")
     paper.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    published = sub.add_parser(
+        "import-published",
+        help="turn a checkpoint of SLTNet's or Spike-BRGNet's repository into ours (docs/models.md)",
+    )
+    published.add_argument("arch", choices=sorted(SOURCES), help="whose code wrote it")
+    published.add_argument("path", help="checkpoint written by that code (e.g. SLTNet's model_best_miou.pth)")
+    published.add_argument("-o", "--output", required=True, help="where to write our checkpoint")
+    window = published.add_mutually_exclusive_group()
+    window.add_argument(
+        "--window_ms", type=float, help="it was trained on windows of this many ms (default: the released run's)"
+    )
+    window.add_argument(
+        "--window_events", type=int, help="it was trained on windows of this many events (default: the released run's)"
+    )
+    published.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     nest = sub.add_parser("thresholds", help="nest flat thresholds {T: [...]} as {TYPE: {T: [...]}}")
     nest.add_argument("path")
@@ -179,6 +199,15 @@ def main(argv=None):
             files.check_replace(args.output, "-o", description, lambda path: checkpoint_kind(path) == kind)
     if args.command == "export-nir":
         return run_export(args)
+    if args.command == "import-published":
+        for flag in ("window_ms", "window_events"):
+            value = getattr(args, flag)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{flag} must be > 0, got {value:g}")
+        result, what = import_published(args.arch, args.path, args.window_ms, args.window_events)
+        save_checkpoint(args.output, result)
+        print(f"wrote {args.output}: {what}")
+        return
     checkpoint = read_weights_only(args.path)
     if args.command == "inspect":
         print("\n".join(inspect_lines(checkpoint, args.path)))

@@ -43,6 +43,7 @@ from utils.config import (
     add_config_arguments as _add_keys,
 )
 from utils.logging import RunLogger
+from utils.losses import SegmentationLoss
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The base config of a run given neither --config, --dataset nor --resume, by --model_type.
@@ -199,12 +200,13 @@ def build_loaders(cfg: dict, train_set, val_set, rank: int = 0, world_size: int 
         collate_fn=data.collate,
     )
     generator = torch.Generator().manual_seed(cfg["seed"])  # its state is checkpointed for exact resume
+    drop_last = bool(cfg.get("drop_last", False)) and len(train_set) >= cfg["batch_size"]
     if world_size > 1:
         sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["seed"])
-        train_loader = DataLoader(train_set, sampler=sampler, generator=generator, **common)
+        train_loader = DataLoader(train_set, sampler=sampler, generator=generator, drop_last=drop_last, **common)
         val_set = Subset(val_set, range(rank, len(val_set), world_size))
     else:
-        train_loader = DataLoader(train_set, shuffle=True, generator=generator, **common)
+        train_loader = DataLoader(train_set, shuffle=True, generator=generator, drop_last=drop_last, **common)
     val_loader = DataLoader(val_set, shuffle=False, **common)
     return train_loader, val_loader, generator
 
@@ -219,8 +221,13 @@ def build_model(cfg: dict, device: torch.device | str = "cpu") -> nn.Module:
     return model
 
 
-def build_loss() -> nn.Module:
-    return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+def build_loss(cfg: dict | None = None) -> nn.Module:
+    """The training loss of the config's keys loss, ohem_*, aux_weight, boundary_* (utils/losses.py); without a
+    config, cross-entropy over the labelled pixels."""
+    if cfg is None:
+        return nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    keys = ("loss", "ohem_thresh", "ohem_min_kept", "aux_weight", "boundary_weight", "boundary_thresh")
+    return SegmentationLoss(**{k: cfg[k] for k in keys}, ignore_index=IGNORE_INDEX)
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -228,15 +235,19 @@ def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     if cfg["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=cfg["lr"], amsgrad=True, weight_decay=cfg["weight_decay"])
+        amsgrad = bool(cfg.get("amsgrad", True))
+        return torch.optim.Adam(params, lr=cfg["lr"], amsgrad=amsgrad, weight_decay=cfg["weight_decay"])
     raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; choices: sgd, adam")
 
 
 def lr_factor(epoch: int, cfg: dict) -> float:
     """LR multiplier for 0-based `epoch`. 'step': x0.1 at int(0.5*E) and int(0.8*E) (never at epoch 0);
-    'poly': (1 - epoch/E)^0.9. It depends only on the config, so a resumed run with a new --epochs
-    follows the schedule of an uninterrupted run of that length."""
+    'poly': (1 - epoch/E)^0.9; 'steplr': lr_gamma^(epoch // lr_step) (PyTorch's StepLR stepped once per
+    epoch). It depends only on the config, so a resumed run with a new --epochs follows the schedule of an
+    uninterrupted run of that length."""
     epochs = cfg["epochs"]
+    if cfg["scheduler"] == "steplr":
+        return float(cfg["lr_gamma"]) ** (epoch // int(cfg["lr_step"]))
     if cfg["scheduler"] == "poly":
         return max(0.0, 1.0 - epoch / epochs) ** POLY_POWER
     milestones = [int(point * epochs) for point in LR_DECAY_POINTS]

@@ -36,6 +36,7 @@ from utils.checkpoint import build_model_from_checkpoint, is_converted_snn, load
 from utils.config import NATIVE_SIZE, SCHEMA, check_img_size, check_value, coerce, parse_size
 from utils.evaluation import evaluate as evaluate_loader
 from utils.logging import to_json
+from utils.published_import import protocol_problem
 from utils.runs import interrupt_handling
 
 # In this order: the conversion may replace the model that the analyses then look at.
@@ -361,6 +362,9 @@ def evaluate_checkpoint(argv=None):
     check_flags(args, argv, plugins)
     checkpoint = load_checkpoint(args.model_path)
     cfg = eval_config(checkpoint["config"], args, args.model_path)
+    protocol = protocol_problem(checkpoint, cfg)  # weights imported from a published repository
+    if protocol:
+        raise ValueError(f"{args.model_path} {protocol}: evaluate it without --img_size / --dataset")
     check_conversion(args, cfg, checkpoint)
     device = setup.resolve_device(cfg)
     set_cpu_malloc(args.cpu_malloc)

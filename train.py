@@ -123,7 +123,9 @@ def train_one_epoch(model, loader, criterion, optimizer, device, epoch: int, cfg
     for x, y in bar:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, cfg):
-            loss = criterion(model(to_model_input(x, cfg)), y)
+            inputs = to_model_input(x, cfg)
+            # a loss of auxiliary heads takes them all (SegmentationNet.forward with heads=True)
+            loss = criterion(model(inputs, heads=True) if getattr(criterion, "heads", False) else model(inputs), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -348,7 +350,7 @@ def run(args, dist_info, cfg, resumed, run_dir, note, progress):
         check_resources(cfg, device, train_set)
     train_loader, val_loader, generator = setup.build_loaders(cfg, train_set, val_set, rank, world_size)
     model = setup.build_model(cfg, device)
-    criterion = setup.build_loss()
+    criterion = setup.build_loss(cfg)
     optimizer = setup.build_optimizer(cfg, model)
     scheduler = setup.build_scheduler(cfg, optimizer)
     start_epoch, best_miou = 0, -1.0
@@ -362,7 +364,9 @@ def run(args, dist_info, cfg, resumed, run_dir, note, progress):
     net = model
     if world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(model, "unused_gradients", False)),  # e.g. spike-brgnet's
         )
 
     logger = setup.build_logger(cfg, run_dir, enabled=is_main)

@@ -11,7 +11,7 @@ import math
 
 from common.keys import ABOVE_ZERO, POSITIVE, Interval, Key, check_value, coerce, key_table
 
-from .architectures import ARCHITECTURES
+from .architectures import ARCHITECTURES, get_architecture
 from .convolution import DENSE_CHOICES
 from .encoders import ENCODERS
 from .neurons import BACKENDS, NEURONS, RESETS, build_neuron, neuron_arguments, supports
@@ -178,7 +178,7 @@ def resolve_model_config(cfg: dict, other_keys=()) -> dict:
     """
     _check_known(cfg, other_keys)
     given = {k: v for k, v in cfg.items() if v is not None or k not in MODEL_KEYS or MODEL_KEYS[k].optional}
-    cfg = {**MODEL_DEFAULTS, **given}
+    cfg = {**MODEL_DEFAULTS, **architecture_defaults(given.get("arch", MODEL_DEFAULTS["arch"])), **given}
     for name, key in MODEL_KEYS.items():
         try:
             cfg[name] = coerce(key, cfg[name])
@@ -190,7 +190,19 @@ def resolve_model_config(cfg: dict, other_keys=()) -> dict:
         _check_neuron(cfg)
     if cfg["full_prop"] and cfg["model_type"] != "snn":
         raise ValueError("'full_prop' applies to SNNs only (model_type 'snn')")
+    arch, options = get_architecture(cfg["arch"])
+    arch.check_config(cfg, **options)
     return cfg
+
+
+def architecture_defaults(arch: str, keys=None) -> dict:
+    """The settings architecture ``arch`` is defined with (its ``config_defaults``), the model keys among
+    them unless ``keys`` names others: they apply where a config does not give the key."""
+    if arch not in ARCHITECTURES:
+        return {}  # an unknown name is refused with the choices when the key is checked
+    defaults = ARCHITECTURES[arch][0].config_defaults
+    keys = MODEL_KEYS if keys is None else keys
+    return {k: v for k, v in defaults.items() if k in keys}
 
 
 def model_keys_of(cfg: dict) -> dict:

@@ -78,6 +78,7 @@ class SegmentationNet(nn.Module):
         self.memory_block = int(cfg.get("memory_block", 4))
         self.encoder = build_encoder(cfg["encoder"]) if self.spiking else IdentityEncoder()
         self.clock = Clock()
+        self.main_only = True  # while forward_heads runs: whether only the main output is wanted
         self._observers = []  # models.graph.Recorder objects watching the blocks (layer graph, energy)
         self.build(cfg, Parts(cfg), **options)
         for module in self.modules():
@@ -104,6 +105,19 @@ class SegmentationNet(nn.Module):
         """The smallest input side this architecture takes (with these build options): its total
         downsampling, below which its deepest feature maps would be under one pixel."""
         return 1
+
+    # What an architecture declares about itself (class attributes, read before it is built):
+    heads = (MAIN,)  # the outputs forward_heads returns ('aux': an auxiliary head, 'boundary': a boundary head)
+    ann_twin = True  # model_type 'ann' builds its analog twin
+    channels_last = True  # the input's memory layout (docs/performance.md)
+    config_defaults: dict = {}  # settings that make the architecture what it is, where a run does not give them
+
+    @classmethod
+    def check_config(cls, cfg: dict, **options):
+        """Refuse settings this architecture cannot run with (``cfg``: the resolved model config and, in a run,
+        the other keys), with a ValueError naming them; called before it is built."""
+        if not cls.ann_twin and cfg.get("model_type") == "ann":
+            raise ValueError(f"architecture {cfg['arch']!r} is spiking only (no ANN twin); use model_type snn")
 
     def readout_head(self) -> Optional[nn.Module]:
         """The linear map from the time-mean of the main output to the logits, or None."""
@@ -132,15 +146,25 @@ class SegmentationNet(nn.Module):
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
 
     # --------------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, heads: bool = False):
+        """The main logits; with ``heads``, the dict of every output (``forward_heads``): the way a loss of
+        auxiliary heads asks for them, also through DistributedDataParallel."""
+        if heads:
+            return self.forward_heads(x)
         return self.forward_heads(x, main_only=True)[MAIN]
 
     def forward_heads(self, x: torch.Tensor, main_only: bool = False) -> dict:
-        """Every output of the architecture, each at the input's size (``main_only``: the main one)."""
-        if torch.compiler.is_compiling():  # spikes are kept by the custom ops' own saved tensors
-            return self._forward(x, main_only)
-        with spike_protocol.compact_spikes():
-            return self._forward(x, main_only)
+        """Every output of the architecture, each at the input's size (``main_only``: the main one).
+        ``self.main_only`` tells ``forward_steps`` which: an architecture may skip auxiliary heads then
+        (outside training, where their batch norms update)."""
+        self.main_only = main_only
+        try:
+            if torch.compiler.is_compiling():  # spikes are kept by the custom ops' own saved tensors
+                return self._forward(x, main_only)
+            with spike_protocol.compact_spikes():
+                return self._forward(x, main_only)
+        finally:
+            self.main_only = True
 
     def _forward(self, x: torch.Tensor, main_only: bool) -> dict:
         out_size = x.shape[-2:]
@@ -151,7 +175,8 @@ class SegmentationNet(nn.Module):
             h = spike_protocol.like(h, torch.cat([h, h.new_zeros((self.extra_steps * n, *h.shape[1:]))]))
         # Channels-last: oneDNN's (and cuDNN's) native layout, which saves the convolutions ~20 % of
         # their time and the reorders' temporary copies; each timestep's BN uses the channels-last kernel.
-        h = spike_protocol.like(h, h.contiguous(memory_format=torch.channels_last))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        h = spike_protocol.like(h, h.contiguous(memory_format=layout))
         per_step = self.clock.per_step  # the per-timestep reference: one step per block, no replay
         replay = self.memory_saving and self.training and torch.is_grad_enabled() and not per_step
         block = 1 if per_step else min(self.memory_block, steps) if replay else steps

@@ -292,3 +292,28 @@ def test_forbidden_patterns():
     assert ISSUE_REF.search("as Issue 7 asks") and ISSUE_REF.search("see issue #12") and ISSUE_REF.search("issues/3")
     assert not ISSUE_REF.search("a known issue with 2 processes")
     assert OUTSIDE_DESIGN.search("DESIGN" + ".md section 3") and not OUTSIDE_DESIGN.search("docs/design.md")
+
+
+def front_page_text():
+    """README.md and the pages of docs/ it links to: where a user looks for what exists."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    pages = {m.group(1).partition("#")[0] for m in LINK.finditer(readme)}
+    linked = [REPO / p for p in sorted(pages) if p.startswith("docs/") and (REPO / p).is_file()]
+    return "\n".join([readme] + [p.read_text(encoding="utf-8") for p in linked])
+
+
+def test_front_page_lists_every_dataset_architecture_neuron_and_config():
+    import data  # noqa: F401  (the datasets register on import)
+    from data.registry import DATASETS
+    from models import ARCHITECTURES, NEURONS
+
+    text = front_page_text()
+    named = set(re.findall(r"`([^`\s]+)`", text))
+    missing = [f"dataset {n}" for n in DATASETS if n not in named]
+    missing += [f"architecture {n}" for n in ARCHITECTURES if n not in named]
+    missing += [f"neuron {n}" for n in NEURONS if n not in named]
+    paths = {p for candidate in re.findall(r"configs/[\w.\-{},*]+", text) for p in expand_braces(candidate)}
+    missing += [
+        f"configs/{p.name}" for p in sorted((REPO / "configs").glob("*.y*ml")) if f"configs/{p.name}" not in paths
+    ]
+    assert not missing, "not on README.md or a docs page it links: " + ", ".join(missing)

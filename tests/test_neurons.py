@@ -105,6 +105,7 @@ FORMULAS = {
     "atan": lambda x: 1 / (1 + (math.pi * x) ** 2),
     "sigmoid": lambda x: 4 * (1 / (1 + math.exp(-4 * x))) * (1 - 1 / (1 + math.exp(-4 * x))),
     "rect": lambda x: 1.0 if abs(x) < 0.5 else 0.0,
+    "clamped_tanh": lambda x: 1.5 * (1 - math.tanh(1.5 * x) ** 2) / (2 * math.tanh(1.5)) if abs(x) < 1 else 0.0,
 }
 
 

@@ -152,7 +152,16 @@ def test_optimizers_follow_the_paper():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_resolve(path):
     cfg = resolve(["--config", str(path)])
-    if not path.name.startswith("quickstart"):  # paper experiments keep the paper's defaults
+    if path.name.startswith(("sltnet-", "spike-brgnet-")):  # the published recipes (docs/models.md)
+        assert cfg["arch"] == path.name.split("-d")[0] and cfg["neuron"] == "lifact" and cfg["loss"] == "ohem"
+        assert (cfg["optimizer"], cfg["amsgrad"], cfg["weight_decay"], cfg["scheduler"]) == (
+            "adam",
+            False,
+            1e-4,
+            "steplr",
+        )
+        assert cfg["thl"] == (cfg["arch"] == "spike-brgnet") and cfg["aux_weight"] == 0.4
+    elif not path.name.startswith("quickstart"):  # paper experiments keep the paper's defaults
         assert (cfg["batch_size"], cfg["epochs"], cfg["lr"], cfg["optimizer"]) == (16, 60, 1e-3, "sgd")
         if cfg["model_type"] == "snn" and cfg["dataset"] in ("dsec-semantic", "ddd17-events"):
             # the raw-event benchmarks' protocol: one voxel bin per timestep (Spike-BRGNet: 5)

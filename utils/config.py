@@ -44,8 +44,8 @@ from common.keys import (  # noqa: F401  (re-exported: the readers of values use
     str2bool,
 )
 from data import registry
-from models.architectures import min_input_size, takes_pretrained
-from models.config import MODEL_KEYS, compile_problem, resolve_model_config
+from models.architectures import ARCHITECTURES, get_architecture, min_input_size, takes_pretrained
+from models.config import MODEL_KEYS, architecture_defaults, compile_problem, resolve_model_config
 from models.neurons import NEURONS, ignored_key_problem
 from utils.allocator import POLICIES
 
@@ -59,10 +59,64 @@ TRAIN_KEYS = keys.key_table(
         Key("batch_size", _T, 16, int, "images per batch (per process)", interval=POSITIVE),
         Key("epochs", _T, 60, int, "training epochs", interval=POSITIVE),
         Key("lr", _T, 1e-3, float, "learning rate", interval=ABOVE_ZERO),
-        Key("optimizer", _T, "sgd", str, "sgd (momentum) or adam (amsgrad)", ("sgd", "adam")),
+        Key("optimizer", _T, "sgd", str, "sgd (momentum) or adam", ("sgd", "adam")),
+        Key("amsgrad", _T, True, bool, "adam: the AMSGrad variant (false: plain Adam, as SLTNet and Spike-BRGNet)"),
         Key("momentum", _T, 0.9, float, "SGD momentum", interval=Interval(0, 1, high_open=True)),
         Key("weight_decay", _T, 5e-4, float, "weight decay", interval=NON_NEGATIVE),
-        Key("scheduler", _T, "step", str, "step (x0.1 at 50%% and 80%% of the epochs) or poly", ("step", "poly")),
+        Key(
+            "scheduler",
+            _T,
+            "step",
+            str,
+            "step (x0.1 at 50%% and 80%% of the epochs), poly, or steplr (x lr_gamma every lr_step epochs)",
+            ("step", "poly", "steplr"),
+        ),
+        Key("lr_step", _T, 10, int, "scheduler steplr: epochs between decays", interval=POSITIVE),
+        Key(
+            "lr_gamma",
+            _T,
+            0.1,
+            float,
+            "scheduler steplr: the factor of each decay",
+            interval=Interval(0, 1, low_open=True),
+        ),
+        Key(
+            "loss",
+            _T,
+            "ce",
+            str,
+            "ce (cross-entropy over the labelled pixels) or ohem (online hard example mining: the pixels whose "
+            "class probability is below max(ohem_thresh, the ohem_min_kept-th smallest))",
+            ("ce", "ohem"),
+        ),
+        Key("ohem_thresh", _T, 0.7, float, "loss ohem: probability threshold", interval=Interval(0, 1, low_open=True)),
+        Key("ohem_min_kept", _T, 100000, int, "loss ohem: pixels kept at least", interval=NON_NEGATIVE),
+        Key(
+            "aux_weight",
+            _T,
+            0.0,
+            float,
+            "weight of the auxiliary head's cross-entropy (sltnet: early head, spike-brgnet: detail head), averaged "
+            "over all pixels",
+            interval=NON_NEGATIVE,
+        ),
+        Key(
+            "boundary_weight",
+            _T,
+            0.0,
+            float,
+            "spike-brgnet: weight of the main loss again on the pixels its boundary head marks",
+            interval=NON_NEGATIVE,
+        ),
+        Key(
+            "boundary_thresh",
+            _T,
+            0.6,
+            float,
+            "boundary_weight: a pixel is marked where sigmoid(boundary head) exceeds this",
+            interval=Interval(0, 1, low_open=True),
+        ),
+        Key("drop_last", _T, False, bool, "drop the last training batch when smaller than batch_size"),
         Key("seed", _T, 0, int, "random seed", interval=Interval(0, 2**32 - 1, note="NumPy's seeds")),
         Key(
             "num_workers",
@@ -170,6 +224,7 @@ def check_combinations(config: dict, sources: dict | None = None):
         problem = ignored_key_problem(config, sources or {}, all_defaults()) or compile_problem(config)
         if problem:
             raise ValueError(problem)
+    check_training_keys(config, sources)
     for name in registry.data_keys():
         readers = registry.datasets_reading(name)
         if spec.name not in readers and config[name] not in (None, False, SCHEMA[name].default):
@@ -193,6 +248,35 @@ def check_combinations(config: dict, sources: dict | None = None):
         )
     if spec.check is not None:
         spec.check(config)
+
+
+# Training keys that apply only with another one's value: {key: (the key, the values it needs)}.
+_APPLIES_WITH = {
+    "ohem_thresh": ("loss", ("ohem",)),
+    "ohem_min_kept": ("loss", ("ohem",)),
+    "lr_step": ("scheduler", ("steplr",)),
+    "lr_gamma": ("scheduler", ("steplr",)),
+}
+
+
+def check_training_keys(config: dict, sources: dict | None = None):
+    """A loss of heads the architecture has, and no key given that the settings would ignore."""
+    heads = get_architecture(config["arch"])[0].heads
+    for key, head in (("aux_weight", "aux"), ("boundary_weight", "boundary")):
+        if config[key] > 0 and head not in heads:
+            with_head = [n for n, (cls, _) in ARCHITECTURES.items() if head in cls.heads]
+            raise ValueError(
+                f"{key}{_from(key, sources)} needs an architecture with a{'n' if head == 'aux' else ''} {head} head "
+                f"({', '.join(with_head) or 'none registered'}); arch is {config['arch']!r}"
+            )
+    for key, (other, values) in _APPLIES_WITH.items():
+        if config[other] not in values and config[key] != SCHEMA[key].default:
+            raise ValueError(
+                f"{key}{_from(key, sources)} applies to {other} {' or '.join(values)} only; "
+                f"{other} is {config[other]!r}"
+            )
+    if config["boundary_weight"] == 0 and config["boundary_thresh"] != SCHEMA["boundary_thresh"].default:
+        raise ValueError(f"boundary_thresh{_from('boundary_thresh', sources)} applies with boundary_weight > 0 only")
 
 
 # ----------------------------------------------------------------------------- flags and files
@@ -386,6 +470,9 @@ def validate_and_derive(config: dict, sources: dict | None = None) -> dict:
     keys were set, for the messages."""
     config = dict(config)
     check_values(config)
+    # The settings an architecture is defined with (models/network.py, config_defaults), where no layer gave them.
+    given = given_keys(sources or {})
+    config.update({k: v for k, v in architecture_defaults(config["arch"], SCHEMA).items() if k not in given})
     check_img_size(config, "img_size" + _from("img_size", sources))
     # THL feeds T consecutive frames, one per timestep: that is the 'sequence' encoder.
     if config["thl"] and config["model_type"] == "snn":

@@ -108,9 +108,10 @@ def _profile(model_cfg_json: str):
             sizes.append(output.numel())
 
     hooks = [m.register_forward_hook(record) for m in twin.modules() if not list(m.children())]
+    probe = torch.zeros(1, cfg["in_channels"], PROBE_SIZE, PROBE_SIZE)
     try:
         with torch.no_grad():
-            twin(torch.zeros(1, cfg["in_channels"], PROBE_SIZE, PROBE_SIZE))
+            twin(probe.unsqueeze(0) if twin.config["encoder"] == "sequence" and twin.spiking else probe)
     finally:
         for hook in hooks:
             hook.remove()
@@ -120,10 +121,13 @@ def _profile(model_cfg_json: str):
 
 
 def activation_profile(cfg: dict):
-    """(A_sum, A_max, parameters) of the architecture of `cfg`, from its ANN twin on a probe input."""
+    """(A_sum, A_max, parameters) of the architecture of `cfg`, from its ANN twin on a probe input (an
+    architecture without one: itself at one timestep)."""
     keys = ("arch", "in_channels", "num_classes", "bn", "conv_bias", "leaky", "alpha")
     twin = {k: cfg[k] for k in keys if k in cfg}
     twin.update(model_type="ann", pretrained=None, memory_saving=False, compile=False, img_size=[PROBE_SIZE] * 2)
+    if not models.get_architecture(twin["arch"])[0].ann_twin:
+        twin.update(model_type="snn", timesteps=1)
     return _profile(json.dumps(twin, sort_keys=True))
 
 

@@ -46,4 +46,4 @@ def build_architecture(cfg: dict):
 
 
 # The shipped architectures register themselves on import.
-from . import sew_resnet, vgg  # noqa: E402, F401
+from . import sew_resnet, sltnet, spike_brgnet, vgg  # noqa: E402, F401

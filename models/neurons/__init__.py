@@ -16,6 +16,7 @@ spike, and nothing else is written by hand. Shipped models (``NEURONS``):
 - ``if``:   u = u + I (no leak: ``leak_mem`` is ignored).
 - ``plif``: u = sigmoid(w) * u + I with one learnable ``w`` per layer (``leak_logit`` in the state
   dict), initialised so that sigmoid(w) = ``leak_mem``.
+- ``lifact``: LIF with the reset's spike not detached: SLTNet's and Spike-BRGNet's neuron (``lifact.py``).
 
 Every model has a threshold ``theta`` (a buffer: a float, or per channel / per neuron for converted
 SNNs), the imbalanced negative threshold ``theta_neg = -theta / alpha`` when built with ``alpha`` (a
@@ -61,3 +62,4 @@ from .clif import CLIF  # noqa: F401, E402
 from .glif import GLIF  # noqa: F401, E402
 from .ilif import ILIF  # noqa: F401, E402
 from .lif import IF, LIF, PLIF, lif_sequence  # noqa: F401  (the shipped models register on import)
+from .lifact import LIFAct  # noqa: F401  (SLTNet's and Spike-BRGNet's neuron)

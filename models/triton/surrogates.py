@@ -17,6 +17,7 @@ KINDS = {
     "pass_through": (3, ()),
     "atan": (4, ("alpha",)),
     "sigmoid": (5, ("alpha",)),
+    "clamped_tanh": (6, ("alpha",)),
 }
 
 
@@ -44,9 +45,15 @@ def surrogate(x, p0, p1, KIND: tl.constexpr):
     elif KIND == 4:  # atan: (alpha / 2) / (1 + (pi / 2 * alpha * x)^2)
         z = (1.5707963267948966 * p0) * x
         g = div(tl.full(x.shape, 1.0, x.dtype) * (p0 * 0.5), 1.0 + z * z)
-    else:  # sigmoid: alpha * s * (1 - s), s = sigmoid(alpha * x)
+    elif KIND == 5:  # sigmoid: alpha * s * (1 - s), s = sigmoid(alpha * x)
         s = div(tl.full(x.shape, 1.0, x.dtype), 1.0 + tl.exp(-(p0 * x)))
         g = p0 * s * (1.0 - s)
+    else:  # clamped_tanh: alpha * sech(alpha * x)^2 / (2 tanh(alpha)) for |x| < 1, else 0
+        a = p0 + tl.zeros_like(x)  # alpha in x's precision: tanh(alpha) below is not a compile-time constant
+        e = tl.exp(-2.0 * tl.abs(a * x))
+        ea = tl.exp(-2.0 * a)
+        g = div(a * 4.0 * e * (1.0 + ea), 2.0 * (1.0 - ea) * (1.0 + e) * (1.0 + e))
+        g = tl.where(tl.abs(x) < 1.0, g, 0.0)
     return g
 
 
