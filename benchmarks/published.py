@@ -15,12 +15,16 @@ measurement runs in a fresh process (``--side ours|theirs``), the two sides alte
   inputs are built (``*_step_mb``: what the steps themselves need, whatever each side imports), and the
   process's peak (``*_peak_rss_mb``).
 
+The C heap's policy (utils/allocator.py) is held equal on both sides: glibc's own by default, another with
+``--cpu_malloc`` (it moves both sides' times by up to 40 %; docs/models.md).
+
 The inputs are the published sizes (DDD17 200x352, DSEC 440x640; SLTNet: 5 bins as channels, Spike-BRGNet: 5
 bins as timesteps) and batches (SLTNet 64 / 16, Spike-BRGNet 32 / 12: tens of GB on a CPU; scale them down with
 ``--batch`` / ``--train_batch``). The last line printed is one JSON object; docs/models.md has the figures.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -33,6 +37,18 @@ import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _allocator():
+    """utils/allocator.py loaded by its path: the authors' repositories have a ``utils`` package of their own,
+    which importing ours by name would shadow in their side's process."""
+    spec = importlib.util.spec_from_file_location("snnseg_allocator", REPO / "utils" / "allocator.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+POLICIES = _allocator().POLICIES
 SIZES = {"ddd17": (200, 352), "dsec": (440, 640)}
 CLASSES = {"ddd17": 6, "dsec": 11}
 BATCHES = {("sltnet", "ddd17"): 64, ("sltnet", "dsec"): 16, ("spike-brgnet", "ddd17"): 32, ("spike-brgnet", "dsec"): 12}
@@ -59,6 +75,12 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per available CPU)")
     p.add_argument("--img_size", type=int, nargs=2, help="H W instead of the published size (multiples of 8)")
     p.add_argument("--modes", default="infer,train", help="infer, train or both")
+    p.add_argument(
+        "--cpu_malloc",
+        choices=POLICIES,
+        default="default",
+        help="the C-heap policy of both sides (utils/allocator.py; default: glibc's own)",
+    )
     p.add_argument("--side", choices=("ours", "theirs"), help=argparse.SUPPRESS)  # a child process
     p.add_argument("--mode", choices=("infer", "train"), help=argparse.SUPPRESS)
     return p
@@ -198,6 +220,7 @@ def child(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    _allocator().set_cpu_malloc(args.cpu_malloc)
     training = args.mode == "train"
     batch = args.train_batch if training else args.batch
     step = (ours if args.side == "ours" else theirs)(args, batch, training)
@@ -228,6 +251,7 @@ def run_child(args, side, mode):
     argv += ["--batch", str(args.batch), "--train_batch", str(args.train_batch), "--steps", str(args.steps)]
     argv += ["--threads", str(args.threads), "--side", side, "--mode", mode]
     argv += ["--img_size", *map(str, args.img_size)] if args.img_size else []
+    argv += ["--cpu_malloc", args.cpu_malloc]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: the {side} {mode} process failed:\n{proc.stderr.strip()[-2000:]}")
@@ -258,6 +282,7 @@ def main(argv=None):
         "batch": args.batch,
         "train_batch": args.train_batch,
         "threads": args.threads,
+        "cpu_malloc": args.cpu_malloc,
         "cpu": platform.processor() or platform.machine(),
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],

@@ -33,6 +33,11 @@ class Surrogate:
         """``g(x)`` written over ``x`` (the neurons' backward reuses its buffers)."""
         return x.copy_(self.grad(x))
 
+    def spike_backward(self, grad: torch.Tensor, u: torch.Tensor, theta: float) -> torch.Tensor:
+        """``grad * ds/du`` for the spike ``H(u / theta - 1)`` of a float threshold: ``grad * g(u / theta - 1)
+        / theta``. A surrogate may override it with fewer passes over memory (the CPU's cost is the passes)."""
+        return self.grad_(torch.div(u, theta).sub_(1)).div_(theta).mul_(grad)
+
     def __repr__(self):
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.name}({args})"
@@ -122,6 +127,16 @@ class ClampedTanh(Surrogate):
         e = y.mul_(-2 * a).exp_()  # exp(-2 a |x|): sech(a x)^2 = 4 e / (1 + e)^2
         denominator = (e + 1).square_()
         return e.mul_(2 * a / math.tanh(a)).div_(denominator).mul_(inside)
+
+    def spike_backward(self, grad, u, theta):
+        """Five passes instead of thirteen: with z = 2 a (u / theta - 1), sech(a x)^2 = 4 sigmoid(z) (1 -
+        sigmoid(z)) (aten's sigmoid_backward, one pass with the product), and the window |x| < 1 is |z| < 2 a,
+        which aten's hardtanh_backward applies (zero at the edges, as torch.clamp's backward)."""
+        a = self.params["alpha"]
+        z = torch.add(torch.tensor(-2 * a, dtype=u.dtype), u, alpha=2 * a / theta)
+        inside = torch.ops.aten.hardtanh_backward(grad.to(u.dtype), z, -2 * a, 2 * a)
+        slope = torch.ops.aten.sigmoid_backward(inside, z.sigmoid_())
+        return slope.mul_(2 * a / math.tanh(a) / theta)
 
 
 SURROGATES = {

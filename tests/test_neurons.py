@@ -120,6 +120,17 @@ def test_surrogate_derivative_matches_formula(name):
     torch.testing.assert_close(currents.grad.view(-1), expected)
 
 
+@pytest.mark.parametrize("name", sorted(SURROGATES))
+@pytest.mark.parametrize("theta", [0.5, 0.3])
+def test_surrogate_spike_backward_is_the_chain_rule(name, theta):
+    """grad * g(u / theta - 1) / theta, a surrogate's own shorter form included; u at the window's edges too."""
+    u = torch.tensor([0.0, theta, 2 * theta, -theta, 3 * theta, 0.77 * theta, 1.3 * theta], dtype=torch.float64)
+    grad = torch.linspace(-2.0, 3.0, len(u), dtype=torch.float64)
+    expected = [g * FORMULAS[name](v / theta - 1) / theta for g, v in zip(grad.tolist(), u.tolist())]
+    got = get_surrogate(name).spike_backward(grad, u, theta)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+
+
 def test_surrogate_hyperparameters_are_configurable():
     currents = torch.tensor([[1.5]], requires_grad=True)  # x = 0.5
     lif_sequence(currents, threshold=1.0, surrogate="linear", gamma=1.0).sum().backward()

@@ -32,6 +32,7 @@ PROTOCOL_KEYS = (
     "window_ms",
     "window_events",
     "event_norm",
+    "ess_exact",
     "img_size",
     "thl",
 )

@@ -73,13 +73,14 @@ class _LIFActLayer(torch.autograd.Function):
         carry = grad_u  # dL/du' after the last reset: None unless the final state is used
         for t in reversed(range(steps)):
             u_t, out = membranes[t], grad_x[t]
-            slope = surrogate.grad(torch.div(u_t, theta).sub_(1)).div_(theta)
             grad_s = grad_spikes[t] if grad_spikes is not None else torch.zeros_like(u_t)
+            if carry is None and steps == 1:  # one step: the surrogate's result is the whole gradient
+                return surrogate.spike_backward(grad_s, u_t, theta).unsqueeze(0).to(x.dtype), None, None, None, None
             if carry is None:
-                torch.mul(grad_s, slope, out=out)
+                out.copy_(surrogate.spike_backward(grad_s, u_t, theta))
             else:
                 torch.mul(carry, u_t, out=out)
-                torch.sub(grad_s, out, out=out).mul_(slope)
+                out.copy_(surrogate.spike_backward(torch.sub(grad_s, out, out=out), u_t, theta))
                 out.add_(carry).addcmul_(carry, _fire(u_t, theta, fired), value=-1)  # + c * (1 - s)
             carry = out * leak
         grad_u0 = carry if u0 is not None and ctx.needs_input_grad[1] else None
