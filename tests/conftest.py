@@ -16,9 +16,20 @@ if not torch.cuda.is_available():  # the triton backend's kernels run on CPU ten
 
 REPO = Path(__file__).resolve().parents[1]
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: one thread each, their subprocesses too
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:  # workers share the cores: one thread each, their subprocesses too
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_worker():
+    """A test that sets torch's threads (a benchmark's --threads) leaves the next one its own worker's: a run
+    repeated in a subprocess then reduces its sums in the same order as in the worker."""
+    yield
+    if XDIST_WORKER and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
 
 # A tiny synthetic run: 16 train / 8 val images of 16x16, T=2, batch 8 (two steps per epoch).
 TINY_ARGS = [

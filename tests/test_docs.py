@@ -223,7 +223,7 @@ def test_readme_is_a_front_page():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     test_command = (
         "pip install -r requirements-test.txt && pip install --no-deps -r requirements-peers.txt && "
-        "python -m pytest -q tests"
+        "python -m pytest -q -n 2 tests"
     )
     assert test_command in ci
     first_block = "\n".join(lines[:20])

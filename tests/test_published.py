@@ -252,6 +252,7 @@ def test_import_sltnet_checkpoint_records_the_protocol(tmp_path):
         "window_ms": 50.0,
         "window_events": None,
         "event_norm": "nonzero",
+        "ess_exact": True,
         "img_size": [200, 352],
         "thl": False,
     }

@@ -21,6 +21,7 @@ import converter
 import train
 from common.cli import run_main
 from common.files import HOST
+from models.neurons import NEURONS
 from tests.conftest import REPO, TINY_ARGS, load_test_script, one_line_error, read_jsonl, run_script, start_script
 from tests.test_pipeline_errors import tiny_checkpoint
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -237,7 +238,7 @@ NONSENSE = [
     (["--memory_block", "0"], "'memory_block' must be a positive integer"),
     (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'; choices: sgd, adam"),
     (["--neuron_backend", "cuda"], "unknown neuron_backend 'cuda'; choices: auto, generic, torch, triton"),
-    (["--neuron", "alif"], "unknown neuron 'alif'; choices: if, lif, plif"),
+    (["--neuron", "alif"], "unknown neuron 'alif'; choices: " + ", ".join(sorted(NEURONS))),
     (["--reset", "hard"], "unknown reset 'hard'; choices: subtract, zero"),
     (["--neuron", "plif", "--leak_mem", "1"], "neuron 'plif' learns leak = sigmoid(w) and needs leak_mem in (0, 1)"),
     (["--neuron", "plif", "--neuron_backend", "torch"], "neuron_backend 'torch' does not support neuron 'plif'"),

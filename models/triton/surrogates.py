@@ -18,6 +18,7 @@ KINDS = {
     "atan": (4, ("alpha",)),
     "sigmoid": (5, ("alpha",)),
     "clamped_tanh": (6, ("alpha",)),
+    "rect": (7, ("alpha",)),
 }
 
 
@@ -48,12 +49,15 @@ def surrogate(x, p0, p1, KIND: tl.constexpr):
     elif KIND == 5:  # sigmoid: alpha * s * (1 - s), s = sigmoid(alpha * x)
         s = div(tl.full(x.shape, 1.0, x.dtype), 1.0 + tl.exp(-(p0 * x)))
         g = p0 * s * (1.0 - s)
-    else:  # clamped_tanh: alpha * sech(alpha * x)^2 / (2 tanh(alpha)) for |x| < 1, else 0
+    elif KIND == 6:  # clamped_tanh: alpha * sech(alpha * x)^2 / (2 tanh(alpha)) for |x| < 1, else 0
         a = p0 + tl.zeros_like(x)  # alpha in x's precision: tanh(alpha) below is not a compile-time constant
         e = tl.exp(-2.0 * tl.abs(a * x))
         ea = tl.exp(-2.0 * a)
         g = div(a * 4.0 * e * (1.0 + ea), 2.0 * (1.0 - ea) * (1.0 + e) * (1.0 + e))
         g = tl.where(tl.abs(x) < 1.0, g, 0.0)
+    else:  # rect: alpha where |x| < 0.5 / alpha, else 0
+        a = p0 + tl.zeros_like(x)
+        g = tl.where(tl.abs(x) < div(tl.full(x.shape, 0.5, x.dtype), a), a, 0.0)
     return g
 
 
