@@ -16,6 +16,7 @@ import sys
 
 from common import files
 from common.cli import ArgumentParser, run_main
+from models.neurons import NEURONS
 from utils import preflight
 from utils.checkpoint import (
     FORMAT,
@@ -122,7 +123,10 @@ def neuron_lines(checkpoint, path) -> list:
     """The neuron model and each neuron layer's reset, leak and threshold, as the layer describes itself
     (Neuron.describe), from the model the checkpoint rebuilds."""
     cfg = checkpoint["config"]
-    head = f"neurons     {cfg.get('neuron', 'lif')}, detach_reset {str(cfg.get('detach_reset', True)).lower()}"
+    kind = cfg.get("neuron", "lif")
+    ignored = NEURONS[kind].ignores.get("detach_reset") if kind in NEURONS else None
+    reset_gradient = ignored or f"detach_reset {str(cfg.get('detach_reset', True)).lower()}"
+    head = f"neurons     {kind}, {reset_gradient}"
     try:
         model = build_model_from_checkpoint(checkpoint, path)
     except (CheckpointError, ValueError, KeyError, RuntimeError) as err:

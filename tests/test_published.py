@@ -230,10 +230,15 @@ def sltnet_file(path, classes=6, numpy1=False, state=None, **extra):
     return path
 
 
-def test_import_sltnet_checkpoint_records_the_protocol(tmp_path):
+def test_import_sltnet_checkpoint_records_the_protocol(tmp_path, capsys):
     source = sltnet_file(tmp_path / "model_best_miou.pth")
     out = tmp_path / "sltnet.pth"
     converter.main(["import-published", "sltnet", str(source), "-o", str(out)])
+    capsys.readouterr()
+    converter.main(["inspect", str(out)])
+    shown = capsys.readouterr().out
+    assert "neurons     lifact, its reset always keeps the spike's gradient" in shown and "detach_reset" not in shown
+    assert "reset zero; leak 0.25; threshold 0.5" in shown
     checkpoint = load_checkpoint(out)
     cfg, record = checkpoint["config"], checkpoint["published"]
     assert checkpoint["format"] == FORMAT and checkpoint_kind(out) == "imported" and checkpoint["epoch"] == 95
