@@ -48,6 +48,7 @@ class _LIFActLayer(torch.autograd.Function):
             torch.addcmul(charged, charged, s, value=-1, out=u)  # u * (1 - s): u - u = 0 where it fired
         ctx.save_for_backward(x, u0)
         ctx.leak, ctx.theta, ctx.surrogate = leak, theta, surrogate
+        ctx.set_materialize_grads(False)  # an unused final membrane's gradient is None, not zeros to carry back
         return spikes, u
 
     @staticmethod
