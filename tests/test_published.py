@@ -115,13 +115,15 @@ def assert_training_step(model, x, ref, names, loss_fn):
 
 # ------------------------------------------------------------------------------------------------ the neuron
 @pytest.mark.parametrize("threshold", [0.5, 0.3])
-def test_lifact_layer_equals_its_step_by_step_form(threshold):
+@pytest.mark.parametrize("steps, final_state_used", [(5, True), (5, False), (1, True), (1, False)])
+def test_lifact_layer_equals_its_step_by_step_form(threshold, steps, final_state_used):
     """The fused layer (one autograd function, the membrane replayed in backward) against the base class's loop
     with the reset's spike attached: spikes, final membrane and the gradients of the currents and of a carried
-    membrane, with values at the surrogate's edges (u = 0, u = theta)."""
+    membrane, with values at the surrogate's edges (u = 0, u = theta); a final membrane that nothing reads gets
+    no gradient, and one step is the layer's shortest backward."""
     neuron = build_neuron("lifact", leak=0.25, threshold=threshold, surrogate="clamped_tanh", reset="zero").double()
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(5, 2, 3, 4, 4, generator=g, dtype=torch.float64) * 1.6 - 0.3
+    x = (torch.rand(5, 2, 3, 4, 4, generator=g, dtype=torch.float64) * 1.6 - 0.3)[:steps]
     x[0, 0, 0, 0, :2] = torch.tensor([threshold, 0.0])
     u0 = torch.rand(2, 3, 4, 4, generator=g, dtype=torch.float64)
     weights, weights_u = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(u0.shape, generator=g)
@@ -129,9 +131,11 @@ def test_lifact_layer_equals_its_step_by_step_form(threshold):
     for run in (neuron.run_generic, neuron.run_steps):
         currents, carried = x.clone().requires_grad_(), u0.clone().requires_grad_()
         spikes, (u,) = run(currents, (carried,))
-        ((spikes * weights).sum() + (u * weights_u).sum()).backward()
+        loss = (spikes * weights[:steps]).sum()
+        (loss + (u * weights_u).sum() if final_state_used else loss).backward()
         results.append([spikes.detach(), u.detach(), currents.grad, carried.grad])
     assert results[0][0].sum() > 20 and torch.equal(results[0][0], results[1][0])
+    assert results[0][3] is not None and results[0][3].abs().sum() > 0  # the carried membrane's gradient
     for fused, stepped in zip(results[0][1:], results[1][1:]):
         torch.testing.assert_close(fused, stepped, rtol=1e-13, atol=1e-15)
 

@@ -70,13 +70,16 @@ class _LIFActLayer(torch.autograd.Function):
                     torch.add(x[t], u, alpha=leak, out=membranes[t])
                 if t < steps - 1:
                     u = torch.addcmul(membranes[t], membranes[t], _fire(membranes[t], theta, fired), value=-1)
+        if steps == 1 and grad_u is None:  # one step, final state unused: the surrogate's result is all of it
+            grad_s = grad_spikes[0] if grad_spikes is not None else torch.zeros_like(membranes[0])
+            grad = surrogate.spike_backward(grad_s, membranes[0], theta)
+            grad_u0 = grad * leak if u0 is not None and ctx.needs_input_grad[1] else None
+            return grad.unsqueeze(0).to(x.dtype), grad_u0, None, None, None
         grad_x = torch.empty(x.shape, dtype=dtype, device=x.device)
         carry = grad_u  # dL/du' after the last reset: None unless the final state is used
         for t in reversed(range(steps)):
             u_t, out = membranes[t], grad_x[t]
             grad_s = grad_spikes[t] if grad_spikes is not None else torch.zeros_like(u_t)
-            if carry is None and steps == 1:  # one step: the surrogate's result is the whole gradient
-                return surrogate.spike_backward(grad_s, u_t, theta).unsqueeze(0).to(x.dtype), None, None, None, None
             if carry is None:
                 out.copy_(surrogate.spike_backward(grad_s, u_t, theta))
             else:
