@@ -52,6 +52,15 @@ class Activity:
         what += "" if self.levels == 1 else f" (levels up to {self.levels})"
         return what if self.integer else f"pooled {what}"
 
+    def violation(self, values) -> Optional[float]:
+        """The first value of the tensor ``values`` that these spikes cannot hold (not an integer, |value|
+        above ``levels``, negative unless signed), or None when every value fits the declaration."""
+        values = values.detach()
+        bad = (values != values.round()) | (values.abs() > self.levels)
+        if not self.signed:
+            bad |= values < 0
+        return float(values[bad].flatten()[0]) if bool(bad.any()) else None
+
 
 def spikes(levels: int = 1, signed: bool = False, sources=()) -> Activity:
     return Activity(SPIKES, int(levels), bool(signed), True, frozenset(sources))

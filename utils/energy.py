@@ -282,12 +282,8 @@ class OpCounter:
     @staticmethod
     def _check_levels(layer, source, activity):
         """The declaration holds: integer values within the declared levels (and sign)."""
-        values = source.detach()
-        bad = (values != values.round()) | (values.abs() > activity.levels)
-        if not activity.signed:
-            bad |= values < 0
-        if bool(bad.any()):
-            found = float(values[bad].flatten()[0])
+        found = activity.violation(source)
+        if found is not None:
             raise ValueError(
                 f"layer {layer.name}: declared to receive {activity.describe()}, but its input holds {found!r}: "
                 "the layer that makes it declares the wrong activity (Part.activity / Neuron.emits)"

@@ -206,14 +206,8 @@ class Neuron(protocol.Part, Timed):
         neuron emitting, say, ``s / D`` while declaring spikes is refused before its output is stored in
         one byte for backward (which would make the next convolution's weight gradient wrong)."""
         activity = self.emits()
-        if not activity.is_spikes:
-            return
-        values = spikes.detach()
-        bad = (values != values.round()) | (values.abs() > activity.levels)
-        if not activity.signed:
-            bad |= values < 0
-        if bool(bad.any()):
-            found = float(values[bad].flatten()[0])
+        found = activity.violation(spikes) if activity.is_spikes else None
+        if found is not None:
             raise ValueError(
                 f"neuron '{self.kind or type(self).__name__}'{f' (layer {self.name})' if self.name else ''} emits "
                 f"{found!r} but "
