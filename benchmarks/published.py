@@ -48,7 +48,7 @@ def _allocator():
     return module
 
 
-POLICIES = _allocator().POLICIES
+ALLOCATOR = _allocator()
 SIZES = {"ddd17": (200, 352), "dsec": (440, 640)}
 CLASSES = {"ddd17": 6, "dsec": 11}
 BATCHES = {("sltnet", "ddd17"): 64, ("sltnet", "dsec"): 16, ("spike-brgnet", "ddd17"): 32, ("spike-brgnet", "dsec"): 12}
@@ -77,7 +77,7 @@ def get_args_parser():
     p.add_argument("--modes", default="infer,train", help="infer, train or both")
     p.add_argument(
         "--cpu_malloc",
-        choices=POLICIES,
+        choices=ALLOCATOR.POLICIES,
         default="default",
         help="the C-heap policy of both sides (utils/allocator.py; default: glibc's own)",
     )
@@ -220,7 +220,7 @@ def child(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    _allocator().set_cpu_malloc(args.cpu_malloc)
+    ALLOCATOR.set_cpu_malloc(args.cpu_malloc)
     training = args.mode == "train"
     batch = args.train_batch if training else args.batch
     step = (ours if args.side == "ours" else theirs)(args, batch, training)
